@@ -1,0 +1,50 @@
+"""Exceptions for user mistakes.
+
+Anything derived from :class:`LayerscopeError` is a mistake the user can fix
+(a bad parameter, a missing or incomplete file). The CLI prints such errors as a
+single line, without a traceback; every other exception is a bug and keeps its
+traceback.
+"""
+
+
+class LayerscopeError(Exception):
+    """Base class for errors caused by user input, reported in one line."""
+
+
+class ConfigError(LayerscopeError, ValueError):
+    """A parameter has an invalid value (worded the way scikit-learn words it)."""
+
+
+class DataError(LayerscopeError, ValueError):
+    """An input file or array does not have the expected content."""
+
+
+class StoreError(LayerscopeError):
+    """A feature store is missing, incomplete, locked, corrupt or mismatched."""
+
+
+def invalid_param(name, owner, expected, got, hint=None):
+    """Build the standard message for an invalid parameter.
+
+    Parameters
+    ----------
+    name : str
+        The parameter's (dotted) name, e.g. ``"extract.layers"``.
+    owner : str
+        The estimator, function or stage that owns the parameter.
+    expected : str
+        What was expected, e.g. ``"one of {'knn', 'ecod'}"``.
+    got : object
+        The value received; its ``repr`` goes into the message.
+    hint : str, optional
+        One sentence on how to fix it.
+
+    Returns
+    -------
+    ConfigError
+        Ready to ``raise``.
+    """
+    msg = f"The '{name}' parameter of {owner} must be {expected}. Got {got!r} instead."
+    if hint:
+        msg += f" Hint: {hint}"
+    return ConfigError(msg)
