@@ -56,3 +56,28 @@ def blobs(rng):
 def store_path(tmp_path):
     """Where a test's feature store goes (not created)."""
     return tmp_path / "features.zarr"
+
+
+TINY_SPEC = {"arch": "cifar_resnet", "num_classes": 3, "in_channels": 1, "widths": [4, 8], "blocks": [1, 1]}
+
+
+@pytest.fixture
+def tiny_model():
+    """A seeded two-stage CIFAR ResNet on 1x8x8 inputs with 3 classes, in eval mode."""
+    from pipeline.models import init_model
+
+    return init_model(TINY_SPEC, seed=0).eval()
+
+
+@pytest.fixture
+def tiny_splits(rng):
+    """Three small image splits ``name -> ImageSplit`` of 1x8x8 images in [0, 1]."""
+    from pipeline.datasets import ImageSplit
+
+    def split(name, n, role, part):
+        labels = rng.integers(0, 3, n) if role == "id" else np.full(n, -1)
+        attrs = {"role": role, "set": "id" if role == "id" else name.rsplit("_", 1)[0], "part": part}
+        return ImageSplit(name, rng.random((n, 1, 8, 8), dtype=np.float32), labels.astype(np.int64), attrs)
+
+    return {s.name: s for s in (split("id_train", 37, "id", "train"), split("id_val", 11, "id", "val"),
+                                split("noise_test", 9, "far", "test"))}

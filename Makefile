@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine:  `make repro`  and  `make test`.
+# The venv is reused when it exists; it is rebuilt when pyproject.toml changes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install repro test bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# The CPU build this project is tested with; on a GPU machine install your CUDA build first.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: install
+	dvc repro
+	dvc metrics show
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: install
+	pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc

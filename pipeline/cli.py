@@ -1,0 +1,139 @@
+"""The ``layerscope`` command.
+
+Each pipeline stage is a command here, and ``dvc.yaml`` calls exactly these
+commands. Paths default to the ``paths`` in ``dvc.yaml``'s ``vars``, so they
+are written in one place. Mistakes in input (bad params, missing or incomplete
+files) are reported in one line without a traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import LayerscopeError
+
+app = typer.Typer(help="OOD detection from a classifier's intermediate layers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="The params file.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")):
+    """OOD detection from a classifier's intermediate layers (a DVC pipeline)."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def user_errors(func):
+    """Report :class:`LayerscopeError` in one line (exit 2) instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LayerscopeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _path(value, key):
+    """An explicit option wins; otherwise the path named ``key`` in dvc.yaml's vars."""
+    from pipeline.config import project_paths
+
+    return Path(value) if value is not None else Path(project_paths()[key])
+
+
+@app.command()
+@user_errors
+def generate(params: Path = ParamsOpt, out: Path = typer.Option(None, help="Data directory [dvc.yaml: paths.data].")):
+    """Write the embedded "digits" benchmark (ID, near- and far-OOD splits)."""
+    from stages import generate as stage
+
+    stage.run(params, _path(out, "data"))
+
+
+@app.command()
+@user_errors
+def train(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[paths.data]"),
+          model: Path = typer.Option(None, help="Checkpoint to write [paths.model]."),
+          metrics: Path = typer.Option(None, help="Training metrics JSON [paths.train_metrics].")):
+    """Train the backbone on ID-train and report ID accuracy."""
+    from stages import train as stage
+
+    stage.run(params, _path(data, "data"), _path(model, "model"), _path(metrics, "train_metrics"))
+
+
+@app.command()
+@user_errors
+def extract(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[paths.data]"),
+            model: Path = typer.Option(None, help="[paths.model]"),
+            out: Path = typer.Option(None, help="Feature store [paths.features].")):
+    """Extract pooled activations, energies and logits into the Zarr feature store."""
+    from stages import extract as stage
+
+    stage.run(params, _path(data, "data"), _path(model, "model"), _path(out, "features"))
+
+
+@app.command()
+@user_errors
+def fit(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+        out: Path = typer.Option(None, help="Fitted detectors [paths.detectors].")):
+    """Fit the configured detectors on every layer's ID-train features."""
+    from stages import fit as stage
+
+    stage.run(params, _path(features, "features"), _path(out, "detectors"))
+
+
+@app.command()
+@user_errors
+def detect(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+           detectors: Path = typer.Option(None, help="[paths.detectors]"),
+           metrics: Path = typer.Option(None, help="[paths.metrics]"),
+           table: Path = typer.Option(None, help="[paths.per_layer]"),
+           figures: Path = typer.Option(None, help="[paths.figures]")):
+    """Score ID-test and every OOD test set; write metrics, the per-layer table and figures."""
+    from stages import detect as stage
+
+    stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(metrics, "metrics"),
+              _path(table, "per_layer"), _path(figures, "figures"))
+
+
+@app.command()
+@user_errors
+def layers(params: Path = ParamsOpt,
+           model: Path = typer.Option(None, help="A checkpoint; default: the configured, untrained backbone.")):
+    """List the hookable layer names of the model, with their output shapes."""
+    from pipeline.extract import layer_shapes
+
+    net, input_shape = _layers_model(params, model)
+    modules = dict(net.named_modules())
+    table = Table("layer", "type", "output shape", title="hookable layers (network order)")
+    for name, shape in layer_shapes(net, input_shape).items():
+        table.add_row(name, type(modules[name]).__name__, " x ".join(map(str, shape)))
+    console.print(table)
+
+
+def _layers_model(params, checkpoint):
+    """The model whose layers to list, and one input's shape (C, H, W)."""
+    from pipeline.config import load_section
+    from pipeline.models import init_model, load_checkpoint
+
+    gen, train_cfg = load_section("generate", params), load_section("train", params)
+    input_shape = (1, gen.image_size, gen.image_size)
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint)[0], input_shape
+    spec = {"arch": train_cfg.arch, "num_classes": 10 - len(gen.holdout_classes), "in_channels": 1,
+            "widths": list(train_cfg.widths), "blocks": list(train_cfg.blocks)}
+    return init_model(spec, train_cfg.seed), input_shape

@@ -1,0 +1,251 @@
+"""Typed, validated parameters: one frozen dataclass per stage.
+
+``params.yaml`` has one section per stage. Each stage reads only its own section
+(DVC tracks the dotted params a stage lists, so a stage must not read more than it
+declares). Values are checked once, here, and errors name the dotted parameter,
+what was expected and what was received, the way scikit-learn words them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError, invalid_param
+
+DEVICE_HINT = "use 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Parameters of the ``generate`` stage (the embedded "digits" benchmark)."""
+
+    benchmark: str = "digits"
+    seed: int = 0
+    image_size: int = 16
+    holdout_classes: tuple[int, ...] = (8, 9)
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    n_synthetic: int = 400
+
+    def __post_init__(self):
+        _check_choice("generate.benchmark", self.benchmark, ("digits",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Parameters of the ``train`` stage (backbone architecture and optimiser)."""
+
+    arch: str = "cifar_resnet"
+    widths: tuple[int, ...] = (16, 32, 64)
+    blocks: tuple[int, ...] = (1, 1, 1)
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.lr", self.lr)
+        _check_device("train.device", self.device)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of the ``extract`` stage (which layers, and the store's format)."""
+
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "avgpool", "fc")
+    batch_size: int = 128
+    device: str = "auto"
+    dtype: str = "float32"
+    chunk_rows: int = 512
+    shard_rows: int = 4096
+    compression_level: int = 3
+
+    def __post_init__(self):
+        if not self.layers:
+            raise invalid_param("extract.layers", "extract", "a non-empty list", list(self.layers))
+        _check_positive("extract.batch_size", self.batch_size)
+        _check_positive("extract.chunk_rows", self.chunk_rows)
+        _check_choice("extract.dtype", self.dtype, ("float32", "float16"))
+        _check_device("extract.device", self.device)
+        if self.shard_rows % self.chunk_rows:
+            raise invalid_param(
+                "extract.shard_rows", "extract", f"a multiple of extract.chunk_rows={self.chunk_rows}",
+                self.shard_rows, hint="zarr shards hold a whole number of chunks.",
+            )
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Parameters of the ``fit`` stage: which detectors, with which settings."""
+
+    detectors: Mapping[str, Mapping] = field(
+        default_factory=lambda: {"iforest": {}, "ecod": {}, "knn": {}, "ocsvm": {}, "mahalanobis": {}}
+    )
+    standardize: bool = True
+    max_train_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.detectors:
+            raise invalid_param("fit.detectors", "fit", "a non-empty mapping of name -> params", self.detectors)
+        for name, params in self.detectors.items():
+            if params is not None and not isinstance(params, Mapping):
+                raise invalid_param(f"fit.detectors.{name}", "fit", "a mapping of parameters", params)
+        if self.max_train_samples is not None:
+            _check_positive("fit.max_train_samples", self.max_train_samples)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Parameters of the ``detect`` stage: aggregation and reporting."""
+
+    aggregations: tuple[str, ...] = ("max_z", "mean_z")
+    recall: float = 0.95
+    figures: bool = True
+
+    def __post_init__(self):
+        for agg in self.aggregations:
+            _check_choice("detect.aggregations", agg, ("max_z", "mean_z"))
+        if not 0.0 < self.recall <= 1.0:
+            raise invalid_param("detect.recall", "detect", "a float in (0, 1]", self.recall)
+
+
+SECTIONS = {
+    "generate": GenerateConfig,
+    "train": TrainConfig,
+    "extract": ExtractConfig,
+    "fit": FitConfig,
+    "detect": DetectConfig,
+}
+
+
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """Read a params file into a dict, with a one-line error if it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Params file '{path}' does not exist. Hint: run from the project root, or pass --params.")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"Params file '{path}' is not valid YAML{where}. Hint: check indentation.") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"Params file '{path}' must hold a mapping of sections. Got {type(params).__name__}.")
+    return params
+
+
+def load_section(section: str, params: Mapping | str | Path = "params.yaml"):
+    """Load one stage's section into its frozen, validated dataclass.
+
+    Parameters
+    ----------
+    section : str
+        One of ``SECTIONS`` (``"generate"``, ``"train"``, ...).
+    params : mapping or path
+        The parsed params, or the path to ``params.yaml``.
+
+    Returns
+    -------
+    config : dataclass instance
+        E.g. an :class:`ExtractConfig`. Missing keys take the dataclass default.
+    """
+    if not isinstance(params, Mapping):
+        params = read_params(params)
+    if section not in SECTIONS:
+        raise invalid_param("section", "load_section", f"one of {sorted(SECTIONS)}", section)
+    values = params.get(section) or {}
+    if not isinstance(values, Mapping):
+        raise invalid_param(section, "params.yaml", "a mapping", values)
+    return build_config(SECTIONS[section], values, prefix=section)
+
+
+def build_config(cls, values: Mapping, prefix: str):
+    """Coerce a mapping into dataclass ``cls``, rejecting unknown keys and bad types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Unknown parameter '{prefix}.{unknown[0]}'. Valid parameters of '{prefix}' are {sorted(fields)}."
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(f"{prefix}.{name}", value, hints[name]) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(name, value, hint):
+    """Check ``value`` against a (simple) type hint and normalise lists to tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]  # a lone value is a one-element list (`-S extract.layers=fc`)
+        return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin is not None and issubclass(origin, Mapping):
+        if not isinstance(value, Mapping):
+            raise invalid_param(name, "params.yaml", "a mapping", value)
+        return {str(k): (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}
+    return _coerce_scalar(name, value, hint)
+
+
+def _coerce_scalar(name, value, hint):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads '5e-4' as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise invalid_param(name, "params.yaml", f"of type {hint.__name__}", value)
+
+
+def _check_positive(name, value):
+    if value <= 0:
+        raise invalid_param(name, name.split(".")[0], "a positive number", value)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise invalid_param(name, name.split(".")[0], f"one of {set(choices)}", value)
+
+
+def _check_device(name, value):
+    ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+    if not ok:
+        raise invalid_param(name, name.split(".")[0], "a torch device", value, hint=DEVICE_HINT)
+
+
+def project_paths(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:
+    """The ``paths`` mapping from ``dvc.yaml``'s ``vars``: the one place paths are written.
+
+    The CLI uses it for its defaults, and ``dvc.yaml`` interpolates the same
+    values into its commands, deps and outs.
+    """
+    dvc_yaml = Path(dvc_yaml)
+    if not dvc_yaml.is_file():
+        raise ConfigError(f"'{dvc_yaml}' does not exist. Hint: run layerscope from the project root, "
+                          "or pass every path as an option.")
+    doc = yaml.safe_load(dvc_yaml.read_text()) or {}
+    for entry in doc.get("vars", []):
+        if isinstance(entry, Mapping) and isinstance(entry.get("paths"), Mapping):
+            return {str(k): str(v) for k, v in entry["paths"].items()}
+    raise ConfigError(f"'{dvc_yaml}' has no 'paths' mapping under 'vars'. Hint: see the project's dvc.yaml.")

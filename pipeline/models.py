@@ -1,0 +1,232 @@
+"""Backbones, their training, and checkpoints.
+
+The default backbone is a small CIFAR-style ResNet (He et al. 2016, the CIFAR
+variant with three stages) whose blocks carry the usual names, so that layer
+specs read the same as on a full ResNet: ``layer1``, ``layer1.0.conv2``,
+``layer3``, ``avgpool``, ``fc``. Input normalisation is a buffer inside the
+model, so a checkpoint is self-contained and every pass (extraction, a deployed
+guard) sees the same preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from pipeline.errors import ConfigError, DataError, invalid_param
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Map the ``device`` param to a torch device; ``"auto"`` picks CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"The 'device' parameter is {device!r}, but CUDA is not available here. Hint: use 'auto'.")
+    return torch.device(device)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation with statistics fixed at training time."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18's block)."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet: a 3x3 stem, one stage per width, global pooling, fc.
+
+    Parameters
+    ----------
+    num_classes : int
+    in_channels : int
+        1 for grey images, 3 for RGB.
+    widths : tuple of int
+        Channels of each stage; stage ``i`` is named ``layer{i+1}``.
+    blocks : tuple of int
+        Basic blocks per stage, same length as ``widths``.
+    mean, std : sequence of float, optional
+        Input normalisation per channel (0 and 1 if omitted).
+    """
+
+    def __init__(self, num_classes, in_channels=1, widths=(16, 32, 64), blocks=(1, 1, 1), mean=None, std=None):
+        super().__init__()
+        mean = [0.0] * in_channels if mean is None else mean
+        std = [1.0] * in_channels if std is None else std
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        for i, (width, n_blocks) in enumerate(zip(widths, blocks)):
+            stride = 1 if i == 0 else 2
+            stage = [BasicBlock(in_planes if b == 0 else width, width, stride if b == 0 else 1) for b in range(n_blocks)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            in_planes = width
+        self.n_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        for i in range(self.n_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+ARCHITECTURES = {"cifar_resnet": CifarResNet}
+
+
+def build_model(spec: dict) -> nn.Module:
+    """Build an untrained backbone from its spec (the ``arch`` key picks the class).
+
+    Parameters
+    ----------
+    spec : dict
+        ``{"arch": "cifar_resnet", "num_classes": 8, "in_channels": 1, ...}``;
+        every other key is passed to the architecture's constructor.
+    """
+    spec = dict(spec)
+    arch = spec.pop("arch", None)
+    if arch not in ARCHITECTURES:
+        raise invalid_param("train.arch", "train", f"one of {sorted(ARCHITECTURES)}", arch)
+    if len(spec.get("widths", ())) != len(spec.get("blocks", ())):
+        raise invalid_param("train.blocks", "train", "a list as long as train.widths", spec.get("blocks"))
+    return ARCHITECTURES[arch](**spec)
+
+
+def init_model(spec: dict, seed: int) -> nn.Module:
+    """Build a model with seeded weights, leaving torch's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec)
+
+
+def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0, device="cpu"):
+    """Train with SGD + cosine schedule on a (image, label) dataset.
+
+    Parameters
+    ----------
+    model : nn.Module
+    dataset : torch Dataset
+        Items are ``(image of shape (C, H, W), int label)``.
+    epochs, batch_size : int
+    lr, momentum, weight_decay : float
+    seed : int
+        Seeds the shuffling (a dedicated ``torch.Generator``).
+    device : torch.device or str
+
+    Returns
+    -------
+    history : list of float
+        Mean training loss per epoch.
+    """
+    model.to(device).train()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
+    history = []
+    bar = tqdm(range(epochs), desc="train", unit="epoch", disable=None)
+    for _ in bar:
+        losses = [_train_step(model, opt, sched, x.to(device), y.to(device)) for x, y in loader]
+        history.append(float(np.mean(losses)))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
+
+
+def _train_step(model, opt, sched, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+@torch.inference_mode()
+def predict(model, dataset, *, batch_size=256, device="cpu") -> np.ndarray:
+    """Predicted class per item, shape (n_samples,). Used for the training report."""
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
+
+
+def save_checkpoint(model, spec: dict, path) -> Path:
+    """Write ``{"format", "spec", "state_dict"}`` atomically (tmp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "spec": spec, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode, on ``device``.
+    spec : dict
+        The architecture spec it was built from.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Checkpoint '{path}' does not exist. Hint: run `layerscope train` (or `dvc repro train`).")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "spec" not in ckpt or "state_dict" not in ckpt:
+        raise DataError(f"Checkpoint '{path}' is not a layerscope checkpoint (expected keys 'spec' and 'state_dict').")
+    model = build_model(ckpt["spec"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt["spec"]
+
+
+def file_sha256(path, block_size=1 << 20) -> str:
+    """sha256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,124 @@
+"""Turn per-layer scores into the reported metrics, the per-layer table and figures.
+
+Protocol (METHODS.md): every OOD set is scored against the full ID test split;
+a group figure (near, far) is the unweighted mean over its sets; aggregations
+are standardised on ID-val only. Metric definitions live in :mod:`pipeline.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.aggregate import aggregate
+from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
+from pipeline.plots import plot_layer_auroc
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("near", "far")
+
+
+def ood_sets(store, part="test") -> dict[str, dict]:
+    """OOD sets with a split of the given part: ``set name -> {"split", "role"}``."""
+    found = {}
+    for split in store.splits:
+        attrs = store.split_attrs(split)
+        if attrs.get("role") in GROUPS and attrs.get("part") == part:
+            found[attrs["set"]] = {"split": split, "role": attrs["role"]}
+    return found
+
+
+def group_sets(sets: dict) -> dict[str, list[str]]:
+    """``{"near": [...], "far": [...]}`` from :func:`ood_sets`."""
+    return {g: [name for name, s in sets.items() if s["role"] == g] for g in GROUPS}
+
+
+def with_aggregations(scores: dict, reference: dict, layers, aggregations) -> dict[str, dict[str, np.ndarray]]:
+    """Per method: ``column -> (n,)`` scores for each layer, plus each aggregation.
+
+    Parameters
+    ----------
+    scores : dict
+        ``method -> (n_samples, n_layers)`` for the split being evaluated.
+    reference : dict
+        ``method -> (n_val, n_layers)`` ID-val scores, for standardisation.
+    """
+    out = {}
+    for method, matrix in scores.items():
+        cols = {layer: matrix[:, j] for j, layer in enumerate(layers)}
+        if len(layers) > 1:
+            cols.update({agg: aggregate(matrix, reference[method], agg) for agg in aggregations})
+        out[method] = cols
+    return out
+
+
+def evaluate(id_scores: dict, ood_scores: dict, groups: dict, *, recall=0.95) -> dict:
+    """Metrics per method, column (layer or aggregation), OOD set and group.
+
+    Parameters
+    ----------
+    id_scores : dict
+        ``method -> column -> (n_id,)`` on ID-test.
+    ood_scores : dict
+        ``set name -> method -> column -> (n_ood,)``.
+    groups : dict
+        ``group -> [set names]``.
+
+    Returns
+    -------
+    dict
+        ``method -> column -> {set or group -> {metric -> float}}``.
+    """
+    results = {}
+    for method, columns in id_scores.items():
+        results[method] = {}
+        for col, s_id in columns.items():
+            per_set = {name: ood_metrics(s_id, ood[method][col], recall=recall) for name, ood in ood_scores.items()}
+            results[method][col] = {**per_set, **group_means(per_set, {g: v for g, v in groups.items() if v})}
+    return results
+
+
+def table_rows(results: dict, layers) -> list[dict]:
+    """One row per (method, column) with group metrics, in network order."""
+    rows = []
+    for method, columns in results.items():
+        for position, (col, per) in enumerate(columns.items()):
+            row = {"key": f"{method}/{col}", "method": method, "layer": col,
+                   "kind": "layer" if col in layers else "aggregation", "position": position}
+            for group in GROUPS:
+                row.update({f"{m}_{group}": round(per[group][m], 6) for m in METRIC_NAMES if group in per})
+            rows.append(row)
+    return rows
+
+
+def write_json(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_csv(rows: list[dict], path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_figures(results: dict, layers, sets, directory) -> list[Path]:
+    """Seed 000's figure per method and OOD set: AUROC per layer, final layer dotted."""
+    paths = []
+    for method, columns in results.items():
+        for name in sets:
+            aurocs = [columns[layer][name]["auroc"] for layer in layers]
+            title = f"{method}: ID vs {name} (AUROC per layer)"
+            paths.append(plot_layer_auroc(layers, aurocs, Path(directory) / method / f"{name}.png", title=title))
+    return paths

@@ -1,0 +1,138 @@
+"""Fit per-layer detectors on cached ID-train features, score cached splits.
+
+Nothing here touches the classifier: detectors read ``(n_samples, n_features)``
+arrays from the feature store. A fitted set is saved with the provenance of
+the store it was fitted on, and refuses to score a store from another
+checkpoint.
+
+The per-layer energy (seed 000) needs no fitting: its scores are the store's
+``energy`` array, one column per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.base import clone
+from tqdm.auto import tqdm
+
+from pipeline.detectors import make_detector
+from pipeline.errors import DataError, StoreError
+
+log = logging.getLogger(__name__)
+
+ENERGY = "energy"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class FittedDetectors:
+    """Fitted detectors keyed by ``(detector name, layer)``, plus where their features came from."""
+
+    detectors: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def check_compatible(self, store):
+        """Refuse to score a store whose checkpoint differs from the one fitted on."""
+        fitted = self.provenance.get("checkpoint_sha256")
+        scoring = store.provenance.get("checkpoint_sha256")
+        if fitted != scoring:
+            raise StoreError(
+                f"The detectors were fitted on features from checkpoint {fitted}, but store '{store.path}' holds "
+                f"features from checkpoint {scoring}. Hint: rerun `layerscope fit` (or `dvc repro`)."
+            )
+
+
+def train_features(store, layer, *, max_samples=None, seed=0):
+    """ID-train features of one layer and their labels, optionally subsampled (seeded)."""
+    X, y = store.to_numpy("id_train", layer), store.to_numpy("id_train", "label")
+    if max_samples is not None and len(X) > max_samples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(X), max_samples, replace=False))
+        X, y = X[keep], y[keep]
+    return X.astype(np.float64), y
+
+
+def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples=None, seed=0) -> FittedDetectors:
+    """Fit every configured detector on every layer's ID-train features.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    detector_params : dict
+        ``detector name -> params`` (e.g. ``{"knn": {"n_neighbors": 5}}``).
+    standardize : bool
+        Standardise each layer's features (fitted on ID-train) before the detector.
+    max_samples : int, optional
+        Fit on a seeded subsample of ID-train of at most this size.
+    seed : int
+    """
+    # build all detectors first, so a bad name or param fails before any work
+    prototypes = {name: make_detector(name, params or {}, standardize=standardize)
+                  for name, params in detector_params.items()}
+    fitted = FittedDetectors(layers=store.layers, names=list(prototypes), provenance=store.provenance)
+    for layer in tqdm(store.layers, desc="fit", unit="layer", disable=None):
+        X, y = train_features(store, layer, max_samples=max_samples, seed=seed)
+        for name, proto in prototypes.items():
+            det = clone(proto)
+            fitted.detectors[name, layer] = det.fit(X, y if det.requires_labels else None)
+    return fitted
+
+
+def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndarray]:
+    """Scores of one split: ``method -> (n_samples, n_layers)``, layers in network order.
+
+    Includes the per-layer ``energy`` read from the store. Higher = more OOD.
+    """
+    out = {name: np.empty((_n(store, split), len(fitted.layers))) for name in fitted.names}
+    for j, layer in enumerate(fitted.layers):
+        for start, block in store.iter_blocks(split, layer):
+            for name in fitted.names:
+                out[name][start:start + len(block), j] = fitted.detectors[name, layer].score(block.astype(np.float64))
+    energy = store.to_numpy(split, ENERGY)
+    out[ENERGY] = energy[:, [store.layers.index(layer) for layer in fitted.layers]].astype(np.float64)
+    return out
+
+
+def _n(store, split):
+    return int(store.split_attrs(split)["n_samples"])
+
+
+def save_detectors(fitted: FittedDetectors, directory) -> Path:
+    """Write one joblib file per (detector, layer) plus a JSON manifest, atomically."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    for (name, layer), det in fitted.detectors.items():
+        rel = f"{name}/{layer}.joblib"
+        (tmp / name).mkdir(exist_ok=True)
+        joblib.dump(det, tmp / rel)
+        files.setdefault(name, {})[layer] = rel
+    manifest = {"layers": fitted.layers, "detectors": fitted.names, "files": files, "provenance": fitted.provenance}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_detectors(directory) -> FittedDetectors:
+    """Load what :func:`save_detectors` wrote; one-line error if it is missing."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"No fitted detectors in '{directory}' (missing {MANIFEST}). "
+                        "Hint: run `layerscope fit` (or `dvc repro fit`).")
+    manifest = json.loads(manifest_path.read_text())
+    detectors = {(name, layer): joblib.load(directory / rel)
+                 for name, per_layer in manifest["files"].items() for layer, rel in per_layer.items()}
+    return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"])

@@ -1,0 +1,319 @@
+"""The feature store: the one module that knows the Zarr layout.
+
+Layout (Zarr format 3, one group per split)::
+
+    features.zarr/                  root attrs["layerscope"] = {complete, provenance, splits, layers}
+      id_train/                     group attrs: role, set, part, source, n_samples, fingerprint
+        layer1        (n, C1)       dims ("sample", "feature_layer1")  pooled activations
+        fc            (n, K)        dims ("sample", "feature_fc")
+        energy        (n, L)        dims ("sample", "layer")           -logsumexp of each full map
+        logits        (n, K)        dims ("sample", "class")
+        pred, label   (n,)          dims ("sample",)
+      textures_test/ ...
+
+Every array is chunked along samples and **sharded**, so one array is a handful
+of files (DVC hashes every file of an output). Each array's second dimension has
+its own name, so ``xarray.open_zarr(path, group=split)`` opens a whole split.
+
+Writes happen in whole shards only: zarr-python 3 loses data when two writers
+touch parts of the same shard (zarr-python issue 3682), so the writer buffers a
+shard's rows before it writes them, and one shard has exactly one writer.
+
+A store is built in a *staging* directory beside the output
+(``<parent>/.staging/<name>``) and renamed into place only once complete. DVC
+deletes a stage's outputs before it runs the stage; the staging directory is not
+an output, so an interrupted extraction survives and the rerun resumes from its
+last complete shard, while the finished output stays an ordinary, cacheable DVC
+output (no ``persist``, so the run cache keeps working).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+ATTRS_KEY = "layerscope"
+STORE_FORMAT = 1
+RESERVED = ("energy", "logits", "pred", "label")
+RESUME_HINT = "rerun `layerscope extract` (or `dvc repro extract`) to resume it"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a split: ``width`` None means a 1-D per-sample array."""
+
+    name: str
+    width: int | None
+    dtype: str
+    dim: str | None = None
+    attrs: dict | None = None
+
+
+def feature_dim(layer: str) -> str:
+    """Name of a layer's feature dimension (unique per layer, as xarray needs)."""
+    return f"feature_{layer}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """Build a store in its staging directory, shard by shard, then publish it.
+
+    Parameters
+    ----------
+    path : path
+        Final location of the store (the DVC output).
+    key : str
+        Fingerprint of everything that determines the content (checkpoint, data,
+        layer spec, format). A staged store with another key is discarded.
+    chunk_rows, shard_rows : int
+        Samples per chunk and per shard.
+    compression_level : int
+        Zstd level.
+    """
+
+    def __init__(self, path, key, *, chunk_rows=512, shard_rows=4096, compression_level=3):
+        self.path = Path(path)
+        self.key = key
+        self.chunk_rows, self.shard_rows = chunk_rows, shard_rows
+        self.compressor = zarr.codecs.ZstdCodec(level=compression_level)
+        self.staging = self.path.parent / ".staging" / self.path.name
+        self.staged_store = self.staging / "store.zarr"
+        self._lock_fh = None
+        self._published = False
+        self.progress = {}
+
+    def __enter__(self):
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self._lock_fh = open(self.staging / "lock", "w")
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_fh.close()
+            raise StoreError(
+                f"Feature store '{self.path}' is being written by another process (lock held on "
+                f"'{self.staging / 'lock'}'). Hint: wait for it to finish; two writers would corrupt shards."
+            ) from None
+        self._load_or_reset()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+        self._lock_fh.close()
+        if self._published:  # nothing left to resume: drop the staging directory
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _load_or_reset(self):
+        progress_file = self.staging / "progress.json"
+        state = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+        if state.get("key") == self.key and self.staged_store.is_dir():
+            self.progress = {k: set(v) for k, v in state["splits"].items()}
+            log.info("resuming staged store %s (%d splits started)", self.staged_store, len(self.progress))
+            return
+        if self.staged_store.exists():
+            log.warning("discarding a staged store built from other inputs: %s", self.staged_store)
+            shutil.rmtree(self.staged_store)
+        zarr.open_group(self.staged_store, mode="w", zarr_format=3)
+        self.progress = {}
+        self._save_progress()
+
+    def _save_progress(self):
+        state = {"key": self.key, "splits": {k: sorted(v) for k, v in self.progress.items()}}
+        _atomic_write_text(self.staging / "progress.json", json.dumps(state))
+
+    def n_shards(self, n_samples: int) -> int:
+        return -(-n_samples // self.shard_rows)
+
+    def shard_range(self, index: int, n_samples: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of shard ``index``."""
+        start = index * self.shard_rows
+        return start, min(start + self.shard_rows, n_samples)
+
+    def pending_shards(self, split: str, n_samples: int) -> list[int]:
+        """Shards of ``split`` not yet written completely."""
+        done = self.progress.get(split, set())
+        return [i for i in range(self.n_shards(n_samples)) if i not in done]
+
+    def create_split(self, split: str, n_samples: int, specs: list[ArraySpec], attrs: dict):
+        """Create the split's group and arrays, unless a resumed run already did."""
+        if split in self.progress:
+            return
+        root = zarr.open_group(self.staged_store, mode="r+")
+        group = root.create_group(split, overwrite=True, attributes=_jsonable(attrs))
+        for spec in specs:
+            self._create_array(group, spec, n_samples)
+        self.progress[split] = set()
+        self._save_progress()
+
+    def _create_array(self, group, spec: ArraySpec, n_samples: int):
+        # a 0-sample split still needs valid (non-zero) chunk shapes
+        rows = max(1, min(self.chunk_rows, n_samples))
+        shard = max(1, min(self.shard_rows, -(-n_samples // rows) * rows))
+        shape, chunks, shards, dims = (n_samples,), (rows,), (shard,), ("sample",)
+        if spec.width is not None:
+            shape, chunks, shards = (n_samples, spec.width), (rows, spec.width), (shard, spec.width)
+            dims = ("sample", spec.dim or feature_dim(spec.name))
+        group.create_array(
+            spec.name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
+            compressors=self.compressor, dimension_names=dims, attributes=_jsonable(spec.attrs or {}),
+        )
+
+    def write_shard(self, split: str, index: int, data: dict[str, np.ndarray]):
+        """Write one whole shard of every array of ``split``, then record it as done."""
+        group = zarr.open_group(self.staged_store, mode="r+", path=split)
+        n_samples = group.attrs["n_samples"]
+        start, stop = self.shard_range(index, n_samples)
+        for name, values in data.items():
+            arr = group[name]
+            if values.shape[0] != stop - start:
+                raise ValueError(f"shard {index} of {split}/{name} needs {stop - start} rows, got {values.shape[0]}")
+            arr[start:stop] = values.astype(arr.dtype, copy=False)
+        self.progress[split].add(index)
+        self._save_progress()
+
+    def finalize(self, provenance: dict, layers: list[str]):
+        """Mark the staged store complete, consolidate metadata and move it into place."""
+        root = zarr.open_group(self.staged_store, mode="r+")
+        root.attrs[ATTRS_KEY] = _jsonable({
+            "format": STORE_FORMAT, "complete": True, "key": self.key, "layers": list(layers),
+            "splits": sorted(self.progress), "provenance": {**provenance, "created": _now()},
+        })
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the v3 spec yet
+            zarr.consolidate_metadata(self.staged_store)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.staged_store, self.path)
+        (self.staging / "progress.json").unlink(missing_ok=True)
+        self._published = True
+        log.info("feature store complete: %s", self.path)
+        return self.path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class FeatureStore:
+    """A complete feature store, opened read-only.
+
+    Use :func:`open_store`. Arrays come as zarr arrays (:meth:`array`), dask arrays
+    chunked by shard (:meth:`to_dask`) or numpy arrays (:meth:`to_numpy`), and
+    :meth:`iter_blocks` reads one shard at a time so memory stays bounded.
+    """
+
+    def __init__(self, path, root):
+        self.path = Path(path)
+        self._root = root
+        self._meta = dict(root.attrs.get(ATTRS_KEY, {}))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self._meta["splits"])
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in network order."""
+        return list(self._meta["layers"])
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self._meta["provenance"])
+
+    def split_attrs(self, split: str) -> dict:
+        return dict(self._group(split).attrs)
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        group = self._group(split)
+        if name not in group:
+            raise StoreError(f"Split '{split}' of store '{self.path}' has no array '{name}'. "
+                             f"It has {sorted(group.array_keys())}.")
+        return group[name]
+
+    def to_numpy(self, split: str, name: str) -> np.ndarray:
+        """The whole array in memory, shape (n_samples,) or (n_samples, n_features)."""
+        arr = self.array(split, name)
+        return _read(arr, slice(None), f"{split}/{name}", self.path)
+
+    def to_dask(self, split: str, name: str):
+        """A dask array chunked by shard (dask would otherwise chunk by inner chunk)."""
+        import dask.array as da
+
+        arr = self.array(split, name)
+        return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
+
+    def iter_blocks(self, split: str, name: str):
+        """Yield ``(start, block)`` one shard at a time."""
+        arr = self.array(split, name)
+        step = (arr.shards or arr.chunks)[0]
+        for start in range(0, arr.shape[0], step):
+            yield start, _read(arr, slice(start, start + step), f"{split}/{name}", self.path)
+
+    def _group(self, split: str):
+        if split not in self._meta["splits"]:
+            raise StoreError(f"Store '{self.path}' has no split '{split}'. It has {self.splits}.")
+        return self._root[split]
+
+
+def open_store(path) -> FeatureStore:
+    """Open a complete feature store; refuse a missing or incomplete one in one line."""
+    path = Path(path)
+    staged = path.parent / ".staging" / path.name / "store.zarr"
+    if not (path / "zarr.json").is_file():
+        if staged.is_dir():
+            raise StoreError(f"Feature store '{path}' is incomplete: an interrupted extraction is staged at "
+                             f"'{staged}'. Hint: {RESUME_HINT}.")
+        raise StoreError(f"Feature store '{path}' does not exist. Hint: run `layerscope extract` "
+                         "(or `dvc repro extract`).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        root = zarr.open_group(path, mode="r", use_consolidated=None)
+    meta = root.attrs.get(ATTRS_KEY, {})
+    if not meta.get("complete"):
+        raise StoreError(f"Feature store '{path}' is incomplete (not marked complete). Hint: {RESUME_HINT}.")
+    return FeatureStore(path, root)
+
+
+def _read(arr, rows, name, path):
+    try:
+        return arr[rows]
+    except Exception as exc:  # zarr/codec errors on truncated or garbled shards
+        raise StoreError(f"Array '{name}' of store '{path}' could not be read ({type(exc).__name__}: {exc}). "
+                         "Hint: the store is corrupt; delete it and rerun `dvc repro extract`.") from exc
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    """Round-trip through JSON so numpy scalars and tuples become plain JSON types."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import SplitDataset
+from pipeline.errors import ConfigError
+from pipeline.extract import (LayerRecorder, energy, extract_to_store, hookable_layers, layer_shapes, pool,
+                              resolve_layers)
+from pipeline.store import StoreWriter, open_store
+
+
+def test_pool_means_over_space_and_tokens_and_keeps_vectors():
+    x = torch.arange(16, dtype=torch.float32).view(1, 2, 2, 4)
+    assert pool(x).tolist() == [[3.5, 11.5]]
+    tokens = x[0]  # read as (n=2, T=2, D=4): mean over the two tokens
+    assert pool(tokens).tolist() == [[2.0, 3.0, 4.0, 5.0], [10.0, 11.0, 12.0, 13.0]]
+    v = torch.tensor([[1.0, 2.0]])
+    assert pool(v) is v
+
+
+def test_energy_is_negative_logsumexp_of_the_full_map():
+    x = torch.zeros(2, 3, 2, 2)  # 12 zeros per sample: logsumexp = log(12)
+    np.testing.assert_allclose(energy(x).numpy(), [-np.log(12)] * 2, rtol=1e-6)
+
+
+def test_layer_shapes_follow_execution_order(tiny_model):
+    shapes = layer_shapes(tiny_model, (1, 8, 8))
+    names = list(shapes)
+    assert names.index("layer1") < names.index("layer2") < names.index("avgpool") < names.index("fc")
+    assert shapes["layer1"] == (4, 8, 8) and shapes["layer2"] == (8, 4, 4) and shapes["fc"] == (3,)
+    assert set(hookable_layers(tiny_model)) == set(shapes)
+
+
+def test_resolve_layers_sorts_into_network_order(tiny_model):
+    assert resolve_layers(tiny_model, ["fc", "layer1", "layer2.0.conv1"], (1, 8, 8)) == ["layer1", "layer2.0.conv1", "fc"]
+
+
+def test_unknown_layer_lists_the_valid_ones(tiny_model):
+    with pytest.raises(ConfigError, match=r"extract.layers.*Got 'layer9'.*valid names are \[.*'layer1'.*layerscope layers"):
+        resolve_layers(tiny_model, ["layer9"], (1, 8, 8))
+
+
+def test_recorder_removes_its_hooks(tiny_model):
+    with LayerRecorder(tiny_model, ["layer1", "fc"]) as rec:
+        tiny_model(torch.zeros(2, 1, 8, 8))
+        assert rec.pooled["layer1"].shape == (2, 4)
+    assert not tiny_model.layer1._forward_hooks and not tiny_model.fc._forward_hooks
+
+
+def test_extract_to_store_matches_a_direct_forward_pass(tiny_model, tiny_splits, store_path):
+    layers = ["layer1", "layer2", "fc"]
+    splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, splits, layers, writer, batch_size=3)
+        writer.finalize({"checkpoint_sha256": "abc"}, layers)
+    store = open_store(store_path)
+    x = torch.from_numpy(tiny_splits["id_train"].images)
+    with torch.inference_mode():
+        logits = tiny_model(x)
+        act1 = tiny_model.layer1(torch.relu(tiny_model.bn1(tiny_model.conv1(tiny_model.normalize(x)))))
+    np.testing.assert_allclose(store.to_numpy("id_train", "logits"), logits.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.to_numpy("id_train", "layer1"), act1.mean((2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.to_numpy("id_train", "energy")[:, 0], energy(act1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(store.to_numpy("id_train", "fc"), logits.numpy(), rtol=1e-5, atol=1e-6)
+    assert (store.to_numpy("id_train", "pred") == logits.argmax(1).numpy()).all()
+    assert (store.to_numpy("id_train", "label") == tiny_splits["id_train"].labels).all()
+    assert store.array("id_train", "layer2").attrs["pooling"] == "mean_hw"

@@ -1,0 +1,179 @@
+"""Known-answer tests for pipeline.metrics: every expected number is worked out by hand."""
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.metrics import METRIC_NAMES, accuracy, group_means, ood_metrics
+
+
+def test_metric_names_match_keys():
+    assert set(ood_metrics([0.0], [1.0])) == set(METRIC_NAMES)
+    assert METRIC_NAMES == ("auroc", "fpr95", "aupr_in", "aupr_out")
+
+
+def test_values_are_python_floats():
+    result = ood_metrics(np.array([0.0, 1.0], np.float32), np.array([2.0]))
+    assert all(type(value) is float for value in result.values())
+
+
+def test_perfectly_separated():
+    result = ood_metrics([0.0, 1.0, 2.0], [3.0, 4.0])
+    assert result == {"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+
+
+def test_fully_reversed_is_not_flipped():
+    # Every ID sample scores above every OOD sample. The direction is fixed per
+    # method, so this reports AUROC 0, not 1 - AUROC (the seed-000 slip).
+    result = ood_metrics([3.0, 4.0], [0.0, 1.0, 2.0])
+    assert result["auroc"] == 0.0
+    # Detecting all 3 OOD needs threshold 0, which flags both ID samples.
+    assert result["fpr95"] == 1.0
+    # AUPR-Out, ranking 4I 3I 2O 1O 0O: precision at each OOD = 1/3, 2/4, 3/5.
+    assert result["aupr_out"] == pytest.approx((1 / 3 + 2 / 4 + 3 / 5) / 3)
+    # AUPR-In, ranking by -score 0O 1O 2O 3I 4I: precision at each ID = 1/4, 2/5.
+    assert result["aupr_in"] == pytest.approx((1 / 4 + 2 / 5) / 2)
+
+
+def test_ties_count_half():
+    # Pairs (ood, id): (1,0)=1, (1,1)=0.5 (tie), (2,0)=1, (2,1)=1 -> 3.5 / 4.
+    result = ood_metrics([0.0, 1.0], [1.0, 2.0])
+    assert result["auroc"] == 0.875
+    # Detecting both OOD needs threshold 1, which flags the ID sample at 1 (tie): 1/2.
+    assert result["fpr95"] == 0.5
+
+
+def _mid_case():
+    scores_id = [0.1, 0.2, 0.3, 0.4, 0.5]
+    scores_ood = [1.0 + 0.01 * i for i in range(18)] + [0.25, 0.05]
+    return scores_id, scores_ood
+
+
+def test_fpr95_between_zero_and_one():
+    # 20 OOD: 18 score >= 1.0, then 0.25, then 0.05. 95% recall = 19 of 20 OOD,
+    # so the threshold must come down to 0.25. Flagged ID (score >= 0.25):
+    # 0.3, 0.4, 0.5 -> FPR@95 = 3/5 = 0.6.
+    # AUROC: the 18 high OOD beat all 5 ID (90 pairs), 0.25 beats 0.1 and 0.2
+    # (2 pairs), 0.05 beats none -> 92 / (20 * 5) = 0.92.
+    result = ood_metrics(*_mid_case())
+    assert result["fpr95"] == pytest.approx(0.6)
+    assert result["auroc"] == pytest.approx(0.92)
+
+
+@pytest.mark.parametrize(
+    ("recall", "expected"),
+    [
+        (0.9, 0.0),  # 18 of 20 OOD: threshold 1.0, no ID flagged
+        (0.95, 0.6),  # see test_fpr95_between_zero_and_one
+        (1.0, 1.0),  # all 20 OOD: threshold 0.05, every ID flagged
+    ],
+)
+def test_recall_sets_the_operating_point(recall, expected):
+    assert ood_metrics(*_mid_case(), recall=recall)["fpr95"] == pytest.approx(expected)
+
+
+def test_aupr_in_and_out_differ_on_asymmetric_case():
+    # ID = [1, 2, 4], OOD = [3, 5]. Ranking by score: 5O 4I 3O 2I 1I.
+    # AUPR-Out: precision at each OOD = 1/1, 2/3 -> (1 + 2/3) / 2 = 5/6.
+    # AUPR-In, ranking by -score 1I 2I 3O 4I 5O: precision at each ID
+    #   = 1/1, 2/2, 3/4 -> (1 + 1 + 3/4) / 3 = 11/12.
+    # AUROC: 5 beats 3 ID, 3 beats 2 ID -> 5/6. FPR@95: both OOD needs
+    # threshold 3, flagging ID 4 -> 1/3.
+    result = ood_metrics([1.0, 2.0, 4.0], [3.0, 5.0])
+    assert result["aupr_out"] == pytest.approx(5 / 6)
+    assert result["aupr_in"] == pytest.approx(11 / 12)
+    assert result["auroc"] == pytest.approx(5 / 6)
+    assert result["fpr95"] == pytest.approx(1 / 3)
+
+
+def test_fpr95_reads_the_exact_first_point_on_diagonal_ties():
+    # Regression: roc_curve's default drop_intermediate=True drops the collinear
+    # points of this all-diagonal curve, which gave FPR@95 = 1.0. Twenty tied
+    # (ID, OOD) pairs: the 19th-highest pair reaches recall 19/20 = 0.95 with
+    # 19 of 20 ID flagged -> 0.95.
+    scores = np.arange(20.0)
+    result = ood_metrics(scores, scores)
+    assert result["fpr95"] == pytest.approx(0.95)
+    assert result["auroc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("transform", [np.exp, lambda s: 3.0 * s - 7.0, np.arctan])
+def test_invariant_to_strictly_increasing_transform(rng, transform):
+    scores_id = rng.normal(0.0, 1.0, size=200)
+    scores_ood = rng.normal(1.0, 1.0, size=150)
+    base = ood_metrics(scores_id, scores_ood)
+    moved = ood_metrics(transform(scores_id), transform(scores_ood))
+    assert moved == pytest.approx(base)
+    assert 0.0 < base["fpr95"] < 1.0
+
+
+def test_group_means_on_literal_dict():
+    per_set = {
+        "cifar100": {"auroc": 0.8, "fpr95": 0.6},
+        "tin": {"auroc": 0.9, "fpr95": 0.4},
+        "svhn": {"auroc": 0.7, "fpr95": 0.5},
+        "mnist": {"auroc": 1.0, "fpr95": 0.0},
+    }
+    groups = {"near": ["cifar100", "tin"], "far": ["svhn", "mnist"], "none": []}
+    means = group_means(per_set, groups)
+    assert means == {
+        "near": {"auroc": pytest.approx(0.85), "fpr95": pytest.approx(0.5)},
+        "far": {"auroc": pytest.approx(0.85), "fpr95": pytest.approx(0.25)},
+    }
+
+
+def test_group_means_is_unweighted():
+    # A set's size plays no role: one value per set, plain mean.
+    means = group_means({"a": {"auroc": 1.0}, "b": {"auroc": 0.0}, "c": {"auroc": 0.5}},
+                        {"g": ["a", "b", "c"]})
+    assert means["g"]["auroc"] == pytest.approx(0.5)
+
+
+def test_accuracy_known_answer():
+    assert accuracy([0, 1, 2, 2], [0, 1, 1, 2]) == 0.75
+    assert type(accuracy(np.array([1]), np.array([1]))) is float
+
+
+@pytest.mark.parametrize(
+    ("scores_id", "scores_ood", "match"),
+    [
+        ([[0.0, 1.0]], [1.0], r"scores_id must be 1-D .* shape \(1, 2\)"),
+        ([0.0], [], r"scores_ood is empty"),
+        ([], [1.0], r"scores_id is empty"),
+        ([0.0], [np.nan, np.inf, -np.inf, 1.0], r"scores_ood contains 3 non-finite values \(NaN or inf\)"),
+        ([np.nan, 1.0], [1.0], r"scores_id contains 1 non-finite values"),
+        (["a", "b"], [1.0], r"scores_id must be an array of numbers"),
+    ],
+)
+def test_bad_scores_raise_data_error(scores_id, scores_ood, match):
+    with pytest.raises(DataError, match=match):
+        ood_metrics(scores_id, scores_ood)
+
+
+@pytest.mark.parametrize("recall", [0.0, -0.1, 1.5, float("nan"), True, "0.95"])
+def test_bad_recall_raises_config_error(recall):
+    with pytest.raises(ConfigError, match=r"The 'recall' parameter of ood_metrics must be a float in \(0, 1\]"):
+        ood_metrics([0.0], [1.0], recall=recall)
+
+
+def test_group_means_missing_set():
+    with pytest.raises(DataError, match=r"Group 'far' names data sets \['places'\] that have no metrics"):
+        group_means({"svhn": {"auroc": 0.9}}, {"far": ["svhn", "places"]})
+
+
+def test_group_means_mismatched_metrics():
+    with pytest.raises(DataError, match=r"Group 'near': data set 'tin' has metrics \['auroc'\]"):
+        group_means({"c100": {"auroc": 0.9, "fpr95": 0.3}, "tin": {"auroc": 0.8}}, {"near": ["c100", "tin"]})
+
+
+@pytest.mark.parametrize(
+    ("pred", "labels", "match"),
+    [
+        ([0, 1], [0, 1, 2], r"pred has 2 entries but labels has 3"),
+        ([], [], r"empty"),
+        ([[0, 1]], [[0, 1]], r"must be 1-D"),
+    ],
+)
+def test_accuracy_errors(pred, labels, match):
+    with pytest.raises(DataError, match=match):
+        accuracy(pred, labels)
