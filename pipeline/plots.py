@@ -159,6 +159,6 @@ def plot_layer_auroc(layers, aurocs, path, *, reference_layer=None, title=None):
     fig = layer_auroc_figure(layers, aurocs, reference_layer=reference_layer, title=title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")
-    log.info("Wrote per-layer AUROC figure to %s", path)
+    log.debug("Wrote per-layer AUROC figure to %s", path)
     return path
 

@@ -1,0 +1,109 @@
+"""End to end: real `dvc repro` on a copy of the project in a temporary git repo.
+
+Checks the promise of the design: a `detect.*` change reruns only `detect`, a
+`fit.*` change reruns `fit` and `detect`, and nothing short of a data, model or
+extract change reruns `extract`.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
+                 ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+FAST = {  # the default pipeline, shrunk so the test takes seconds
+    "generate": {"n_synthetic": 40, "image_size": 12},
+    "train": {"epochs": 2, "widths": [8, 16, 16], "blocks": [1, 1, 1]},
+    "fit": {"detectors": {"knn": {"n_neighbors": 5}, "mahalanobis": {}, "ecod": {},
+                          "iforest": {"n_estimators": 20, "random_state": 0}, "ocsvm": {}}},
+}
+
+pytestmark = pytest.mark.e2e
+
+
+def run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def ran_stages(output):
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+def edit_params(repo, section, key, value):
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in FAST.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def first_run(repo):
+    return run(["dvc", "repro"], repo)
+
+
+def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
+    assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect"}
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    sets = {"digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"}
+    for method in ("knn", "mahalanobis", "ecod", "iforest", "ocsvm", "energy"):
+        for column in ("layer1", "fc", "max_z", "mean_z"):
+            per = metrics["methods"][method][column]
+            assert sets | {"near", "far"} <= set(per)
+            assert set(per["textures"]) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+    assert 0.0 <= metrics["id_accuracy"] <= 1.0
+    shown = run(["dvc", "metrics", "show", "--json"], repo)
+    assert "fpr95" in shown and "aupr_out" in shown
+    assert (repo / "reports/figures/knn/textures.png").stat().st_size > 1000
+    assert (repo / "cache/features.zarr/zarr.json").is_file()
+
+
+def test_unchanged_pipeline_reruns_nothing(repo, first_run):
+    assert ran_stages(run(["dvc", "repro"], repo)) == set()
+
+
+def test_detect_param_reruns_only_detect(repo, first_run):
+    edit_params(repo, "detect", "recall", 0.9)
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"detect"}
+
+
+def test_fit_param_reruns_fit_and_detect_not_extract(repo, first_run):
+    edit_params(repo, "fit", "detectors", {**FAST["fit"]["detectors"], "knn": {"n_neighbors": 3}})
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect"}
+
+
+def test_plots_render(repo, first_run):
+    out = run(["dvc", "plots", "show", "-o", "plots_html"], repo)
+    assert (repo / "plots_html/index.html").is_file(), out

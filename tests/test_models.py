@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.errors import ConfigError, DataError
+from pipeline.models import (build_model, file_sha256, init_model, load_checkpoint, predict, resolve_device,
+                             save_checkpoint, train_model)
+from tests.conftest import TINY_SPEC
+
+
+def test_named_blocks_match_a_resnet(tiny_model):
+    names = {name for name, _ in tiny_model.named_modules()}
+    assert {"layer1", "layer2", "layer1.0.conv2", "avgpool", "fc"} <= names
+    assert tiny_model(torch.zeros(5, 1, 8, 8)).shape == (5, 3)
+
+
+def test_init_is_seeded_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = init_model(TINY_SPEC, seed=1), init_model(TINY_SPEC, seed=1)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, init_model(TINY_SPEC, seed=2).conv1.weight)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_unknown_arch_and_mismatched_blocks():
+    with pytest.raises(ConfigError, match=r"'train.arch' .* one of \['cifar_resnet'\]. Got 'vgg99'"):
+        build_model({**TINY_SPEC, "arch": "vgg99"})
+    with pytest.raises(ConfigError, match=r"'train.blocks' .* as long as train.widths"):
+        build_model({**TINY_SPEC, "blocks": [1]})
+
+
+def test_training_learns_a_separable_task(rng):
+    # class = which half of the image is bright: a tiny net must learn it
+    y = rng.integers(0, 2, 64)
+    x = rng.random((64, 1, 8, 8)).astype("f4") * 0.2
+    x[y == 0, :, :4] += 0.8
+    x[y == 1, :, 4:] += 0.8
+    split = ImageSplit("id_train", x, y.astype(np.int64), {})
+    model = init_model({**TINY_SPEC, "num_classes": 2}, seed=0)
+    history = train_model(model, SplitDataset(split), epochs=8, batch_size=16, lr=0.05, seed=0)
+    assert history[-1] < history[0]
+    assert (predict(model, SplitDataset(split)) == y).mean() > 0.9
+    assert not model.training
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_model):
+    path = save_checkpoint(tiny_model, TINY_SPEC, tmp_path / "m.pt")
+    loaded, spec = load_checkpoint(path)
+    assert spec == TINY_SPEC
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(loaded(x), tiny_model(x))
+    assert file_sha256(path) == file_sha256(path) and len(file_sha256(path)) == 64
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(DataError, match=r"Checkpoint .* does not exist.*layerscope train"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match=r"not a layerscope checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_device_auto_and_unavailable_cuda():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"CUDA is not available"):
+            resolve_device("cuda")

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.store import ArraySpec, StoreWriter, open_store
+
+SPECS = [ArraySpec("layer1", 3, "float32"), ArraySpec("energy", 2, "float32", dim="layer"),
+         ArraySpec("label", None, "int64")]
+
+
+def rows(start, stop):
+    idx = np.arange(start, stop)
+    return {"layer1": np.stack([idx, idx + 0.5, -idx], 1).astype("f4"),
+            "energy": np.stack([idx, 2 * idx], 1).astype("f4"), "label": idx}
+
+
+def write(path, n=10, key="k", finalize=True, stop_after=None):
+    """Write a one-split store with 4-row shards; optionally stop after some shards."""
+    with StoreWriter(path, key, chunk_rows=2, shard_rows=4) as writer:
+        writer.create_split("id_train", n, SPECS, {"role": "id", "n_samples": n})
+        for i in writer.pending_shards("id_train", n)[:stop_after]:
+            writer.write_shard("id_train", i, rows(*writer.shard_range(i, n)))
+        if finalize:
+            writer.finalize({"checkpoint_sha256": "abc"}, ["layer1"])
+        return writer
+
+
+def test_round_trip_numpy_dask_and_blocks(store_path):
+    write(store_path)
+    store = open_store(store_path)
+    assert store.splits == ["id_train"] and store.layers == ["layer1"]
+    assert store.provenance["checkpoint_sha256"] == "abc" and "created" in store.provenance
+    np.testing.assert_array_equal(store.to_numpy("id_train", "layer1"), rows(0, 10)["layer1"])
+    darr = store.to_dask("id_train", "layer1")
+    assert darr.chunks[0] == (4, 4, 2)  # chunked by shard, not by inner chunk
+    np.testing.assert_array_equal(darr.compute(), rows(0, 10)["layer1"])
+    starts = [start for start, _ in store.iter_blocks("id_train", "label")]
+    assert starts == [0, 4, 8]
+
+
+def test_arrays_are_sharded_with_named_dimensions(store_path):
+    write(store_path)
+    arr = open_store(store_path).array("id_train", "layer1")
+    assert arr.shards == (4, 3) and arr.chunks == (2, 3)
+    assert arr.metadata.dimension_names == ("sample", "feature_layer1")
+    shard_files = list((store_path / "id_train" / "layer1").rglob("c/*/*"))
+    assert len(shard_files) == 3  # one file per shard, not per chunk
+
+
+def test_xarray_opens_a_split_without_layerscope(store_path):
+    xr = pytest.importorskip("xarray")
+    write(store_path)
+    ds = xr.open_zarr(store_path, group="id_train")
+    assert ds["layer1"].dims == ("sample", "feature_layer1") and ds["energy"].dims == ("sample", "layer")
+    np.testing.assert_array_equal(ds["label"].values, np.arange(10))
+
+
+def test_missing_store_is_refused(store_path):
+    with pytest.raises(StoreError, match=r"does not exist.*layerscope extract"):
+        open_store(store_path)
+
+
+def test_interrupted_store_is_refused_with_a_resume_hint(store_path):
+    write(store_path, finalize=False, stop_after=1)
+    with pytest.raises(StoreError, match=r"incomplete.*staged.*resume"):
+        open_store(store_path)
+
+
+def test_resume_writes_only_missing_shards_and_matches_an_uninterrupted_run(tmp_path):
+    write(tmp_path / "a.zarr", finalize=False, stop_after=2)
+    with StoreWriter(tmp_path / "a.zarr", "k", chunk_rows=2, shard_rows=4) as writer:
+        assert writer.pending_shards("id_train", 10) == [2]
+    write(tmp_path / "a.zarr")
+    write(tmp_path / "b.zarr")
+    a, b = open_store(tmp_path / "a.zarr"), open_store(tmp_path / "b.zarr")
+    for name in ("layer1", "energy", "label"):
+        np.testing.assert_array_equal(a.to_numpy("id_train", name), b.to_numpy("id_train", name))
+    assert not (tmp_path / ".staging" / "a.zarr").exists()
+
+
+def test_staged_store_from_other_inputs_is_discarded(store_path):
+    write(store_path, finalize=False, stop_after=2, key="old")
+    with StoreWriter(store_path, "new", chunk_rows=2, shard_rows=4) as writer:
+        assert writer.pending_shards("id_train", 10) == [0, 1, 2]
+
+
+def test_a_second_writer_is_refused(store_path):
+    with StoreWriter(store_path, "k"):
+        with pytest.raises(StoreError, match=r"being written by another process"):
+            StoreWriter(store_path, "k").__enter__()
+
+
+def test_a_truncated_shard_names_the_array(store_path):
+    write(store_path)
+    shard = next((store_path / "id_train" / "layer1").rglob("c/1/0"))
+    shard.write_bytes(shard.read_bytes()[:7])
+    store = open_store(store_path)
+    with pytest.raises(StoreError, match=r"Array 'id_train/layer1' .* corrupt"):
+        store.to_numpy("id_train", "layer1")
+
+
+def test_unknown_split_and_array_are_named(store_path):
+    write(store_path)
+    store = open_store(store_path)
+    with pytest.raises(StoreError, match=r"no split 'id_test'. It has \['id_train'\]"):
+        store.to_numpy("id_test", "layer1")
+    with pytest.raises(StoreError, match=r"no array 'layer9'"):
+        store.to_numpy("id_train", "layer9")
