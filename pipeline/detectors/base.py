@@ -122,7 +122,7 @@ class BaseDetector(BaseEstimator, abc.ABC):
 def _check_X(X):
     """Run ``check_array`` (2-D, finite, float64), raising ``DataError``."""
     try:
-        return check_array(X, dtype=np.float64)
+        return check_array(X, dtype=np.float64, input_name="X")
     except ValueError as exc:
         raise DataError(str(exc)) from exc
 
