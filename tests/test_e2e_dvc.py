@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.tom
 FAST = {  # the default pipeline, shrunk so the test takes seconds
     "generate": {"n_synthetic": 40, "image_size": 12},
     "train": {"epochs": 2, "widths": [8, 16, 16], "blocks": [1, 1, 1]},
+    "extract": {"chunk_rows": 16, "shard_rows": 32},  # many shards, so a kill lands mid-store
     "fit": {"detectors": {"knn": {"n_neighbors": 5}, "mahalanobis": {}, "ecod": {},
                           "iforest": {"n_estimators": 20, "random_state": 0}, "ocsvm": {}}},
 }
@@ -29,9 +32,13 @@ FAST = {  # the default pipeline, shrunk so the test takes seconds
 pytestmark = pytest.mark.e2e
 
 
+def env():
+    """The test's own venv first on PATH, so `dvc` runs `layerscope` from it."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def run(cmd, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
     if proc.returncode:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout + proc.stderr
@@ -102,6 +109,28 @@ def test_detect_param_reruns_only_detect(repo, first_run):
 def test_fit_param_reruns_fit_and_detect_not_extract(repo, first_run):
     edit_params(repo, "fit", "detectors", {**FAST["fit"]["detectors"], "knn": {"n_neighbors": 3}})
     assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect"}
+
+
+def test_killed_extract_resumes_under_dvc_repro(repo, first_run):
+    edit_params(repo, "extract", "dtype", "float16")
+    progress = repo / "cache/.staging/features.zarr/progress.json"
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and count_shards(progress) < 5:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert count_shards(progress) >= 5 and not (repo / "cache/features.zarr").exists()
+    out = run(["dvc", "repro"], repo)
+    assert ran_stages(out) == {"extract", "fit", "detect"} and "resuming staged store" in out
+    assert json.loads((repo / "cache/features.zarr/zarr.json").read_text())["attributes"]["layerscope"]["complete"]
+
+
+def count_shards(progress):
+    try:
+        return sum(len(v) for v in json.loads(progress.read_text())["splits"].values())
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def test_plots_render(repo, first_run):
