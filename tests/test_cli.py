@@ -1,0 +1,78 @@
+"""The CLI as a user runs it: help, layers, and one-line errors without tracebacks."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage_and_tool():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("generate", "train", "extract", "fit", "detect", "layers"):
+        assert command in result.output
+
+
+def test_layers_prints_names_types_and_shapes():
+    result = runner.invoke(app, ["layers"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "layer1.0.conv1" in result.output and "Conv2d" in result.output
+    assert "16 x 16 x 16" in result.output  # layer1 on 16 px digits: C x H x W
+    assert "fc" in result.output
+
+
+@pytest.fixture
+def bad_params(tmp_path):
+    def write(section, values):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({section: values}))
+        return str(path)
+    return write
+
+
+def one_line_error(result):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_unknown_layer_is_one_line_listing_valid_names(tmp_path, bad_params, tiny_model, tiny_splits):
+    from pipeline.datasets import ImageSplit, write_benchmark
+    from pipeline.models import save_checkpoint
+    from tests.conftest import TINY_SPEC
+
+    full = {"source": "noise", "n_samples": 0, "image_size": 8}
+    write_benchmark([ImageSplit(s.name, s.images, s.labels, {**full, **s.attrs, "n_samples": len(s.labels)})
+                     for s in tiny_splits.values()], tmp_path / "data")
+    save_checkpoint(tiny_model, TINY_SPEC, tmp_path / "m.pt")
+    result = runner.invoke(app, ["extract", "--params", bad_params("extract", {"layers": ["layer9"], "device": "cpu"}),
+                                 "--data", str(tmp_path / "data"), "--model", str(tmp_path / "m.pt"),
+                                 "--out", str(tmp_path / "s.zarr")], terminal_width=2000)
+    line = one_line_error(result)
+    assert "Got 'layer9'" in line and "'layer1.0.conv1'" in line and "layerscope layers" in line
+
+
+def test_unknown_detector_is_one_line_listing_available_ones(tmp_path, bad_params, blobs):
+    from tests.test_scoring import write_store
+
+    write_store(tmp_path / "s.zarr", blobs)
+    params = bad_params("fit", {"detectors": {"knm": {}}})
+    result = runner.invoke(app, ["fit", "--params", params, "--features", str(tmp_path / "s.zarr"),
+                                 "--out", str(tmp_path / "det")], terminal_width=400)
+    line = one_line_error(result)
+    assert "'fit.detectors'" in line and "Got 'knm'" in line and "'knn'" in line and "'mahalanobis'" in line
+
+
+def test_bad_param_type_is_one_line(bad_params):
+    result = runner.invoke(app, ["train", "--params", bad_params("train", {"epochs": "many"})], terminal_width=400)
+    assert "'train.epochs'" in one_line_error(result)
+
+
+def test_missing_store_is_one_line(tmp_path):
+    result = runner.invoke(app, ["detect", "--params", "params.yaml", "--features", str(tmp_path / "none.zarr"),
+                                 "--detectors", str(tmp_path / "d")], terminal_width=400)
+    assert "does not exist" in one_line_error(result)
