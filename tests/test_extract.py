@@ -65,3 +65,43 @@ def test_extract_to_store_matches_a_direct_forward_pass(tiny_model, tiny_splits,
     assert (store.to_numpy("id_train", "pred") == logits.argmax(1).numpy()).all()
     assert (store.to_numpy("id_train", "label") == tiny_splits["id_train"].labels).all()
     assert store.array("id_train", "layer2").attrs["pooling"] == "mean_hw"
+
+
+def test_float16_store_halves_feature_bytes(tiny_model, tiny_splits, tmp_path):
+    layers = ["layer1", "fc"]
+    splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
+    stores = {}
+    for dtype in ("float32", "float16"):
+        with StoreWriter(tmp_path / f"{dtype}.zarr", dtype) as writer:
+            extract_to_store(tiny_model, splits, layers, writer, dtype=dtype)
+            writer.finalize({}, layers)
+        stores[dtype] = open_store(tmp_path / f"{dtype}.zarr")
+    half, full = stores["float16"].to_numpy("id_train", "layer1"), stores["float32"].to_numpy("id_train", "layer1")
+    assert half.dtype == np.float16 and full.dtype == np.float32
+    np.testing.assert_allclose(half, full, rtol=1e-3, atol=1e-3)
+    assert stores["float16"].to_numpy("id_train", "logits").dtype == np.float32  # logits stay exact
+
+
+def test_extract_stage_records_provenance(tiny_model, tiny_splits, tmp_path):
+    import yaml
+
+    import pipeline
+    from pipeline.datasets import ImageSplit, read_manifest, write_benchmark
+    from pipeline.models import file_sha256, save_checkpoint
+    from stages import extract as stage
+    from tests.conftest import TINY_SPEC
+
+    extra = {"source": "noise", "image_size": 8}
+    write_benchmark([ImageSplit(s.name, s.images, s.labels, {**extra, **s.attrs, "n_samples": len(s.labels)})
+                     for s in tiny_splits.values()], tmp_path / "data")
+    save_checkpoint(tiny_model, TINY_SPEC, tmp_path / "m.pt")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"extract": {"layers": ["fc", "layer1"], "device": "cpu"}}))
+    stage.run(tmp_path / "p.yaml", tmp_path / "data", tmp_path / "m.pt", tmp_path / "s.zarr")
+    prov = open_store(tmp_path / "s.zarr").provenance
+    assert prov["checkpoint_sha256"] == file_sha256(tmp_path / "m.pt")
+    manifest = read_manifest(tmp_path / "data")
+    assert prov["data"] == {name: entry["fingerprint"] for name, entry in manifest["splits"].items()}
+    assert prov["layers"] == ["layer1", "fc"] and "mean over H,W" in prov["pooling"]
+    assert prov["versions"]["layerscope"] == pipeline.__version__ and {"torch", "zarr"} <= set(prov["versions"])
+    assert prov["created"].startswith("20")
+    assert open_store(tmp_path / "s.zarr").split_attrs("id_val")["fingerprint"] == manifest["splits"]["id_val"]["fingerprint"]
