@@ -74,7 +74,7 @@ def _legend_handles(layers, aurocs, ref):
     n_beat = int(np.sum(aurocs > aurocs[ref]))
     return [
         Line2D([], [], color=REFERENCE_COLOR, linestyle=":", label=f"{role} ({layers[ref]}): {aurocs[ref]:.2f}"),
-        Patch(color=BEATS_COLOR, label=f"beats {layers[ref]} ({n_beat} of {len(layers)} layers)"),
+        Patch(color=BEATS_COLOR, label=f"beats {layers[ref]} ({n_beat} of {len(layers) - 1} other layers)"),
         Patch(color=OTHER_COLOR, label="does not beat it"),
     ]
 

@@ -54,7 +54,7 @@ def test_figure_draws_dotted_reference_line_and_label():
     assert np.allclose(dotted[0].get_ydata(), 0.78)
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert labels[0] == "final layer (fc): 0.78"
-    assert labels[1] == "beats fc (2 of 5 layers)"
+    assert labels[1] == "beats fc (2 of 4 other layers)"
     assert ax.get_ylim() == (0.0, 1.0)
     assert ax.get_title() == "CIFAR-10 vs SVHN"
 
