@@ -137,3 +137,30 @@ def _layers_model(params, checkpoint):
     spec = {"arch": train_cfg.arch, "num_classes": 10 - len(gen.holdout_classes), "in_channels": 1,
             "widths": list(train_cfg.widths), "blocks": list(train_cfg.blocks)}
     return init_model(spec, train_cfg.seed), input_shape
+
+
+@app.command()
+@user_errors
+def inspect(path: Path = typer.Argument(None, help="A feature store [paths.features]."),
+            layer: str = typer.Option(None, help="A layer, for --stats."),
+            stats: bool = typer.Option(False, "--stats", help="Per-feature statistics of --layer (lazy, with dask)."),
+            split: str = typer.Option(None, help="Only this split, for --stats."),
+            max_features: int = typer.Option(32, help="Rows of the per-feature table."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Show a feature store: splits, arrays, chunking, sizes and provenance (no data loaded)."""
+    import json
+
+    from pipeline.errors import ConfigError
+    from pipeline.store import open_store
+    from pipeline.storeinfo import layer_stats, stats_tables, summarize_store, summary_tables
+
+    if stats and layer is None:
+        raise ConfigError("--stats needs --layer NAME. Hint: `layerscope inspect` lists the layers.")
+    store = open_store(_path(path, "features"))
+    result = layer_stats(store, layer, split) if stats else summarize_store(store)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    tables = stats_tables(result, max_features) if stats else summary_tables(result)
+    for table in tables:
+        console.print(table)

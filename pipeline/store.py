@@ -238,6 +238,12 @@ class FeatureStore:
     def split_attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)
 
+    def array_names(self, split: str) -> list[str]:
+        """Arrays of a split: its layers in network order, then the others sorted."""
+        present = set(self._group(split).array_keys())
+        layers = [name for name in self.layers if name in present]
+        return layers + sorted(present - set(layers))
+
     def array(self, split: str, name: str) -> zarr.Array:
         group = self._group(split)
         if name not in group:

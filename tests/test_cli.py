@@ -76,3 +76,29 @@ def test_missing_store_is_one_line(tmp_path):
     result = runner.invoke(app, ["detect", "--params", "params.yaml", "--features", str(tmp_path / "none.zarr"),
                                  "--detectors", str(tmp_path / "d")], terminal_width=400)
     assert "does not exist" in one_line_error(result)
+
+
+def test_inspect_table_json_and_stats(tmp_path, blobs):
+    import json
+
+    from tests.test_scoring import write_store
+
+    write_store(tmp_path / "s.zarr", blobs, checkpoint="feedbeef")
+    table = runner.invoke(app, ["inspect", str(tmp_path / "s.zarr")], terminal_width=250)
+    assert table.exit_code == 0 and "id_train" in table.output and "feedbeef" in table.output
+    summary = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "s.zarr"), "--json"]).output)
+    assert summary["splits"]["far_test"]["arrays"]["l1"]["shape"] == list(blobs.X_ood.shape)
+    stats = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "s.zarr"), "--layer", "l1", "--stats",
+                                           "--json"]).output)
+    assert stats["splits"]["id_test"]["summary"]["n_samples"] == len(blobs.X_id)
+    assert "--stats needs --layer" in one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "s.zarr"),
+                                                                         "--stats"], terminal_width=400))
+
+
+def test_inspect_refuses_an_incomplete_store(tmp_path):
+    from pipeline.store import StoreWriter
+
+    with StoreWriter(tmp_path / "s.zarr", "k"):
+        pass
+    result = runner.invoke(app, ["inspect", str(tmp_path / "s.zarr")], terminal_width=400)
+    assert "incomplete" in one_line_error(result)

@@ -8,7 +8,7 @@ import zarr
 from rich.console import Console
 
 from pipeline.errors import StoreError
-from pipeline.inspect import human_bytes, layer_stats, stats_tables, summarize_store, summary_tables
+from pipeline.storeinfo import human_bytes, layer_stats, stats_tables, summarize_store, summary_tables
 from pipeline.store import ArraySpec, FeatureStore, StoreWriter, open_store
 
 SHARD_ROWS = 4
