@@ -26,7 +26,8 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from rich.table import Table
+from rich import box
+from rich.table import Column, Table
 
 from pipeline.errors import StoreError
 from pipeline.store import FeatureStore, open_store
@@ -261,13 +262,14 @@ def summary_tables(summary: dict) -> list[Table]:
 
 def _arrays_table(summary: dict) -> Table:
     totals = summary["totals"]
-    table = Table("split", "array", "shape", "dtype", "chunk", "shard", "stored", "raw", "ratio",
+    names = [Column(h, no_wrap=True) for h in ("split", "array", "shape", "dtype")]
+    table = Table(*names, "chunk", "shard", "stored", "raw", "ratio", box=box.SIMPLE_HEAD,
                   title=f"feature store {summary['path']}",
                   caption=f"total: {human_bytes(totals['stored_bytes'])} stored in {totals['n_files']} files, "
                           f"{human_bytes(totals['raw_bytes'])} raw ({_fmt_ratio(totals['ratio'])})")
     for split, content in summary["splits"].items():
-        for name, info in content["arrays"].items():
-            table.add_row(split, name, _fmt_shape(info["shape"]), info["dtype"], _fmt_shape(info["chunks"]),
+        for i, (name, info) in enumerate(content["arrays"].items()):
+            table.add_row(split if i == 0 else "", name, _fmt_shape(info["shape"]), info["dtype"], _fmt_shape(info["chunks"]),
                           _fmt_shape(info["shards"]), human_bytes(info["stored_bytes"]),
                           human_bytes(info["raw_bytes"]), _fmt_ratio(info["ratio"]))
         table.add_section()
@@ -361,7 +363,7 @@ def _fmt_ratio(value) -> str:
 
 
 def _fmt_shape(shape) -> str:
-    return "-" if not shape else " x ".join(map(str, shape))
+    return "-" if not shape else "x".join(map(str, shape))
 
 
 # per-feature table: statistic -> (column header, formatter)
