@@ -166,7 +166,7 @@ def render(tables):
 
 def test_summary_tables_render_arrays_and_flattened_provenance(store):
     text = render(summary_tables(summarize_store(store)))
-    for word in ("id_train", "noise_test", "layer1", "energy", "label", "10x4", "2 x 4", "4 x 4", "160 B"):
+    for word in ("id_train", "noise_test", "layer1", "energy", "label", "10x4", "2x4", "4x4", "160 B"):
         assert word in text
     assert "checkpoint_sha256" in text
     assert re.search(rf"versions\.zarr +│ {re.escape(zarr.__version__)}", text)  # nested dicts get dotted keys
