@@ -65,6 +65,8 @@ class ExtractConfig:
     """Parameters of the ``extract`` stage (which layers, and the store's format)."""
 
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "avgpool", "fc")
+    grad_layers: tuple[str, ...] = ()  # NAC-UE: layers whose KL gradient is stored (one backward pass)
+    head: str | None = "fc"  # the final linear layer: its input and parameters are stored
     batch_size: int = 128
     device: str = "auto"
     dtype: str = "float32"

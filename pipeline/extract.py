@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError
-from pipeline.store import RESERVED, ArraySpec, StoreWriter
+from pipeline.store import GRAD_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +104,65 @@ def resolve_layers(model, layers, input_shape, device="cpu") -> list[str]:
     return sorted(dict.fromkeys(layers), key=order.__getitem__)
 
 
+def pool_sum(activation: torch.Tensor) -> torch.Tensor:
+    """Sum over H, W (or tokens): NAC-UE's pooling of activations and gradients, shape (n, C)."""
+    return pool(activation) * spatial_size(activation)
+
+
+def spatial_size(activation: torch.Tensor) -> int:
+    """H * W of a (n, C, H, W) map, T of a (n, T, D) sequence, 1 for a vector."""
+    if activation.dim() == 4:
+        return activation.shape[2] * activation.shape[3]
+    return activation.shape[1] if activation.dim() == 3 else 1
+
+
+def kl_uniform_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of KL(uniform || softmax(logits)), up to a constant.
+
+    This is cross-entropy against the uniform target, as in GradNorm and NAC-UE.
+    Each sample's gradient depends on that sample only.
+    """
+    return -(torch.log_softmax(logits, dim=1).mean(dim=1)).sum()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What extraction keeps: hooked layers, gradient layers (NAC-UE), the final linear layer."""
+
+    layers: tuple
+    grad_layers: tuple = ()
+    head: str | None = None
+
+
+def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, device="cpu") -> Plan:
+    """Validate the layer spec against the model; layers come back in network order."""
+    layers = resolve_layers(model, layers, input_shape, device)
+    stray = [name for name in grad_layers if name not in layers]
+    if stray:
+        raise ConfigError(f"The 'extract.grad_layers' parameter of extract must be a subset of extract.layers "
+                          f"{layers}. Got {stray[0]!r}. Hint: add it to extract.layers too.")
+    if head is not None:
+        head_parameters(model, head)  # checks that it is a Linear module
+    return Plan(tuple(layers), tuple(n for n in layers if n in grad_layers), head)
+
+
 class LayerRecorder:
     """Context manager: forward hooks that keep pooled activations and energies.
 
     After each forward pass, ``pooled[name]`` is (n, C) and ``energies[name]`` is
-    (n,). Hooks are removed on exit, whatever happens.
+    (n,); ``raw[name]`` keeps the un-detached output of gradient layers, and
+    ``penultimate`` the input of the head. Hooks are removed on exit.
     """
 
-    def __init__(self, model, layers):
-        self.model, self.layers = model, list(layers)
-        self.pooled, self.energies, self._handles = {}, {}, []
+    def __init__(self, model, plan: Plan):
+        self.model, self.plan = model, plan
+        self.pooled, self.energies, self.raw, self.penultimate, self._handles = {}, {}, {}, None, []
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.plan.layers]
+        if self.plan.head is not None:
+            self._handles.append(modules[self.plan.head].register_forward_pre_hook(self._head_hook))
         return self
 
     def __exit__(self, *exc):
@@ -127,38 +173,92 @@ class LayerRecorder:
     def _hook(self, name):
         def hook(_module, _inputs, output):
             act = _first_tensor(output)
+            if name in self.plan.grad_layers:
+                self.raw[name] = act
+            act = act.detach()
             self.pooled[name] = pool(act).float()
             self.energies[name] = energy(act)
         return hook
 
+    def _head_hook(self, _module, inputs):
+        self.penultimate = torch.flatten(_first_tensor(inputs).detach(), 1).float()
+
 
 def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
-    """One forward pass; returns every array the store keeps for these samples."""
-    logits = model(x).float()
-    out = {name: recorder.pooled[name].cpu().numpy() for name in recorder.layers}
-    out["energy"] = torch.stack([recorder.energies[n] for n in recorder.layers], dim=1).cpu().numpy()
-    out["logits"] = logits.cpu().numpy()
-    out["pred"] = logits.argmax(1).cpu().numpy().astype(np.int64)
+    """One forward pass (plus one backward pass for gradient layers).
+
+    Returns every array the store keeps for these samples.
+    """
+    plan = recorder.plan
+    with torch.enable_grad() if plan.grad_layers else torch.inference_mode():
+        logits = model(x).float()
+        grads = _kl_grads(logits, [recorder.raw[n] for n in plan.grad_layers]) if plan.grad_layers else []
+    out = {name: recorder.pooled[name].cpu().numpy() for name in plan.layers}
+    out.update({f"{GRAD_PREFIX}{name}": g for name, g in zip(plan.grad_layers, grads)})
+    out["energy"] = torch.stack([recorder.energies[n] for n in plan.layers], dim=1).cpu().numpy()
+    out["logits"] = logits.detach().cpu().numpy()
+    out["pred"] = logits.detach().argmax(1).cpu().numpy().astype(np.int64)
+    if plan.head is not None:
+        out["penultimate"] = recorder.penultimate.cpu().numpy()
     return out
 
 
-def array_specs(shapes: dict, layers, n_classes: int, dtype: str) -> list[ArraySpec]:
-    """The arrays of one split: a pooled array per layer, energy, logits, pred, label."""
-    specs = [
-        ArraySpec(name, shapes[name][-1] if len(shapes[name]) == 2 else shapes[name][0], dtype,
-                  attrs={"layer": name, "pooling": POOLING[len(shapes[name]) + 1]})
-        for name in layers
+def _kl_grads(logits, activations):
+    """Gradients of the KL loss w.r.t. each activation, summed over H, W: list of (n, C)."""
+    grads = torch.autograd.grad(kl_uniform_loss(logits), activations)
+    return [pool_sum(g.float()).cpu().numpy() for g in grads]
+
+
+def _width(shape):
+    """Feature count after pooling, from an output shape without the batch axis."""
+    return shape[-1] if len(shape) == 2 else shape[0]
+
+
+def _spatial(shape):
+    return int(np.prod(shape[1:])) if len(shape) == 3 else (shape[0] if len(shape) == 2 else 1)
+
+
+def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width=None) -> list[ArraySpec]:
+    """The arrays of one split: pooled activations, gradients, energy, logits, penultimate, pred, label."""
+    layer_specs = [
+        ArraySpec(name, _width(shapes[name]), dtype, attrs={
+            "layer": name, "pooling": POOLING[len(shapes[name]) + 1], "spatial_size": _spatial(shapes[name])})
+        for name in plan.layers
     ]
-    return specs + [
-        ArraySpec("energy", len(layers), "float32", dim="layer",
-                  attrs={"layers": list(layers), "temperature": 1.0, "formula": "-logsumexp(full activation)"}),
+    grad_specs = [
+        ArraySpec(f"{GRAD_PREFIX}{name}", _width(shapes[name]), "float32", dim=feature_dim(name), attrs={
+            "layer": name, "formula": "sum over H,W of d KL(uniform || softmax(logits)) / d output"})
+        for name in plan.grad_layers
+    ]
+    head_specs = []
+    if plan.head is not None:
+        head_specs = [ArraySpec("penultimate", head_width, "float32",
+                                attrs={"head": plan.head, "what": "input of the final linear layer"})]
+    return layer_specs + grad_specs + head_specs + [
+        ArraySpec("energy", len(plan.layers), "float32", dim="layer",
+                  attrs={"layers": list(plan.layers), "temperature": 1.0, "formula": "-logsumexp(full activation)"}),
         ArraySpec("logits", n_classes, "float32", dim="class"),
         ArraySpec("pred", None, "int64"),
         ArraySpec("label", None, "int64"),
     ]
 
 
-def extract_to_store(model, splits: dict, layers, writer: StoreWriter, *, batch_size=128, device="cpu", dtype="float32"):
+def head_parameters(model, head: str) -> dict[str, np.ndarray]:
+    """Weight (K, D) and bias (K,) of the final linear layer, for SCALE, ASH, ReAct and ViM."""
+    modules = dict(model.named_modules())
+    if head not in modules:
+        raise ConfigError(f"The 'extract.head' parameter of extract must name the model's final linear layer. "
+                          f"Got {head!r}. Hint: `layerscope layers` lists the modules.")
+    module = modules[head]
+    if not isinstance(module, torch.nn.Linear):
+        raise ConfigError(f"The 'extract.head' parameter of extract must name a torch.nn.Linear module. "
+                          f"Got {head!r}, a {type(module).__name__}. Hint: `layerscope layers` shows the types.")
+    bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
+    return {"weight": module.weight.detach().cpu().numpy(), "bias": bias.detach().cpu().numpy()}
+
+
+def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, batch_size=128, device="cpu",
+                     dtype="float32"):
     """Run every split through the model and write whole shards to ``writer``.
 
     Parameters
@@ -167,8 +267,8 @@ def extract_to_store(model, splits: dict, layers, writer: StoreWriter, *, batch_
         In eval mode.
     splits : dict
         ``name -> (dataset, attrs)``; items of ``dataset`` are ``(image, label)``.
-    layers : list of str
-        Resolved layer names, in network order.
+    plan : Plan
+        Resolved layer names (network order), gradient layers and head.
     writer : StoreWriter
         An entered writer; shards it already holds are skipped (resume).
     batch_size : int
@@ -181,11 +281,14 @@ def extract_to_store(model, splits: dict, layers, writer: StoreWriter, *, batch_
     first = next(iter(splits.values()))[0]
     input_shape = tuple(first[0][0].shape)
     shapes = layer_shapes(model, input_shape, device)
-    n_classes = _n_classes(model, input_shape, device)
-    specs = array_specs(shapes, layers, n_classes, dtype)
+    head = head_parameters(model, plan.head) if plan.head is not None else None
+    head_width = None if head is None else head["weight"].shape[1]
+    specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width)
+    if head is not None:
+        writer.write_constants("head", head)
     todo = {name: writer.pending_shards(name, len(ds)) for name, (ds, _) in splits.items()}
     total = sum(_rows(writer, todo[name], len(ds)) for name, (ds, _) in splits.items())
-    with LayerRecorder(model, layers) as recorder, tqdm(total=total, desc="extract", unit="img", disable=None) as bar:
+    with LayerRecorder(model, plan) as recorder, tqdm(total=total, desc="extract", unit="img", disable=None) as bar:
         for name, (dataset, attrs) in splits.items():
             writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)})
             for index in todo[name]:
@@ -206,7 +309,6 @@ def _n_classes(model, input_shape, device):
         return int(model(torch.zeros((1, *input_shape), device=device)).shape[1])
 
 
-@torch.inference_mode()
 def _extract_rows(model, dataset, start, stop, recorder, batch_size, device):
     """Rows ``[start, stop)`` of every array, computed batch by batch."""
     subset = torch.utils.data.Subset(dataset, range(start, stop))

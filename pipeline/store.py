@@ -5,11 +5,14 @@ Layout (Zarr format 3, one group per split)::
     features.zarr/                  root attrs["layerscope"] = {complete, provenance, splits, layers}
       id_train/                     group attrs: role, set, part, source, n_samples, fingerprint
         layer1        (n, C1)       dims ("sample", "feature_layer1")  pooled activations
+        grad.layer1   (n, C1)       dims ("sample", "feature_layer1")  KL gradient summed over H,W (opt-in)
         fc            (n, K)        dims ("sample", "feature_fc")
+        penultimate   (n, D)        dims ("sample", "feature_penultimate")  input of the head
         energy        (n, L)        dims ("sample", "layer")           -logsumexp of each full map
         logits        (n, K)        dims ("sample", "class")
         pred, label   (n,)          dims ("sample",)
       textures_test/ ...
+      head/weight (K, D), head/bias (K,)   the final linear layer (SCALE, ASH, ReAct, ViM)
 
 Every array is chunked along samples and **sharded**, so one array is a handful
 of files (DVC hashes every file of an output). Each array's second dimension has
@@ -48,7 +51,8 @@ log = logging.getLogger(__name__)
 
 ATTRS_KEY = "layerscope"
 STORE_FORMAT = 1
-RESERVED = ("energy", "logits", "pred", "label")
+RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head")
+GRAD_PREFIX = "grad."  # `grad.<layer>`: NAC-UE's pooled KL gradient of that layer
 RESUME_HINT = "rerun `layerscope extract` (or `dvc repro extract`) to resume it"
 
 
@@ -173,6 +177,13 @@ class StoreWriter:
             compressors=self.compressor, dimension_names=dims, attributes=_jsonable(spec.attrs or {}),
         )
 
+    def write_constants(self, name: str, arrays: dict[str, np.ndarray]):
+        """Write small per-store arrays (e.g. the head's weight and bias) into group ``name``."""
+        root = zarr.open_group(self.staged_store, mode="r+")
+        group = root.require_group(name)
+        for key, values in arrays.items():
+            group.create_array(key, data=np.asarray(values), compressors=self.compressor, overwrite=True)
+
     def write_shard(self, split: str, index: int, data: dict[str, np.ndarray]):
         """Write one whole shard of every array of ``split``, then record it as done."""
         group = zarr.open_group(self.staged_store, mode="r+", path=split)
@@ -234,6 +245,21 @@ class FeatureStore:
     @property
     def provenance(self) -> dict:
         return dict(self._meta["provenance"])
+
+    @property
+    def grad_layers(self) -> list[str]:
+        """Layers whose NAC-UE gradients were stored."""
+        return list(self._meta["provenance"].get("grad_layers", []))
+
+    def head(self) -> dict | None:
+        """``{"weight": (K, D), "bias": (K,)}`` of the final linear layer, if stored."""
+        if "head" not in self._root:
+            return None
+        group = self._root["head"]
+        return {key: _read(group[key], slice(None), f"head/{key}", self.path) for key in ("weight", "bias")}
+
+    def has(self, split: str, name: str) -> bool:
+        return name in self._group(split)
 
     def split_attrs(self, split: str) -> dict:
         return dict(self._group(split).attrs)

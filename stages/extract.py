@@ -13,7 +13,7 @@ import zarr
 import pipeline
 from pipeline.config import load_section
 from pipeline.datasets import SplitDataset, load_split, read_manifest
-from pipeline.extract import extract_to_store, resolve_layers, store_key
+from pipeline.extract import extract_to_store, resolve_plan, store_key
 from pipeline.models import file_sha256, load_checkpoint, resolve_device
 from pipeline.store import STORE_FORMAT, StoreWriter
 
@@ -27,11 +27,12 @@ def run(params, data, checkpoint, out):
     manifest = read_manifest(data)
     splits = {name: load_split(Path(data) / entry["file"]) for name, entry in manifest["splits"].items()}
     input_shape = splits["id_train"].images.shape[1:]
-    layers = resolve_layers(model, cfg.layers, input_shape, device)
+    plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device)
     provenance = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
         "data": {name: entry["fingerprint"] for name, entry in manifest["splits"].items()},
-        "layers": layers, "pooling": "mean over H,W (C,H,W maps); identity for vectors",
+        "layers": list(plan.layers), "grad_layers": list(plan.grad_layers), "head": plan.head,
+        "pooling": "mean over H,W (C,H,W maps); identity for vectors",
         "energy": "-logsumexp over the full activation, T=1", "dtype": cfg.dtype,
         "versions": _versions(),
     }
@@ -41,8 +42,8 @@ def run(params, data, checkpoint, out):
                      compression_level=cfg.compression_level) as writer:
         datasets = {name: (SplitDataset(s), {**s.attrs, "fingerprint": manifest["splits"][name]["fingerprint"]})
                     for name, s in splits.items()}
-        extract_to_store(model, datasets, layers, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype)
-        writer.finalize(provenance, layers)
+        extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype)
+        writer.finalize(provenance, plan.layers)
 
 
 def _versions():

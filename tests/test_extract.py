@@ -4,7 +4,7 @@ import torch
 
 from pipeline.datasets import SplitDataset
 from pipeline.errors import ConfigError
-from pipeline.extract import (LayerRecorder, energy, extract_to_store, hookable_layers, layer_shapes, pool,
+from pipeline.extract import (LayerRecorder, Plan, energy, extract_to_store, hookable_layers, layer_shapes, pool,
                               resolve_layers)
 from pipeline.store import StoreWriter, open_store
 
@@ -41,17 +41,18 @@ def test_unknown_layer_lists_the_valid_ones(tiny_model):
 
 
 def test_recorder_removes_its_hooks(tiny_model):
-    with LayerRecorder(tiny_model, ["layer1", "fc"]) as rec:
+    with LayerRecorder(tiny_model, Plan(("layer1", "fc"), head="fc")) as rec:
         tiny_model(torch.zeros(2, 1, 8, 8))
         assert rec.pooled["layer1"].shape == (2, 4)
     assert not tiny_model.layer1._forward_hooks and not tiny_model.fc._forward_hooks
+    assert not tiny_model.fc._forward_pre_hooks
 
 
 def test_extract_to_store_matches_a_direct_forward_pass(tiny_model, tiny_splits, store_path):
     layers = ["layer1", "layer2", "fc"]
     splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
     with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
-        extract_to_store(tiny_model, splits, layers, writer, batch_size=3)
+        extract_to_store(tiny_model, splits, Plan(tuple(layers)), writer, batch_size=3)
         writer.finalize({"checkpoint_sha256": "abc"}, layers)
     store = open_store(store_path)
     x = torch.from_numpy(tiny_splits["id_train"].images)
@@ -73,7 +74,7 @@ def test_float16_store_halves_feature_bytes(tiny_model, tiny_splits, tmp_path):
     stores = {}
     for dtype in ("float32", "float16"):
         with StoreWriter(tmp_path / f"{dtype}.zarr", dtype) as writer:
-            extract_to_store(tiny_model, splits, layers, writer, dtype=dtype)
+            extract_to_store(tiny_model, splits, Plan(tuple(layers)), writer, dtype=dtype)
             writer.finalize({}, layers)
         stores[dtype] = open_store(tmp_path / f"{dtype}.zarr")
     half, full = stores["float16"].to_numpy("id_train", "layer1"), stores["float32"].to_numpy("id_train", "layer1")
@@ -105,3 +106,44 @@ def test_extract_stage_records_provenance(tiny_model, tiny_splits, tmp_path):
     assert prov["versions"]["layerscope"] == pipeline.__version__ and {"torch", "zarr"} <= set(prov["versions"])
     assert prov["created"].startswith("20")
     assert open_store(tmp_path / "s.zarr").split_attrs("id_val")["fingerprint"] == manifest["splits"]["id_val"]["fingerprint"]
+
+
+def test_gradients_penultimate_and_head_are_stored(tiny_model, tiny_splits, store_path):
+    from pipeline.extract import kl_uniform_loss
+
+    plan = Plan(("layer1", "layer2", "fc"), grad_layers=("layer1", "fc"), head="fc")
+    splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, splits, plan, writer, batch_size=5)
+        writer.finalize({"grad_layers": ["layer1", "fc"]}, plan.layers)
+    store = open_store(store_path)
+    # reference: the same gradient by hand, one sample at a time (it must not depend on the batch)
+    x = torch.from_numpy(tiny_splits["id_val"].images[:3])
+    kept = {}
+    handle = tiny_model.layer1.register_forward_hook(lambda m, i, o: kept.__setitem__("a", o))
+    try:
+        for i in range(3):
+            logits = tiny_model(x[i:i + 1])
+            (g,) = torch.autograd.grad(kl_uniform_loss(logits), [kept["a"]])
+            np.testing.assert_allclose(store.to_numpy("id_val", "grad.layer1")[i], g.sum((2, 3))[0].numpy(),
+                                       rtol=1e-4, atol=1e-7)
+    finally:
+        handle.remove()
+    head = store.head()
+    assert head["weight"].shape == (3, 8) and head["bias"].shape == (3,)
+    pen, logits = store.to_numpy("id_val", "penultimate"), store.to_numpy("id_val", "logits")
+    np.testing.assert_allclose(pen @ head["weight"].T + head["bias"], logits, rtol=1e-4, atol=1e-5)
+    assert store.grad_layers == ["layer1", "fc"]
+    assert store.array("id_val", "layer1").attrs["spatial_size"] == 64  # 8 x 8 map
+    assert store.array("id_val", "fc").attrs["spatial_size"] == 1
+
+
+def test_plan_errors(tiny_model):
+    from pipeline.extract import resolve_plan
+
+    with pytest.raises(ConfigError, match=r"'extract.grad_layers' .* subset of extract.layers .*Got 'layer2'"):
+        resolve_plan(tiny_model, ["layer1"], (1, 8, 8), grad_layers=["layer2"])
+    with pytest.raises(ConfigError, match=r"'extract.head' .* torch.nn.Linear module. Got 'layer1', a Sequential"):
+        resolve_plan(tiny_model, ["layer1"], (1, 8, 8), head="layer1")
+    with pytest.raises(ConfigError, match=r"'extract.head' .* Got 'fc9'"):
+        resolve_plan(tiny_model, ["layer1"], (1, 8, 8), head="fc9")

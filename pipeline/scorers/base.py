@@ -1,0 +1,84 @@
+"""The face of every network-level scorer, and the cached features it reads.
+
+A scorer never sees the classifier. It reads a :class:`Features` bundle that the
+feature store holds for one split: logits, the penultimate features, the final
+linear layer (``head``), pooled activations per layer and, when extraction
+stored them, the pooled gradients NAC-UE needs.
+
+Contract (scikit-learn style): ``__init__`` only stores its arguments;
+``fit(features) -> self`` learns state ending in ``_`` from ID-train features;
+``score(features) -> ndarray of shape (n_samples,)`` where **higher = more
+OOD**. A scorer with per-layer parts may also expose ``score_layers(features)
+-> {layer: (n_samples,)}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the store holds for one split (arrays are read-only views).
+
+    Attributes
+    ----------
+    logits : ndarray of shape (n_samples, n_classes), optional
+    penultimate : ndarray of shape (n_samples, n_features), optional
+        The input of the final linear layer.
+    head_weight : ndarray of shape (n_classes, n_features), optional
+    head_bias : ndarray of shape (n_classes,), optional
+    layers : dict of str -> ndarray of shape (n_samples, n_channels)
+        Pooled activations (mean over H, W), in network order.
+    grads : dict of str -> ndarray of shape (n_samples, n_channels)
+        Gradient of KL(uniform || softmax(logits)) w.r.t. the layer's output,
+        summed over H, W (NAC-UE). Only layers extraction kept it for.
+    spatial_size : dict of str -> int
+        H * W of each layer's map (1 for vectors): the pooled mean times this
+        is the sum over H, W.
+    labels : ndarray of shape (n_samples,), optional
+        Class labels (ID splits); -1 for OOD.
+    """
+
+    logits: np.ndarray | None = None
+    penultimate: np.ndarray | None = None
+    head_weight: np.ndarray | None = None
+    head_bias: np.ndarray | None = None
+    layers: dict = field(default_factory=dict)
+    grads: dict = field(default_factory=dict)
+    spatial_size: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None
+
+    def require(self, *names, owner="scorer"):
+        """Raise a one-line DataError unless every named field is present."""
+        missing = [n for n in names if getattr(self, n) is None or (isinstance(getattr(self, n), dict)
+                                                                     and not getattr(self, n))]
+        if missing:
+            raise DataError(f"{owner} needs {missing} from the feature store, which it does not hold. "
+                            "Hint: check extract.head / extract.grad_layers in params.yaml and rerun extract.")
+        return tuple(getattr(self, n) for n in names)
+
+
+class BaseScorer(BaseEstimator):
+    """Base class: ``fit(features) -> self``, ``score(features) -> (n,)``, higher = more OOD."""
+
+    def fit(self, features: Features, y=None):
+        """Learn from ID-train features. The default learns nothing."""
+        self.fitted_ = True
+        return self
+
+    def score(self, features: Features) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score_layers(self, features: Features) -> dict:
+        """Per-layer scores, for methods built from layers; none by default."""
+        return {}
+
+    def _check_fitted(self):
+        check_is_fitted(self)
