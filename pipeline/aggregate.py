@@ -8,7 +8,11 @@ standardised with the mean and standard deviation of its **ID-val** scores
   LA-OOD's layer-adaptive combination (seed 001), which takes the max over
   layers of per-layer detector scores.
 - ``mean_z``: the mean over layers of the standardised scores (an
-  Ag-EBO-style average, seed 000's paper).
+  Ag-EBO-style average, seed 000's paper). Applied to the per-layer energies
+  this is Ag-EBO; applied to per-layer Mahalanobis scores, a multi-layer
+  Mahalanobis ensemble.
+- ``max``: the maximum of the raw per-layer scores, without standardisation:
+  literally what LA-OOD's code does with its per-layer OCSVM scores.
 
 Both keep the convention: higher = more OOD.
 """
@@ -19,7 +23,7 @@ import numpy as np
 
 from pipeline.errors import DataError, invalid_param
 
-AGGREGATIONS = ("max_z", "mean_z")
+AGGREGATIONS = ("max_z", "mean_z", "max")
 
 
 def fit_standardizer(reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +58,7 @@ def aggregate(scores: np.ndarray, reference: np.ndarray, how: str) -> np.ndarray
     scores : ndarray of shape (n_samples, n_layers)
     reference : ndarray of shape (n_ref, n_layers)
         ID-val scores of the same layers, for the standardisation.
-    how : {"max_z", "mean_z"}
+    how : {"max_z", "mean_z", "max"}
 
     Returns
     -------
@@ -62,11 +66,16 @@ def aggregate(scores: np.ndarray, reference: np.ndarray, how: str) -> np.ndarray
     """
     if how not in AGGREGATIONS:
         raise invalid_param("detect.aggregations", "detect", f"one of {set(AGGREGATIONS)}", how)
+    if how == "max":
+        return np.asarray(scores, dtype=np.float64).max(axis=1)
     z = zscores(scores, *fit_standardizer(reference))
     return z.max(axis=1) if how == "max_z" else z.mean(axis=1)
 
 
-def argmax_layer_counts(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """How many samples reach their max standardised score at each layer, shape (n_layers,)."""
-    z = zscores(scores, *fit_standardizer(reference))
-    return np.bincount(z.argmax(axis=1), minlength=z.shape[1])
+def argmax_layer_counts(scores: np.ndarray) -> np.ndarray:
+    """How many samples take their maximum score at each layer, shape (n_layers,).
+
+    LA-OOD reports this for its max-over-layers combination.
+    """
+    scores = np.asarray(scores)
+    return np.bincount(scores.argmax(axis=1), minlength=scores.shape[1])

@@ -102,12 +102,13 @@ def detect(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[
            detectors: Path = typer.Option(None, help="[paths.detectors]"),
            metrics: Path = typer.Option(None, help="[paths.metrics]"),
            table: Path = typer.Option(None, help="[paths.per_layer]"),
-           figures: Path = typer.Option(None, help="[paths.figures]")):
+           figures: Path = typer.Option(None, help="[paths.figures]"),
+           argmax: Path = typer.Option(None, help="Per-layer argmax counts [paths.layer_argmax].")):
     """Score ID-test and every OOD test set; write metrics, the per-layer table and figures."""
     from stages import detect as stage
 
     stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(metrics, "metrics"),
-              _path(table, "per_layer"), _path(figures, "figures"))
+              _path(table, "per_layer"), _path(figures, "figures"), _path(argmax, "layer_argmax"))
 
 
 @app.command()

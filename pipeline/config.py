@@ -113,13 +113,17 @@ class FitConfig:
 class DetectConfig:
     """Parameters of the ``detect`` stage: aggregation and reporting."""
 
-    aggregations: tuple[str, ...] = ("max_z", "mean_z")
+    methods: Mapping[str, Mapping] = field(default_factory=lambda: {"msp": {}, "maxlogit": {}, "ebo": {}})
+    aggregations: tuple[str, ...] = ("max_z", "mean_z", "max")
     recall: float = 0.95
     figures: bool = True
 
     def __post_init__(self):
+        for name, params in self.methods.items():
+            if params is not None and not isinstance(params, Mapping):
+                raise invalid_param(f"detect.methods.{name}", "detect", "a mapping of parameters", params)
         for agg in self.aggregations:
-            _check_choice("detect.aggregations", agg, ("max_z", "mean_z"))
+            _check_choice("detect.aggregations", agg, ("max_z", "mean_z", "max"))
         if not 0.0 < self.recall <= 1.0:
             raise invalid_param("detect.recall", "detect", "a float in (0, 1]", self.recall)
 

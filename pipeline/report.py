@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.aggregate import aggregate
+from pipeline.aggregate import aggregate, argmax_layer_counts
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.plots import plot_layer_auroc
 
@@ -39,7 +39,7 @@ def group_sets(sets: dict) -> dict[str, list[str]]:
 
 
 def with_aggregations(scores: dict, reference: dict, layers, aggregations) -> dict[str, dict[str, np.ndarray]]:
-    """Per method: ``column -> (n,)`` scores for each layer, plus each aggregation.
+    """Per per-layer method: ``column -> (n,)`` scores for each layer, plus each aggregation.
 
     Parameters
     ----------
@@ -88,8 +88,8 @@ def table_rows(results: dict, layers) -> list[dict]:
     rows = []
     for method, columns in results.items():
         for position, (col, per) in enumerate(columns.items()):
-            row = {"key": f"{method}/{col}", "method": method, "layer": col,
-                   "kind": "layer" if col in layers else "aggregation", "position": position}
+            kind = "layer" if col in layers else "method score" if col == "score" else "aggregation"
+            row = {"key": f"{method}/{col}", "method": method, "layer": col, "kind": kind, "position": position}
             for group in GROUPS:
                 row.update({f"{m}_{group}": round(per[group][m], 6) for m in METRIC_NAMES if group in per})
             rows.append(row)
@@ -113,12 +113,32 @@ def write_csv(rows: list[dict], path) -> Path:
     return path
 
 
+def argmax_counts(scores_by_set: dict, layers) -> dict:
+    """Per method and split: how many samples take their max over layers at each layer.
+
+    Parameters
+    ----------
+    scores_by_set : dict
+        ``split or set name -> method -> (n, n_layers)`` raw per-layer scores.
+    """
+    return {method: {name: dict(zip(layers, argmax_layer_counts(by_method[method]).tolist()))
+                     for name, by_method in scores_by_set.items()}
+            for method in next(iter(scores_by_set.values()))}
+
+
 def write_figures(results: dict, layers, sets, directory) -> list[Path]:
-    """Seed 000's figure per method and OOD set: AUROC per layer, final layer dotted."""
+    """Seed 000's figure per method and OOD set: AUROC per layer, final layer dotted.
+
+    Methods with fewer than two layer columns get no figure.
+    """
     paths = []
     for method, columns in results.items():
+        method_layers = [layer for layer in layers if layer in columns]
+        if len(method_layers) < 2:
+            continue
         for name in sets:
-            aurocs = [columns[layer][name]["auroc"] for layer in layers]
+            aurocs = [columns[layer][name]["auroc"] for layer in method_layers]
             title = f"{method}: ID vs {name} (AUROC per layer)"
-            paths.append(plot_layer_auroc(layers, aurocs, Path(directory) / method / f"{name}.png", title=title))
+            paths.append(plot_layer_auroc(method_layers, aurocs, Path(directory) / method / f"{name}.png",
+                                          title=title))
     return paths

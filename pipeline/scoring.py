@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from pipeline.detectors import make_detector
 from pipeline.errors import DataError, StoreError
+from pipeline.scorers import Features, make_scorer
+from pipeline.store import GRAD_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,44 @@ def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndar
     energy = store.to_numpy(split, ENERGY)
     out[ENERGY] = energy[:, [store.layers.index(layer) for layer in fitted.layers]].astype(np.float64)
     return out
+
+
+def load_features(store, split: str) -> Features:
+    """Everything the store holds for ``split``, as a :class:`Features` bundle (float64).
+
+    Network-level scorers need whole splits (percentiles, covariances), so this
+    holds one split's features in memory.
+    """
+    head = store.head() or {}
+    layers = {layer: store.to_numpy(split, layer).astype(np.float64) for layer in store.layers}
+    grads = {layer: store.to_numpy(split, f"{GRAD_PREFIX}{layer}").astype(np.float64)
+             for layer in store.grad_layers}
+    spatial = {layer: int(store.array(split, layer).attrs.get("spatial_size", 1)) for layer in store.layers}
+    penultimate = store.to_numpy(split, "penultimate").astype(np.float64) if store.has(split, "penultimate") else None
+    return Features(
+        logits=store.to_numpy(split, "logits").astype(np.float64), penultimate=penultimate,
+        head_weight=head.get("weight"), head_bias=head.get("bias"), layers=layers, grads=grads,
+        spatial_size=spatial, labels=store.to_numpy(split, "label"),
+    )
+
+
+def fit_scorers(store, method_params: dict) -> dict:
+    """Build every configured network-level scorer and fit it on ID-train features."""
+    scorers = {name: make_scorer(name, params) for name, params in method_params.items()}
+    if scorers:
+        train = load_features(store, "id_train")
+        for name, scorer in tqdm(scorers.items(), desc="fit methods", unit="method", disable=None):
+            scorer.fit(train)
+    return scorers
+
+
+def score_methods(store, split: str, scorers: dict) -> dict[str, dict[str, np.ndarray]]:
+    """``method -> column -> (n,)``: per-layer parts (if any), then the method's own ``score``."""
+    if not scorers:
+        return {}
+    features = load_features(store, split)
+    return {name: {**scorer.score_layers(features), "score": scorer.score(features)}
+            for name, scorer in scorers.items()}
 
 
 def _n(store, split):

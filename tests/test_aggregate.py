@@ -17,7 +17,8 @@ def test_max_and_mean_of_z_scores():
     scores = np.array([[3.0, 20.0], [1.0, 50.0]])  # z = [[2, 0], [0, 3]]
     np.testing.assert_allclose(aggregate(scores, REF, "max_z"), [2, 3])
     np.testing.assert_allclose(aggregate(scores, REF, "mean_z"), [1, 1.5])
-    np.testing.assert_array_equal(argmax_layer_counts(scores, REF), [1, 1])
+    np.testing.assert_array_equal(argmax_layer_counts(scores), [0, 2])
+    np.testing.assert_allclose(aggregate(scores, REF, "max"), [20, 50])
 
 
 def test_constant_layer_contributes_zero_not_nan():
