@@ -30,7 +30,8 @@ def auroc(scores_id, scores_ood):
 
 
 def test_registry_lists_every_required_detector():
-    expected = {"iforest", "ecod", "knn", "ocsvm", "lof", "copod", "hbos", "pca", "mahalanobis"}
+    expected = {"iforest", "ecod", "knn", "ocsvm", "lof", "copod", "hbos", "pca", "mahalanobis",
+                "laood_ocsvm", "knn_l2"}
     assert set(available_detectors()) == expected
     assert available_detectors() == sorted(available_detectors())
 

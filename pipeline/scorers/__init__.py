@@ -1,0 +1,57 @@
+"""Network-level post-hoc scorers over cached features, by name.
+
+Each reads a :class:`~pipeline.scorers.base.Features` bundle (logits, the
+penultimate features and the head, pooled activations and NAC-UE gradients)
+and never the network. Scores are higher = more OOD.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from pipeline.errors import ConfigError, invalid_param
+from pipeline.scorers.ash import AshScorer
+from pipeline.scorers.base import BaseScorer, Features
+from pipeline.scorers.energy import EnergyScorer
+from pipeline.scorers.maxlogit import MaxLogitScorer
+from pipeline.scorers.msp import MSPScorer
+from pipeline.scorers.nac import NACScorer
+from pipeline.scorers.react import ReActScorer
+from pipeline.scorers.scale import ScaleScorer
+from pipeline.scorers.vim import ViMScorer
+
+#: name -> (class, fixed constructor arguments)
+SCORERS = {
+    "msp": (MSPScorer, {}),
+    "maxlogit": (MaxLogitScorer, {}),
+    "ebo": (EnergyScorer, {}),
+    "scale": (ScaleScorer, {}),
+    "ash_p": (AshScorer, {"variant": "p"}),
+    "ash_b": (AshScorer, {"variant": "b"}),
+    "ash_s": (AshScorer, {"variant": "s"}),
+    "react": (ReActScorer, {}),
+    "vim": (ViMScorer, {}),
+    "nac_ue": (NACScorer, {}),
+}
+
+
+def available_scorers() -> list[str]:
+    return sorted(SCORERS)
+
+
+def make_scorer(name: str, params=None) -> BaseScorer:
+    """Build the scorer registered as ``name`` with ``params`` (checked by name)."""
+    if name not in SCORERS:
+        raise invalid_param("detect.methods", "detect", f"one of {available_scorers()}", name,
+                            hint="per-layer detectors (knn, ecod, ...) go under fit.detectors.")
+    cls, fixed = SCORERS[name]
+    params = dict(params or {})
+    accepted = sorted(p for p in inspect.signature(cls).parameters if p not in fixed)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(f"Unknown parameter {unknown[0]!r} for method '{name}' in detect.methods. "
+                          f"Accepted parameters are {accepted}.")
+    return cls(**fixed, **params)
+
+
+__all__ = ["SCORERS", "BaseScorer", "Features", "available_scorers", "make_scorer"]
