@@ -90,11 +90,31 @@ def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
             per = metrics["methods"][method][column]
             assert sets | {"near", "far"} <= set(per)
             assert set(per["textures"]) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+    for method in ("msp", "maxlogit", "ebo", "scale", "ash_p", "ash_b", "ash_s", "react", "vim", "nac_ue"):
+        assert sets | {"near", "far"} <= set(metrics["methods"][method]["score"])
+    assert {"layer1", "avgpool", "score"} <= set(metrics["methods"]["nac_ue"])
     assert 0.0 <= metrics["id_accuracy"] <= 1.0
     shown = run(["dvc", "metrics", "show", "--json"], repo)
     assert "fpr95" in shown and "aupr_out" in shown
     assert (repo / "reports/figures/knn/textures.png").stat().st_size > 1000
     assert (repo / "cache/features.zarr/zarr.json").is_file()
+
+
+def test_detect_never_loads_the_network(repo, first_run):
+    # every method scores from the store: without the checkpoint, and without even importing torch
+    moved = repo / "model.pt.away"
+    (repo / "cache/model.pt").rename(moved)
+    code = ("import sys; from stages import detect; "
+            "detect.run('params.yaml', 'cache/features.zarr', 'cache/detectors', 'm.json', 't.csv', 'figs', 'a.json'); "
+            "assert 'torch' not in sys.modules, 'detect imported torch'")
+    try:
+        run([sys.executable, "-c", code], repo)
+    finally:
+        moved.rename(repo / "cache/model.pt")
+    assert json.loads((repo / "m.json").read_text())["methods"]["scale"]["score"]["far"]["auroc"] > 0.5
+    for name in ("m.json", "t.csv", "a.json"):
+        (repo / name).unlink()
+    shutil.rmtree(repo / "figs")
 
 
 def test_unchanged_pipeline_reruns_nothing(repo, first_run):
