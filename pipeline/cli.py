@@ -113,6 +113,29 @@ def detect(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[
 
 @app.command()
 @user_errors
+def search(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+           out: Path = typer.Option(None, help="Leaderboard directory [paths.search]."),
+           grid: Path = typer.Option(None, help="A YAML file with the keys of params.yaml's search section.")):
+    """Search hyperparameters on the cached store: select on val, report winners on test."""
+    from stages import search as stage
+
+    rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid)
+    table = Table("method", "column", "params", f"val {cfg.metric}", "val near", "val far", "test near",
+                  "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} (selected on val)")
+    for row in rows[:cfg.top]:
+        table.add_row(row["method"], row["column"], row["params"], *(_fmt(row[k]) for k in (
+            f"val_{cfg.metric}_mean", f"val_{cfg.metric}_near", f"val_{cfg.metric}_far",
+            f"test_{cfg.metric}_near", f"test_{cfg.metric}_far", "seconds")),
+            style="bold" if row["selected"] else None)
+    console.print(table)
+
+
+def _fmt(value):
+    return "" if value is None else f"{value:.4f}"
+
+
+@app.command()
+@user_errors
 def layers(params: Path = ParamsOpt,
            model: Path = typer.Option(None, help="A checkpoint; default: the configured, untrained backbone.")):
     """List the hookable layer names of the model, with their output shapes."""

@@ -128,12 +128,38 @@ class DetectConfig:
             raise invalid_param("detect.recall", "detect", "a float in (0, 1]", self.recall)
 
 
+@dataclass(frozen=True)
+class SearchConfig:
+    """Parameters of ``search``: the grid, the selection metric and the parallelism."""
+
+    methods: Mapping[str, Mapping] = field(default_factory=lambda: {"ebo": {"temperature": [0.5, 1.0, 2.0]}})
+    metric: str = "auroc"
+    aggregations: tuple[str, ...] = ("max_z", "mean_z", "max")
+    recall: float = 0.95
+    n_jobs: int = -1
+    top: int = 15
+
+    def __post_init__(self):
+        if not self.methods:
+            raise invalid_param("search.methods", "search", "a non-empty mapping of method -> grid", self.methods)
+        for name, grid in self.methods.items():
+            if grid is not None and not isinstance(grid, Mapping):
+                raise invalid_param(f"search.methods.{name}", "search", "a mapping of param -> values", grid)
+        _check_choice("search.metric", self.metric, ("auroc", "fpr95"))
+        for agg in self.aggregations:
+            _check_choice("search.aggregations", agg, ("max_z", "mean_z", "max"))
+        if self.n_jobs == 0:
+            raise invalid_param("search.n_jobs", "search", "a non-zero int (-1 = all cores)", self.n_jobs)
+        _check_positive("search.top", self.top)
+
+
 SECTIONS = {
     "generate": GenerateConfig,
     "train": TrainConfig,
     "extract": ExtractConfig,
     "fit": FitConfig,
     "detect": DetectConfig,
+    "search": SearchConfig,
 }
 
 

@@ -116,8 +116,9 @@ def load_features(store, split: str) -> Features:
              for layer in store.grad_layers}
     spatial = {layer: int(store.array(split, layer).attrs.get("spatial_size", 1)) for layer in store.layers}
     penultimate = store.to_numpy(split, "penultimate").astype(np.float64) if store.has(split, "penultimate") else None
+    logits = store.to_numpy(split, "logits").astype(np.float64) if store.has(split, "logits") else None
     return Features(
-        logits=store.to_numpy(split, "logits").astype(np.float64), penultimate=penultimate,
+        logits=logits, penultimate=penultimate,
         head_weight=head.get("weight"), head_bias=head.get("bias"), layers=layers, grads=grads,
         spatial_size=spatial, labels=store.to_numpy(split, "label"),
     )

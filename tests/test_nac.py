@@ -165,3 +165,17 @@ def test_score_checks_fit_and_neuron_count(rng):
     scorer = NACScorer(n_train=20).fit(features)
     with pytest.raises(DataError, match="Layer 'l' has 2 neurons, but NACScorer was fitted with 3"):
         scorer.score(make_features(rng.uniform(0.1, 0.9, size=(5, 2))))
+
+
+def test_set_refit_free_equals_a_refit_with_that_O():
+    """The search shares one fit across O values (issue: search over cached neuron states)."""
+    from pipeline.scorers.nac import NACScorer
+    from pipeline.scorers.base import Features
+
+    rng = np.random.default_rng(3)
+    feats = Features(layers={"l": rng.random((60, 5))}, grads={"l": rng.normal(size=(60, 5))},
+                     spatial_size={"l": 4}, labels=rng.integers(0, 3, 60))
+    shared = NACScorer(alpha=2.0, M=8, O=1, n_train=30).fit(feats).set_refit_free(O=3)
+    fresh = NACScorer(alpha=2.0, M=8, O=3, n_train=30).fit(feats)
+    np.testing.assert_array_equal(shared.score(feats), fresh.score(feats))
+    assert shared.O == 3 and NACScorer.refit_free_params == ("O",)

@@ -68,6 +68,13 @@ class Features:
 class BaseScorer(BaseEstimator):
     """Base class: ``fit(features) -> self``, ``score(features) -> (n,)``, higher = more OOD."""
 
+    #: Params that :meth:`set_refit_free` can change on a fitted scorer (a search shares the fit).
+    refit_free_params: tuple = ()
+
+    def set_refit_free(self, **params):
+        """Change refit-free params of a fitted scorer in place; returns self."""
+        raise NotImplementedError(f"{type(self).__name__} has no refit-free parameters")
+
     def fit(self, features: Features, y=None):
         """Learn from ID-train features. The default learns nothing."""
         self.fitted_ = True

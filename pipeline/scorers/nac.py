@@ -236,6 +236,9 @@ class NACScorer(BaseScorer):
     n_neurons_ : dict of str -> int
     """
 
+    #: Params a fitted scorer can change without refitting (the histograms do not depend on O).
+    refit_free_params = ("O",)
+
     def __init__(self, *, layers=None, alpha=100.0, M=50, O=50, n_train=1000, seed=0):
         self.layers = layers
         self.alpha = alpha
@@ -269,6 +272,14 @@ class NACScorer(BaseScorer):
             self.counts_[layer] = histogram_counts(states, self.thresholds_[layer])
             self.coverage_[layer] = coverage(self.counts_[layer], self.O_[layer])
             self.n_neurons_[layer] = states.shape[1]
+        return self
+
+    def set_refit_free(self, *, O):
+        """Change O on a fitted scorer: coverage is recomputed from the kept histograms."""
+        self._check_fitted()
+        self.O = O
+        self.O_ = self._per_layer("O", O, _positive_real, "a positive float")
+        self.coverage_ = {layer: coverage(self.counts_[layer], self.O_[layer]) for layer in self.layers_}
         return self
 
     def score_layers(self, features: Features) -> dict:

@@ -1,0 +1,327 @@
+"""Hyperparameter search over cached neuron states: never a pass through the network.
+
+Protocol (METHODS.md, OpenOOD v1.5):
+
+1. every configuration is scored on ID-val against the OOD **val** sets;
+2. the best configuration per method is chosen on val only, by the selection
+   metric averaged over the val sets (AUROC by default, or FPR@95);
+3. only the winners are then evaluated on the **test** sets.
+
+No test number can influence a choice: test splits are not even read until the
+winners are fixed.
+
+A grid names methods, each with lists of values per hyperparameter. Values are a
+list, ``{range: [start, stop, step]}`` (stop inclusive) or ``{logspace: [lo, hi,
+num]}`` (lo and hi are the values, not exponents). Per-layer detectors
+(``fit.detectors`` names) also take ``columns``: layers and aggregations to
+consider (default: every layer and every aggregation). Work shared between
+configurations is done once: a per-layer detector is fitted once per layer for
+all its columns, and NAC-UE's histograms are built once for every O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import clone
+from tqdm.auto import tqdm
+
+from pipeline.aggregate import AGGREGATIONS, aggregate
+from pipeline.detectors import available_detectors, make_detector
+from pipeline.errors import invalid_param
+from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
+from pipeline.scorers import SCORERS, available_scorers, make_scorer
+from pipeline.scoring import load_features
+
+log = logging.getLogger(__name__)
+
+SELECTION = {"auroc": max, "fpr95": min}
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def expand_values(name: str, spec) -> list:
+    """One hyperparameter's values from a list, a range or a log-spaced range."""
+    if isinstance(spec, list):
+        if not spec:
+            raise invalid_param(name, "search", "a non-empty list", spec)
+        return spec
+    if isinstance(spec, dict) and set(spec) == {"range"} and _numbers(spec["range"], 3):
+        start, stop, step = spec["range"]
+        if step <= 0 or stop < start:
+            raise invalid_param(name, "search", "{range: [start, stop, step]} with step > 0 and stop >= start", spec)
+        return [_tidy(v) for v in np.arange(start, stop + step / 2, step)]
+    if isinstance(spec, dict) and set(spec) == {"logspace"} and _numbers(spec["logspace"], 3):
+        lo, hi, num = spec["logspace"]
+        if lo <= 0 or hi < lo or num < 1 or int(num) != num:
+            raise invalid_param(name, "search", "{logspace: [lo > 0, hi >= lo, num >= 1]}", spec)
+        return [_tidy(v) for v in np.geomspace(lo, hi, int(num))]
+    if isinstance(spec, (str, int, float, bool)) or spec is None:
+        return [spec]
+    raise invalid_param(name, "search", "a list, {range: [start, stop, step]} or {logspace: [lo, hi, num]}", spec)
+
+
+def _numbers(values, n):
+    return isinstance(values, list) and len(values) == n and all(isinstance(v, (int, float)) for v in values)
+
+
+def _tidy(value):
+    """Plain Python numbers (ints stay ints), rounded so that YAML shows 0.1 and not 0.1000000001."""
+    value = float(value)
+    return int(value) if value.is_integer() else float(f"{value:.10g}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One point of the grid: a method and its hyperparameters."""
+
+    method: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "scorer" if self.method in SCORERS else "detector"
+
+
+def expand_grid(methods: dict, aggregations=AGGREGATIONS) -> list[Config]:
+    """Every configuration of every method, after validating names and values."""
+    configs = []
+    for method, grid in methods.items():
+        grid = dict(grid or {})
+        _check_method(method, grid)
+        if method not in SCORERS:
+            grid.pop("columns", None)
+        names = sorted(grid)
+        values = [expand_values(f"search.methods.{method}.{n}", grid[n]) for n in names]
+        configs += [Config(method, dict(zip(names, combo))) for combo in itertools.product(*values)]
+    return configs
+
+
+def _check_method(method: str, grid: dict):
+    """Unknown methods and params fail before any work, in one line."""
+    if method in SCORERS:
+        make_scorer(method, {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items()})
+    elif method in available_detectors():
+        params = {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items() if k != "columns"}
+        make_detector(method, params)
+    else:
+        raise invalid_param("search.methods", "search", f"one of {available_scorers() + available_detectors()}",
+                            method)
+
+
+def detector_columns(grid: dict, layers, aggregations) -> list[str]:
+    """The columns a per-layer detector's search considers (default: all layers and aggregations)."""
+    columns = grid.get("columns") or [*layers, *aggregations]
+    unknown = [c for c in columns if c not in layers and c not in aggregations]
+    if unknown:
+        raise invalid_param("search.methods.<detector>.columns", "search",
+                            f"layers or aggregations among {[*layers, *aggregations]}", unknown[0])
+    return list(columns)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class SplitSet:
+    """The cached features a search reads.
+
+    ``train`` fits, ``id_val`` standardises layer scores for aggregations (always
+    ID-val, also when testing), ``id_ref`` is the ID side of the metrics (ID-val
+    or ID-test), and ``ood`` the OOD sets of the same part, with their groups.
+    """
+
+    train: object
+    id_val: object
+    id_ref: object
+    ood: dict
+    groups: dict
+
+
+def val_metrics(id_scores, ood_scores: dict, groups: dict, recall=0.95) -> dict:
+    """Metrics per OOD set, per group, and ``mean`` over all sets (the selection basis)."""
+    per_set = {name: ood_metrics(id_scores, s, recall=recall) for name, s in ood_scores.items()}
+    out = {**per_set, **group_means(per_set, {g: v for g, v in groups.items() if v})}
+    out["mean"] = {m: float(np.mean([per_set[s][m] for s in per_set])) for m in METRIC_NAMES}
+    return out
+
+
+def run_scorer_group(method, fixed: dict, refit_free: list[dict], data: SplitSet, recall=0.95) -> list[dict]:
+    """Fit one scorer, then score every refit-free variant of it (e.g. NAC-UE over O)."""
+    start = time.perf_counter()
+    scorer = make_scorer(method, {**fixed, **(refit_free[0] if refit_free else {})}).fit(data.train)
+    fit_time = time.perf_counter() - start
+    rows = []
+    for variant in refit_free or [{}]:
+        start = time.perf_counter()
+        if variant:
+            scorer.set_refit_free(**variant)
+        metrics = val_metrics(scorer.score(data.id_ref), {n: scorer.score(f) for n, f in data.ood.items()},
+                              data.groups, recall)
+        seconds = time.perf_counter() - start + fit_time / len(refit_free or [{}])
+        rows.append(_row(method, {**fixed, **variant}, "score", metrics, seconds))
+    return rows
+
+
+def run_detector_config(method, params: dict, columns, aggregations, data: SplitSet, recall=0.95) -> list[dict]:
+    """Fit a per-layer detector once per layer; every layer and aggregation is one row."""
+    start = time.perf_counter()
+    layers = list(data.train.layers)
+    proto = make_detector(method, params)
+    splits = {"id_val": data.id_val, "id": data.id_ref, **{f"ood:{n}": f for n, f in data.ood.items()}}
+    scores = {name: np.empty((len(f.labels), len(layers))) for name, f in splits.items()}
+    for j, layer in enumerate(layers):
+        det = clone(proto).fit(data.train.layers[layer], data.train.labels if proto.requires_labels else None)
+        for name, feats in splits.items():
+            scores[name][:, j] = det.score(feats.layers[layer])
+    ood = {name[4:]: s for name, s in scores.items() if name.startswith("ood:")}
+    cols = {layer: (scores["id"][:, j], {n: s[:, j] for n, s in ood.items()}) for j, layer in enumerate(layers)}
+    std = scores["id_val"]  # z-scores always use ID-val statistics, as in detect
+    cols.update({agg: (aggregate(scores["id"], std, agg), {n: aggregate(s, std, agg) for n, s in ood.items()})
+                 for agg in aggregations})
+    seconds = (time.perf_counter() - start) / len(columns)
+    return [_row(method, params, col, val_metrics(*cols[col], data.groups, recall), seconds) for col in columns]
+
+
+def _row(method, params, column, metrics, seconds) -> dict:
+    return {"method": method, "params": params, "column": column, "val": metrics, "seconds": round(seconds, 6)}
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class SearchResult:
+    """All rows (val metrics per configuration) and the winners with their test metrics."""
+
+    rows: list
+    winners: dict
+    metric: str
+
+    def best_params(self) -> dict:
+        """The winners as ``params.yaml`` sections, ready to paste back."""
+        fit, detect = {}, {}
+        for method, row in self.winners.items():
+            (detect if method in SCORERS else fit)[method] = row["params"]
+        out = {}
+        if fit:
+            out["fit"] = {"detectors": fit}
+        if detect:
+            out["detect"] = {"methods": detect}
+        return out
+
+
+def plan_tasks(configs: list[Config], data_layers, aggregations, grids: dict) -> list[tuple]:
+    """Group configurations into parallel tasks that share their expensive part."""
+    tasks = []
+    by_fit = {}
+    for cfg in configs:
+        if cfg.kind == "detector":
+            columns = detector_columns(grids[cfg.method] or {}, data_layers, aggregations)
+            tasks.append(("detector", cfg.method, cfg.params, columns))
+            continue
+        free = set(SCORERS[cfg.method][0].refit_free_params)
+        fixed = {k: v for k, v in cfg.params.items() if k not in free}
+        key = (cfg.method, json.dumps(fixed, sort_keys=True, default=str))
+        by_fit.setdefault(key, (cfg.method, fixed, []))[2].append({k: v for k, v in cfg.params.items() if k in free})
+    tasks += [("scorer", method, fixed, variants) for method, fixed, variants in by_fit.values()]
+    return tasks
+
+
+def load_split_set(store, part: str, ood_sets: dict, id_split: str) -> SplitSet:
+    """Features of ID-train, the ID split of ``part`` and every OOD set of that part."""
+    groups = {g: [n for n, s in ood_sets.items() if s["role"] == g] for g in ("near", "far")}
+    ood = {name: load_features(store, s["split"]) for name, s in ood_sets.items()}
+    id_val = load_features(store, "id_val")
+    id_ref = id_val if id_split == "id_val" else load_features(store, id_split)
+    return SplitSet(load_features(store, "id_train"), id_val, id_ref, ood, groups)
+
+
+def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATIONS, recall=0.95, n_jobs=-1,
+               ood_val=None, ood_test=None) -> SearchResult:
+    """Score every configuration on val, pick one winner per method, test only the winners.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    methods : dict
+        ``method -> {param: values}`` (see the module docstring).
+    metric : {"auroc", "fpr95"}
+        Selection metric, averaged over the OOD val sets.
+    n_jobs : int
+        Parallel tasks (joblib); -1 = all local cores.
+    ood_val, ood_test : dict
+        ``set name -> {"split", "role"}`` (see :func:`pipeline.report.ood_sets`).
+    """
+    if metric not in SELECTION:
+        raise invalid_param("search.metric", "search", f"one of {set(SELECTION)}", metric)
+    configs = expand_grid(methods, aggregations)
+    val = load_split_set(store, "val", ood_val, "id_val")
+    tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
+    log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
+    jobs = (delayed(_run_task)(task, val, aggregations, recall) for task in tasks)
+    rows = []
+    for result in tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(tasks), desc="search",
+                       unit="task", disable=None):
+        rows += result
+    winners = select_winners(rows, metric)
+    test = load_split_set(store, "test", ood_test, "id_test")  # read only now: winners are fixed
+    for method, row in winners.items():
+        row["test"] = _run_task(_winner_task(row, methods), test, aggregations, recall)[0]["val"]
+    return SearchResult(rows, winners, metric)
+
+
+def _run_task(task, data, aggregations, recall):
+    kind, method, params, extra = task
+    if kind == "detector":
+        return run_detector_config(method, params, extra, aggregations, data, recall)
+    return run_scorer_group(method, params, extra, data, recall)
+
+
+def _winner_task(row, methods):
+    if row["method"] in SCORERS:
+        free = set(SCORERS[row["method"]][0].refit_free_params)
+        fixed = {k: v for k, v in row["params"].items() if k not in free}
+        return ("scorer", row["method"], fixed, [{k: v for k, v in row["params"].items() if k in free}])
+    return ("detector", row["method"], row["params"], [row["column"]])
+
+
+def select_winners(rows: list[dict], metric: str) -> dict:
+    """Best row per method by the val ``mean`` of ``metric`` (ties: the first in grid order)."""
+    best = {}
+    better = SELECTION[metric]
+    for row in rows:
+        value = row["val"]["mean"][metric]
+        current = best.get(row["method"])
+        if current is None or (better(value, current["val"]["mean"][metric]) == value
+                                and value != current["val"]["mean"][metric]):
+            best[row["method"]] = row
+    for row in best.values():
+        row["selected"] = True
+    return best
+
+
+def leaderboard(result: SearchResult) -> list[dict]:
+    """Flat rows for CSV/JSON: params, val metrics, seconds, and test metrics for winners; best first."""
+    sign = -1 if result.metric == "auroc" else 1
+    rows = sorted(result.rows, key=lambda r: sign * r["val"]["mean"][result.metric])
+    return [_flat(r) for r in rows]
+
+
+def _flat(row) -> dict:
+    out = {"method": row["method"], "column": row["column"], "params": json.dumps(row["params"], sort_keys=True),
+           "selected": bool(row.get("selected")), "seconds": row["seconds"]}
+    for part in ("val", "test"):
+        for group in ("mean", "near", "far"):
+            for m in METRIC_NAMES:
+                value = row.get(part, {}).get(group, {}).get(m)
+                out[f"{part}_{m}_{group}"] = None if value is None else round(value, 6)
+    return out
+

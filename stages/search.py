@@ -1,0 +1,31 @@
+"""Stage ``search``: a hyperparameter grid over the cached store, never the network.
+
+Writes the leaderboard (CSV and JSON) and the winners' params in a form that
+pastes back into ``params.yaml``.
+"""
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import SearchConfig, build_config, load_section, read_params
+from pipeline.report import ood_sets, write_csv, write_json
+from pipeline.search import leaderboard, run_search
+from pipeline.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def run(params, features, out, grid=None):
+    cfg = load_section("search", params) if grid is None else build_config(SearchConfig, read_params(grid), "search")
+    store = open_store(features)
+    result = run_search(store, cfg.methods, metric=cfg.metric, aggregations=cfg.aggregations, recall=cfg.recall,
+                        n_jobs=cfg.n_jobs, ood_val=ood_sets(store, "val"), ood_test=ood_sets(store, "test"))
+    rows = leaderboard(result)
+    out = Path(out)
+    write_csv(rows, out / "leaderboard.csv")
+    write_json({"metric": result.metric, "rows": rows}, out / "leaderboard.json")
+    (out / "best_params.yaml").write_text(yaml.safe_dump(result.best_params(), sort_keys=False))
+    log.info("search: %d configurations; winners in %s", len(rows), out / "best_params.yaml")
+    return rows, cfg

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.search import (Config, expand_grid, expand_values, leaderboard, plan_tasks, run_search,
+                             select_winners)
+from pipeline.store import ArraySpec, StoreWriter, open_store
+from tests.conftest import make_blobs
+
+SETS_VAL = {"far": {"split": "far_val", "role": "far"}, "near": {"split": "near_val", "role": "near"}}
+SETS_TEST = {"far": {"split": "far_test", "role": "far"}, "near": {"split": "near_test", "role": "near"}}
+
+
+@pytest.fixture
+def store(tmp_path, rng):
+    """Two layers of blob features, logits, for ID train/val/test and near/far OOD val/test."""
+    b = make_blobs(rng, n_per_class=80, n_ood=40)
+    near = b.X_id[:40] * 1.6  # stretched ID: harder than the far outliers
+    data = {"id_train": (b.X_train, b.y_train), "id_val": (b.X_id[:60], b.y_id[:60]),
+            "id_test": (b.X_id[60:], b.y_id[60:]), "far_val": (b.X_ood[:20], None), "far_test": (b.X_ood[20:], None),
+            "near_val": (near[:20], None), "near_test": (near[20:], None)}
+    specs = [ArraySpec("l1", 8, "float32"), ArraySpec("l2", 8, "float32"), ArraySpec("logits", 3, "float32"),
+             ArraySpec("label", None, "int64")]
+    with StoreWriter(tmp_path / "s.zarr", "k", chunk_rows=16, shard_rows=64) as writer:
+        for split, (X, y) in data.items():
+            y = np.full(len(X), -1) if y is None else y
+            writer.create_split(split, len(X), specs, {"n_samples": len(X)})
+            for i in writer.pending_shards(split, len(X)):
+                a, z = writer.shard_range(i, len(X))
+                writer.write_shard(split, i, {"l1": X[a:z], "l2": X[a:z] ** 2, "logits": X[a:z, :3] * 3,
+                                              "label": y[a:z]})
+        writer.finalize({"checkpoint_sha256": "x"}, ["l1", "l2"])
+    return open_store(tmp_path / "s.zarr")
+
+
+def test_values_from_lists_ranges_and_logspaces():
+    assert expand_values("p", [1, 2]) == [1, 2]
+    assert expand_values("p", {"range": [50, 95, 5]}) == list(range(50, 96, 5))
+    assert expand_values("p", {"logspace": [0.001, 1000, 7]}) == [0.001, 0.01, 0.1, 1, 10, 100, 1000]
+    assert expand_values("p", 3) == [3]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ([], r"'p' parameter of search must be a non-empty list"),
+    ({"range": [5, 1, 1]}, r"step > 0 and stop >= start"),
+    ({"logspace": [0, 1, 3]}, r"lo > 0"),
+    ({"steps": [1, 2]}, r"a list, \{range"),
+])
+def test_bad_values(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        expand_values("p", spec)
+
+
+def test_grid_is_the_cartesian_product_and_names_are_checked():
+    configs = expand_grid({"nac_ue": {"alpha": [1, 10], "O": [5, 20, 50]}, "knn": {"n_neighbors": [1, 5]}})
+    assert len(configs) == 8 and Config("nac_ue", {"O": 5, "alpha": 1}) in configs
+    with pytest.raises(ConfigError, match=r"'search.methods' parameter of search must be one of .*Got 'nacue'"):
+        expand_grid({"nacue": {}})
+    with pytest.raises(ConfigError, match=r"Unknown parameter 'beta' for method 'nac_ue'"):
+        expand_grid({"nac_ue": {"beta": [1]}})
+
+
+def test_nac_configs_that_differ_only_in_O_share_one_fit():
+    configs = expand_grid({"nac_ue": {"alpha": [1, 10], "O": [5, 20, 50]}})
+    tasks = plan_tasks(configs, ["l1"], (), {"nac_ue": {}})
+    assert len(tasks) == 2 and all(len(task[3]) == 3 for task in tasks)
+
+
+def test_winners_are_chosen_on_val_only():
+    def row(method, val, test):
+        return {"method": method, "params": {"v": val}, "column": "score",
+                "val": {"mean": {"auroc": val, "fpr95": 1 - val}}, "test": {"mean": {"auroc": test}}}
+    rows = [row("a", 0.9, 0.5), row("a", 0.8, 0.99), row("b", 0.7, 0.1)]
+    winners = select_winners(rows, "auroc")
+    assert winners["a"]["params"] == {"v": 0.9} and winners["b"]["params"] == {"v": 0.7}
+    assert select_winners(rows, "fpr95")["a"]["params"] == {"v": 0.9}  # lowest FPR
+
+
+def test_search_end_to_end_on_a_store(store):
+    methods = {"knn": {"n_neighbors": [1, 5]}, "ebo": {"temperature": [1.0, 2.0]}}
+    result = run_search(store, methods, aggregations=("max_z",), n_jobs=1, ood_val=SETS_VAL, ood_test=SETS_TEST)
+    rows = leaderboard(result)
+    assert len(rows) == 2 * 3 + 2  # knn: 2 params x (2 layers + max_z); ebo: 2 temperatures
+    assert [r["val_auroc_mean"] for r in rows] == sorted((r["val_auroc_mean"] for r in rows), reverse=True)
+    selected = [r for r in rows if r["selected"]]
+    assert {r["method"] for r in selected} == {"knn", "ebo"}
+    assert all(r["test_auroc_far"] is not None for r in selected)
+    assert all(r["test_auroc_far"] is None for r in rows if not r["selected"])
+    assert result.winners["knn"]["val"]["far"]["auroc"] > 0.9
+    best = result.best_params()
+    assert set(best["fit"]["detectors"]) == {"knn"} and set(best["detect"]["methods"]) == {"ebo"}
+
+
+def test_parallel_search_equals_serial(store):
+    methods = {"knn": {"n_neighbors": [1, 3]}, "ebo": {"temperature": [1.0, 3.0]}}
+    kwargs = {"aggregations": ("mean_z",), "ood_val": SETS_VAL, "ood_test": SETS_TEST}
+    serial = [{k: v for k, v in r.items() if k != "seconds"} for r in leaderboard(run_search(store, methods, n_jobs=1, **kwargs))]
+    parallel = [{k: v for k, v in r.items() if k != "seconds"} for r in leaderboard(run_search(store, methods, n_jobs=2, **kwargs))]
+    assert serial == parallel
+
+
+def test_bad_metric(store):
+    with pytest.raises(ConfigError, match=r"'search.metric' .* Got 'auc'"):
+        run_search(store, {"ebo": {}}, metric="auc", ood_val=SETS_VAL, ood_test=SETS_TEST)
