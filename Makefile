@@ -20,6 +20,10 @@ repro: install
 	dvc repro
 	dvc metrics show
 
+bench: install
+	python benchmarks/bench_extract.py
+	python benchmarks/bench_search.py
+
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: install
 	pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc

@@ -1,0 +1,518 @@
+"""Benchmark of the ``extract`` path: throughput, bytes per sample, peak RSS.
+
+Run from the repository root (see ``benchmarks/README.md``)::
+
+    .venv/bin/python benchmarks/bench_extract.py            # full run, writes benchmarks/results/bench_extract.json
+    .venv/bin/python benchmarks/bench_extract.py --quick    # smoke run, small sizes, writes nothing
+    .venv/bin/python benchmarks/bench_extract.py --profile  # where the extraction path spends its time
+
+Model: the default backbone of ``params.yaml`` (``train.widths``, ``train.blocks``,
+16x16 grey inputs, 8 classes) with seeded random weights; speed does not depend
+on them. Extraction settings: the ``extract`` section of ``params.yaml`` (layers,
+head, grad_layers, batch size, chunk/shard rows, compression), read at run time.
+
+1. Throughput (images/s) of ``extract_to_store`` into a ``StoreWriter`` (finalize
+   included) against a bare ``torch.inference_mode()`` forward pass over exactly
+   the same batches. Two plans: ``layers`` only (forward hooks, no backward) and
+   the stage's plan from ``params.yaml`` (with ``grad_layers``: one backward pass
+   per batch), plus two intermediate paths that say where the difference goes.
+2. Stored bytes per sample of the stage's plan, float32 and float16.
+3. Peak RSS of a whole extraction of N and 10N samples, each in a fresh
+   subprocess (``--rss N``), on a lazy dataset whose memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import load_section
+from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.extract import LayerRecorder, extract_batch, extract_to_store, resolve_plan
+from pipeline.models import init_model
+from pipeline.store import GRAD_PREFIX, StoreWriter, open_store
+
+REPO = Path(__file__).resolve().parent.parent
+PARAMS = REPO / "params.yaml"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_extract.json"
+IMAGE_SHAPE = (1, 16, 16)  # generate.image_size = 16, grey
+N_CLASSES = 8              # digits 0-9 minus generate.holdout_classes [8, 9]
+SEED = 0
+SPLIT = "bench"
+THROUGHPUT_GOAL = 0.9
+CLEAN_SHARE = 0.10        # a pass is "clean" when other processes used < 10% of the cores meanwhile
+PATHS = ("forward", "loader_forward", "hooks_no_write", "extract", "extract_with_grads")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class LazyImages(torch.utils.data.Dataset):
+    """Images generated from their index, so memory does not grow with ``n``.
+
+    Item ``i`` is ``(image of shape IMAGE_SHAPE, label)``: float32 values uniform
+    in [0, 1) from ``np.random.default_rng([seed, i])``, label ``i % N_CLASSES``.
+    """
+
+    def __init__(self, n, seed=SEED):
+        self.n, self.seed = n, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, index])
+        return torch.from_numpy(rng.random(IMAGE_SHAPE, dtype=np.float32)), index % N_CLASSES
+
+
+def in_memory_dataset(n) -> SplitDataset:
+    """The first ``n`` lazy images, materialised as the stage's own ``SplitDataset``."""
+    lazy = LazyImages(n)
+    images = np.stack([lazy[i][0].numpy() for i in range(n)])
+    labels = np.arange(n, dtype=np.int64) % N_CLASSES
+    return SplitDataset(ImageSplit(SPLIT, images, labels, {}))
+
+
+def default_model():
+    """The default backbone (``params.yaml`` train section), seeded random weights, eval mode."""
+    cfg = load_section("train", PARAMS)
+    spec = {"arch": cfg.arch, "num_classes": N_CLASSES, "in_channels": IMAGE_SHAPE[0],
+            "widths": list(cfg.widths), "blocks": list(cfg.blocks)}
+    return init_model(spec, SEED).eval(), spec
+
+
+def plans(model, cfg) -> dict:
+    """``{"layers": forward hooks only, "params": the stage's plan (with grad_layers)}``.
+
+    Both are resolved as ``stages/extract.py`` resolves its plan.
+    """
+    return {"layers": resolve_plan(model, cfg.layers, IMAGE_SHAPE, grad_layers=(), head=cfg.head),
+            "params": resolve_plan(model, cfg.layers, IMAGE_SHAPE, grad_layers=cfg.grad_layers, head=cfg.head)}
+
+
+def shard_batches(n, shard_rows, batch_size):
+    """``(start, stop)`` of every batch ``extract_to_store`` runs: batches never cross a shard."""
+    return [(b, min(b + batch_size, s + shard_rows, n))
+            for s in range(0, n, shard_rows) for b in range(s, min(s + shard_rows, n), batch_size)]
+
+
+# --------------------------------------------------------------------------- the timed paths
+
+
+def run_forward(model, batches):
+    """Bare forward pass over pre-built batch tensors: no hooks, no loader, no writing."""
+    with torch.inference_mode():
+        for x in batches:
+            model(x)
+
+
+def run_loader_forward(model, dataset, cfg):
+    """Forward pass fed by the same per-shard ``DataLoader`` as the real path, no hooks."""
+    with torch.inference_mode():
+        for x, _ in _shard_loaders(dataset, cfg):
+            model(x)
+
+
+def run_hooks(model, dataset, cfg, plan):
+    """Loader, forward hooks, pooling, energies and ``.numpy()`` copies; nothing written.
+
+    ``extract_batch`` enters inference mode itself (or grad mode for gradient layers).
+    """
+    with LayerRecorder(model, plan) as recorder:
+        for x, _ in _shard_loaders(dataset, cfg):
+            extract_batch(model, x, recorder)
+
+
+def _shard_loaders(dataset, cfg):
+    """Yield the batches of every shard, as ``extract_to_store`` loads them."""
+    for start in range(0, len(dataset), cfg.shard_rows):
+        subset = torch.utils.data.Subset(dataset, range(start, min(start + cfg.shard_rows, len(dataset))))
+        yield from torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, shuffle=False)
+
+
+def run_extract(model, dataset, cfg, plan, out, dtype="float32"):
+    """The real path: ``StoreWriter`` + ``extract_to_store`` + ``finalize`` into ``out``.
+
+    Returns the names of the per-sample arrays written.
+    """
+    with StoreWriter(out, f"bench-{dtype}", chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows,
+                     compression_level=cfg.compression_level) as writer:
+        specs = extract_to_store(model, {SPLIT: (dataset, {"role": "id"})}, plan, writer,
+                                 batch_size=cfg.batch_size, dtype=dtype)
+        writer.finalize({"benchmark": True, "grad_layers": list(plan.grad_layers)}, plan.layers)
+    return [spec.name for spec in specs]
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    """Wall-clock seconds of one call, and what it returned."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def other_cpu_share(fn) -> tuple[float, float]:
+    """Seconds of ``fn()``, and the share of all cores that *other* processes used meanwhile.
+
+    Reads the machine's busy time from ``/proc/stat`` (0.0 where it is missing)
+    and subtracts this process's own CPU time: a contention gauge for each pass.
+    """
+    busy0, own0 = _machine_busy_seconds(), _own_cpu_seconds()
+    seconds, _ = timed(fn)
+    other = (_machine_busy_seconds() - busy0) - (_own_cpu_seconds() - own0)
+    return seconds, max(0.0, other) / (seconds * (os.cpu_count() or 1))
+
+
+def _machine_busy_seconds() -> float:
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+
+def measure_throughput(model, cfg, plan_by_name, n, repeats, workdir):
+    """Seconds of each path over ``n`` images, ``repeats`` rounds interleaved to share any drift.
+
+    Returns
+    -------
+    dict
+        ``path -> {"seconds", "other_cpu_share", "median_img_s", "best_img_s"}``,
+        plus the ratios of both extract paths to the bare forward pass.
+    """
+    dataset = in_memory_dataset(n)
+    paths = _timed_paths(model, cfg, plan_by_name, dataset, workdir)
+    _warm_up(paths, model, cfg, plan_by_name, workdir)
+    runs = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            runs[name].append(other_cpu_share(fn))
+    return _throughput_summary(runs, n)
+
+
+def _timed_paths(model, cfg, plan_by_name, dataset, workdir) -> dict:
+    """Name -> zero-argument callable for every timed path (see ``PATHS``)."""
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    batches = [images[a:b] for a, b in shard_batches(len(dataset), cfg.shard_rows, cfg.batch_size)]
+    layers, params = plan_by_name["layers"], plan_by_name["params"]
+
+    def store():
+        return Path(tempfile.mkdtemp(dir=workdir)) / "s.zarr"
+
+    paths = {
+        "forward": lambda: run_forward(model, batches),
+        "loader_forward": lambda: run_loader_forward(model, dataset, cfg),
+        "hooks_no_write": lambda: run_hooks(model, dataset, cfg, layers),
+        "extract": lambda: run_extract(model, dataset, cfg, layers, store()),
+        "extract_with_grads": lambda: run_extract(model, dataset, cfg, params, store()),
+    }
+    return paths if params.grad_layers else {k: v for k, v in paths.items() if k != "extract_with_grads"}
+
+
+def _warm_up(paths, model, cfg, plan_by_name, workdir):
+    """One small extraction per plan and one pass of the bare forward, before any timing."""
+    small = in_memory_dataset(min(cfg.shard_rows, 1024))
+    for plan in plan_by_name.values():
+        run_extract(model, small, cfg, plan, Path(tempfile.mkdtemp(dir=workdir)) / "warm.zarr")
+    paths["forward"]()
+
+
+def _throughput_summary(runs, n):
+    """Images/s per path (median, best, and median of clean passes), and the extract/forward ratios."""
+    out = {name: _path_summary(rr, n) for name, rr in runs.items()}
+    for path in ("extract", "extract_with_grads"):
+        for stat in ("median", "best", "clean_median"):
+            if path in out and out[path][f"{stat}_img_s"] and out["forward"][f"{stat}_img_s"]:
+                out[f"ratio_{path}_{stat}"] = round(out[path][f"{stat}_img_s"] / out["forward"][f"{stat}_img_s"], 3)
+    return out
+
+
+def _path_summary(runs, n) -> dict:
+    """``runs`` is a list of ``(seconds, other_cpu_share)``; ``clean_median_img_s`` is None without a clean pass."""
+    seconds = [s for s, _ in runs]
+    clean = [s for s, other in runs if other < CLEAN_SHARE]
+    return {"seconds": [round(s, 4) for s in seconds], "other_cpu_share": [round(o, 3) for _, o in runs],
+            "median_img_s": round(n / statistics.median(seconds), 1), "best_img_s": round(n / min(seconds), 1),
+            "clean_median_img_s": round(n / statistics.median(clean), 1) if clean else None,
+            "clean_passes": len(clean)}
+
+
+# --------------------------------------------------------------------------- 2. bytes on disk
+
+
+def measure_bytes(model, cfg, plan, n, workdir):
+    """Stored bytes per sample of a finished store, float32 and float16 pooled arrays."""
+    dataset = in_memory_dataset(n)
+    out = {}
+    for dtype in ("float32", "float16"):
+        path = Path(tempfile.mkdtemp(dir=workdir)) / f"{dtype}.zarr"
+        _seconds, names = timed(run_extract, model, dataset, cfg, plan, path, dtype)
+        out[dtype] = store_bytes(path, n, names)
+    return out
+
+
+def store_bytes(path, n, names) -> dict:
+    """Total bytes under the store directory, and stored bytes per sample of each array in ``names``.
+
+    ``bytes_per_value`` is an array's stored bytes / (n * width): 4 or 2 for
+    incompressible float32/float16, less where zstd finds redundancy.
+    ``bytes_per_sample_without_grads`` leaves out the ``grad.*`` arrays.
+    """
+    total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    store = open_store(path)
+    arrays = {}
+    for name in names:
+        arr = store.array(SPLIT, name)
+        width = arr.shape[1] if arr.ndim == 2 else 1
+        stored = arr.nbytes_stored()
+        arrays[name] = {"dtype": str(arr.dtype), "width": width, "bytes_per_sample": round(stored / n, 2),
+                        "bytes_per_value": round(stored / (n * width), 3)}
+    grads = sum(a["bytes_per_sample"] for k, a in arrays.items() if k.startswith(GRAD_PREFIX))
+    return {"n_samples": n, "total_bytes": total, "bytes_per_sample": round(total / n, 2),
+            "bytes_per_sample_without_grads": round(total / n - grads, 2),
+            "raw_bytes_per_sample": sum(a["width"] * np.dtype(a["dtype"]).itemsize for a in arrays.values()),
+            "arrays": arrays}
+
+
+# --------------------------------------------------------------------------- 3. peak RSS
+
+
+def rss_child(n) -> dict:
+    """Body of ``--rss N``: one whole extraction (the stage's plan) of ``n`` lazy images.
+
+    The figure is ``VmHWM``, the peak RSS of this process's own address space
+    (Linux). ``ru_maxrss`` is reported too, but Linux carries a parent's peak into
+    its child across fork + exec, so a child of a big parent reads the parent's peak.
+    """
+    model, _ = default_model()
+    cfg = load_section("extract", PARAMS)
+    plan = plans(model, cfg)["params"]
+    before = _peak_rss_mib()
+    with tempfile.TemporaryDirectory() as workdir:
+        seconds, _ = timed(run_extract, model, LazyImages(n), cfg, plan, Path(workdir) / "rss.zarr")
+    return {"n": n, "shards": -(-n // cfg.shard_rows), "maxrss_before_mib": before,
+            "maxrss_mib": _peak_rss_mib(), "ru_maxrss_mib": _ru_maxrss_mib(), "seconds": round(seconds, 2)}
+
+
+def _peak_rss_mib() -> float:
+    """Peak RSS of this process since its exec, MiB: ``VmHWM``, or ``ru_maxrss`` off Linux."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return _ru_maxrss_mib()
+    line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
+def _ru_maxrss_mib() -> float:
+    """``getrusage(RUSAGE_SELF).ru_maxrss`` in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def measure_rss(n) -> dict:
+    """Peak RSS for ``n`` and ``10 n`` samples, each in a fresh subprocess."""
+    runs = {label: _run_rss_subprocess(size) for label, size in (("n", n), ("10n", 10 * n))}
+    runs["growth_mib"] = round(runs["10n"]["maxrss_mib"] - runs["n"]["maxrss_mib"], 1)
+    runs["ratio"] = round(runs["10n"]["maxrss_mib"] / runs["n"]["maxrss_mib"], 3)
+    return runs
+
+
+def _run_rss_subprocess(n) -> dict:
+    """Re-invoke this script with ``--rss n``; its last stdout line is its JSON result."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss", str(n)],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode:
+        raise RuntimeError(f"--rss {n} subprocess failed (exit {proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(n, top=15):
+    """Print where the layers-only extraction spends its time: torch ops, then Python calls."""
+    model, _ = default_model()
+    cfg = load_section("extract", PARAMS)
+    plan = plans(model, cfg)["layers"]
+    dataset = in_memory_dataset(n)
+    with tempfile.TemporaryDirectory() as workdir:
+        run_extract(model, dataset, cfg, plan, Path(workdir) / "warm.zarr")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run_hooks(model, dataset, cfg, plan)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        profiler = cProfile.Profile()
+        profiler.runcall(run_extract, model, dataset, cfg, plan, Path(workdir) / "prof.zarr")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top * 2)
+    print(text.getvalue())
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    """What the figures depend on: cores, torch threads, versions, load at the start."""
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "cpu": _cpu_model(),
+            "python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "platform": platform.platform(), "loadavg_start": os.getloadavg()}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+
+
+def print_report(res, console):
+    """Three rich tables: throughput, bytes per sample, peak RSS."""
+    m = res["machine"]
+    console.print(f"[bold]extract benchmark[/] {res['date']}  cpus={m['cpu_count']} torch threads={m['torch_threads']}"
+                  f"  torch {m['torch']}  zarr {m['zarr']}  load avg {m['loadavg_start'][0]:.2f} -> "
+                  f"{m['loadavg_end'][0]:.2f}")
+    console.print(_throughput_table(res["throughput"], res["config"]))
+    console.print(_bytes_table(res["bytes"], res["config"]))
+    console.print(_rss_table(res["rss"], res["config"]))
+
+
+def _throughput_table(tp, cfg):
+    title = f"Throughput: {cfg['n']} images, batch {cfg['batch_size']}, {cfg['repeats']} interleaved rounds"
+    table = Table(title=title)
+    for col in ("path", "median img/s", "best img/s", "clean median img/s", "best vs forward", "other CPU (max)"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    base = tp["forward"]["best_img_s"]
+    for name in (p for p in PATHS if p in tp):
+        row = tp[name]
+        clean = f"{row['clean_median_img_s']:.0f} ({row['clean_passes']})" if row["clean_median_img_s"] else "-"
+        table.add_row(name, f"{row['median_img_s']:.0f}", f"{row['best_img_s']:.0f}", clean,
+                      f"{row['best_img_s'] / base:.3f}", f"{max(row['other_cpu_share']):.0%}")
+    verdict = "ok" if tp["ratio_extract_best"] >= THROUGHPUT_GOAL else "BELOW GOAL"
+    table.caption = (f"extract (layers only) / forward = {_ratios(tp, 'extract')}; goal >= {THROUGHPUT_GOAL}: "
+                     f"{verdict}. Clean pass: other processes used < {CLEAN_SHARE:.0%} of the cores.")
+    if "ratio_extract_with_grads_best" in tp:
+        table.caption += (f"\nextract_with_grads (grad_layers {cfg['grad_layers']}) / forward = "
+                          f"{_ratios(tp, 'extract_with_grads')}")
+    return table
+
+
+def _ratios(tp, path) -> str:
+    """``"0.61 median, 0.69 best, 0.64 clean median"`` for one path."""
+    stats = ("median", "best", "clean_median")
+    return ", ".join(f"{tp[f'ratio_{path}_{s}']:.3f} {s.replace('_', ' ')}" for s in stats if f"ratio_{path}_{s}" in tp)
+
+
+def _bytes_table(by, cfg):
+    f32, f16 = by["float32"], by["float16"]
+    table = Table(title=f"Stored bytes per sample ({f32['n_samples']} samples, plan of params.yaml)")
+    for col in ("array", "width", "f32 B/sample", "f32 B/value", "f16 B/sample", "f16 B/value"):
+        table.add_column(col, justify="left" if col == "array" else "right")
+    for name, a in f32["arrays"].items():
+        b = f16["arrays"][name]
+        table.add_row(name, str(a["width"]), f"{a['bytes_per_sample']:.1f}", f"{a['bytes_per_value']:.2f}",
+                      f"{b['bytes_per_sample']:.1f}", f"{b['bytes_per_value']:.2f}")
+    table.add_row("[bold]whole store", "", f"{f32['bytes_per_sample']:.1f}", f"raw {f32['raw_bytes_per_sample']}",
+                  f"{f16['bytes_per_sample']:.1f}", f"raw {f16['raw_bytes_per_sample']}")
+    if cfg["grad_layers"]:
+        table.add_row("[bold]without grad.*", "", f"{f32['bytes_per_sample_without_grads']:.1f}", "",
+                      f"{f16['bytes_per_sample_without_grads']:.1f}", "")
+    return table
+
+
+def _rss_table(rss, cfg):
+    title = f"Peak RSS (VmHWM) of a whole extraction, fresh subprocess each, shard_rows {cfg['shard_rows']}"
+    table = Table(title=title)
+    for col in ("samples", "shards", "peak before extract MiB", "peak MiB", "ru_maxrss MiB", "seconds"):
+        table.add_column(col, justify="right")
+    for label in ("n", "10n"):
+        r = rss[label]
+        table.add_row(str(r["n"]), str(r["shards"]), f"{r['maxrss_before_mib']:.1f}", f"{r['maxrss_mib']:.1f}",
+                      f"{r['ru_maxrss_mib']:.1f}", f"{r['seconds']:.1f}")
+    table.caption = f"10N - N = {rss['growth_mib']:+.1f} MiB (ratio {rss['ratio']:.3f}; goal: flat)"
+    return table
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None):
+    """CLI flags; ``--quick`` overrides the sizes, and a quick run writes JSON only with ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20_000, help="images for throughput and bytes (default 20000)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per path (default 5)")
+    parser.add_argument("--rss-n", type=int, default=8_192, help="N of the RSS runs, N and 10N (default 8192)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one round, no JSON unless --out")
+    parser.add_argument("--profile", action="store_true", help="profile a layers-only extraction of --n images (at most 8192)")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--rss", type=int, default=None, metavar="N",
+                        help="internal: run one extraction of N lazy images and print peak RSS as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats, args.rss_n = 2_048, 1, 4_096
+    if args.out is None and not (args.quick or args.profile):
+        args.out = DEFAULT_OUT
+    return args
+
+
+def run_benchmark(args) -> dict:
+    """All three measurements, with the configuration and machine they ran on."""
+    machine = machine_info()
+    model, spec = default_model()
+    cfg = load_section("extract", PARAMS)
+    plan_by_name = plans(model, cfg)
+    with tempfile.TemporaryDirectory() as workdir:
+        throughput = measure_throughput(model, cfg, plan_by_name, args.n, args.repeats, workdir)
+        stored = measure_bytes(model, cfg, plan_by_name["params"], args.n, workdir)
+    rss = measure_rss(args.rss_n)
+    params = plan_by_name["params"]
+    config = {"n": args.n, "repeats": args.repeats, "rss_n": args.rss_n, "image_shape": IMAGE_SHAPE,
+              "model": spec, "layers": list(params.layers), "grad_layers": list(params.grad_layers),
+              "head": params.head, "batch_size": cfg.batch_size, "chunk_rows": cfg.chunk_rows,
+              "shard_rows": cfg.shard_rows, "compression_level": cfg.compression_level}
+    machine["loadavg_end"] = os.getloadavg()
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "config": config,
+            "throughput": throughput, "bytes": stored, "rss": rss}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.rss is not None:
+        print(json.dumps(rss_child(args.rss)))
+        return
+    if args.profile:
+        profile(min(args.n, 8_192))
+        return
+    result = run_benchmark(args)
+    print_report(result, Console(width=120))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
