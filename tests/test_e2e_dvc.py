@@ -25,6 +25,8 @@ FAST = {  # the default pipeline, shrunk so the test takes seconds
     "generate": {"n_synthetic": 40, "image_size": 12},
     "train": {"epochs": 2, "widths": [8, 16, 16], "blocks": [1, 1, 1]},
     "extract": {"chunk_rows": 16, "shard_rows": 32},  # many shards, so a kill lands mid-store
+    "search": {"n_jobs": 2, "methods": {"nac_ue": {"alpha": [0.1, 10], "O": [5, 50], "M": [50]},
+                                        "knn": {"n_neighbors": [1, 5]}, "scale": {"percentile": [60, 85]}}},
     "fit": {"detectors": {"knn": {"n_neighbors": 5}, "mahalanobis": {}, "ecod": {},
                           "iforest": {"n_estimators": 20, "random_state": 0}, "ocsvm": {}}},
 }
@@ -37,11 +39,12 @@ def env():
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def run(cmd, cwd):
+def run(cmd, cwd, stderr=True):
+    """Run ``cmd``; its stdout (and stderr, unless told not to), or fail the test with both."""
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
     if proc.returncode:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout + proc.stderr
+    return proc.stdout + (proc.stderr if stderr else "")
 
 
 def ran_stages(output):
@@ -82,7 +85,7 @@ def first_run(repo):
 
 
 def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
-    assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect"}
+    assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect", "search"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     sets = {"digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"}
     for method in ("knn", "mahalanobis", "ecod", "iforest", "ocsvm", "energy"):
@@ -100,25 +103,75 @@ def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
     assert (repo / "cache/features.zarr/zarr.json").is_file()
 
 
-def test_detect_never_loads_the_network(repo, first_run):
-    # every method scores from the store: without the checkpoint, and without even importing torch
+def without_checkpoint(repo, code):
+    """Run Python ``code`` in the repo with the checkpoint moved away; it must not import torch."""
     moved = repo / "model.pt.away"
     (repo / "cache/model.pt").rename(moved)
-    code = ("import sys; from stages import detect; "
-            "detect.run('params.yaml', 'cache/features.zarr', 'cache/detectors', 'm.json', 't.csv', 'figs', 'a.json'); "
-            "assert 'torch' not in sys.modules, 'detect imported torch'")
     try:
-        run([sys.executable, "-c", code], repo)
+        run([sys.executable, "-c", f"import sys; {code}; assert 'torch' not in sys.modules, 'torch imported'"], repo)
     finally:
         moved.rename(repo / "cache/model.pt")
+
+
+def test_detect_never_loads_the_network(repo, first_run):
+    # every method scores from the store: without the checkpoint, and without even importing torch
+    without_checkpoint(repo, "from stages import detect; detect.run('params.yaml', 'cache/features.zarr', "
+                             "'cache/detectors', 'm.json', 't.csv', 'figs', 'a.json')")
     assert json.loads((repo / "m.json").read_text())["methods"]["scale"]["score"]["far"]["auroc"] > 0.5
     for name in ("m.json", "t.csv", "a.json"):
         (repo / name).unlink()
     shutil.rmtree(repo / "figs")
 
 
+def test_search_never_runs_the_network(repo, first_run):
+    """Zero re-inference, proven: a full search over several methods with no checkpoint and no torch."""
+    without_checkpoint(repo, "from stages import search; search.run('params.yaml', 'cache/features.zarr', 'srch')")
+    board = json.loads((repo / "srch/leaderboard.json").read_text())["rows"]
+    assert {r["method"] for r in board} == {"nac_ue", "knn", "scale"} and len(board) == 4 + 2 * 11 + 2
+    assert sum(r["selected"] for r in board) == 3
+    best = yaml.safe_load((repo / "srch/best_params.yaml").read_text())
+    assert set(best["detect"]["methods"]) == {"nac_ue", "scale"} and set(best["fit"]["detectors"]) == {"knn"}
+    shutil.rmtree(repo / "srch")
+
+
 def test_unchanged_pipeline_reruns_nothing(repo, first_run):
     assert ran_stages(run(["dvc", "repro"], repo)) == set()
+
+
+def git_commit(repo, message):
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message], repo)
+
+
+def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, first_run):
+    git_commit(repo, "baseline after dvc repro")
+    assert ran_stages(run(["dvc", "exp", "run", "-S", "detect.recall=0.8"], repo)) == {"detect"}
+    run(["dvc", "exp", "run", "--queue", "-S", "detect.recall=0.85,0.9"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+    names = re.findall(r"^(\S+)\s+\S+\s+Success", status, flags=re.M)
+    for name in names:
+        logs = run(["dvc", "queue", "logs", name], repo)
+        assert ran_stages(logs) == {"detect"}, logs  # the store came from the DVC cache: no re-extraction
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, stderr=False))
+    recalls = {str(exp.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {})
+                   .get("detect", {}).get("recall")) for exp in _experiments(shown)}
+    assert {"0.85", "0.9", "0.8"} <= recalls, recalls
+    run(["git", "checkout", "-q", "--", "."], repo)
+
+
+def _experiments(shown):
+    """Every experiment record in `dvc exp show --json` output."""
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for revision in exp.get("revs") or []:
+                yield revision
 
 
 def test_detect_param_reruns_only_detect(repo, first_run):
@@ -142,7 +195,7 @@ def test_killed_extract_resumes_under_dvc_repro(repo, first_run):
     proc.wait()
     assert count_shards(progress) >= 5 and not (repo / "cache/features.zarr").exists()
     out = run(["dvc", "repro"], repo)
-    assert ran_stages(out) == {"extract", "fit", "detect"} and "resuming staged store" in out
+    assert ran_stages(out) == {"extract", "fit", "detect", "search"} and "resuming staged store" in out
     assert json.loads((repo / "cache/features.zarr/zarr.json").read_text())["attributes"]["layerscope"]["complete"]
 
 
