@@ -18,7 +18,7 @@ install: $(STAMP)
 
 repro: install
 	dvc repro
-	dvc metrics show
+	layerscope summary
 
 bench: install
 	python benchmarks/bench_extract.py

@@ -136,6 +136,28 @@ def _fmt(value):
 
 @app.command()
 @user_errors
+def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
+            all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns.")):
+    """Print the headline results of reports/metrics.json: near/far AUROC and FPR@95 per method."""
+    import json
+
+    from pipeline.errors import DataError
+    from pipeline.report import summary_rows
+
+    path = _path(metrics, "metrics")
+    if not path.is_file():
+        raise DataError(f"Metrics file '{path}' does not exist. Hint: run `dvc repro` (or `layerscope detect`).")
+    data = json.loads(path.read_text())
+    table = Table("method", "column", "AUROC near", "FPR@95 near", "AUROC far", "FPR@95 far",
+                  title=f"{path} (ID accuracy {data['id_accuracy']:.4f}; FPR@95 = ID FPR at 95% OOD recall)")
+    for row in summary_rows(data["methods"], all_columns=all_columns):
+        table.add_row(row["method"], row["column"], *(_fmt(row.get(k)) for k in (
+            "auroc_near", "fpr95_near", "auroc_far", "fpr95_far")))
+    console.print(table)
+
+
+@app.command()
+@user_errors
 def layers(params: Path = ParamsOpt,
            model: Path = typer.Option(None, help="A checkpoint; default: the configured, untrained backbone.")):
     """List the hookable layer names of the model, with their output shapes."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.aggregate import aggregate, argmax_layer_counts
+from pipeline.aggregate import AGGREGATIONS, aggregate, argmax_layer_counts
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.plots import plot_layer_auroc
 
@@ -111,6 +111,25 @@ def write_csv(rows: list[dict], path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def summary_rows(results: dict, *, all_columns=False) -> list[dict]:
+    """Headline rows of ``metrics.json``'s methods: near/far AUROC and FPR@95.
+
+    A network-level method's headline is its ``score``; a per-layer method shows
+    its final layer and its aggregations (every column with ``all_columns``).
+    """
+    rows = []
+    for method, columns in results.items():
+        names = list(columns)
+        if not all_columns:
+            layers = [c for c in names if c not in AGGREGATIONS and c != "score"]
+            names = ["score"] if "score" in columns else layers[-1:] + [c for c in names if c in AGGREGATIONS]
+        for col in names:
+            per = columns[col]
+            rows.append({"method": method, "column": col,
+                         **{f"{m}_{g}": per[g][m] for g in GROUPS if g in per for m in ("auroc", "fpr95")}})
+    return rows
 
 
 def argmax_counts(scores_by_set: dict, layers) -> dict:

@@ -102,3 +102,18 @@ def test_inspect_refuses_an_incomplete_store(tmp_path):
         pass
     result = runner.invoke(app, ["inspect", str(tmp_path / "s.zarr")], terminal_width=400)
     assert "incomplete" in one_line_error(result)
+
+
+def test_summary_shows_headline_columns(tmp_path):
+    import json
+
+    per = {"near": {"auroc": 0.91, "fpr95": 0.2}, "far": {"auroc": 0.99, "fpr95": 0.01}}
+    metrics = {"id_accuracy": 0.97, "methods": {"knn": {"layer1": per, "fc": per, "max_z": per},
+                                                 "msp": {"score": {**per, "near": {"auroc": 0.75, "fpr95": 0.5}}}}}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    out = runner.invoke(app, ["summary", "--metrics", str(path)], terminal_width=200).output
+    assert "0.9700" in out and "0.7500" in out and "max_z" in out and "fc" in out and "layer1" not in out
+    assert "layer1" in runner.invoke(app, ["summary", "--metrics", str(path), "--all"], terminal_width=200).output
+    assert "does not exist" in one_line_error(runner.invoke(app, ["summary", "--metrics", str(tmp_path / "x.json")],
+                                                            terminal_width=400))
