@@ -158,7 +158,8 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
             break
         time.sleep(2)
     assert status.count("Success") == 2, status
-    names = re.findall(r"^(\S+)\s+\S+\s+Success", status, flags=re.M)
+    # rows read "<task id>  <name>  <created, e.g. 02:55 PM>  Success"
+    names = re.findall(r"^\s*[0-9a-f]+\s+(\S+)\s.*\bSuccess\s*$", status, flags=re.M)
     assert len(names) == 2, status
     for name in names:
         logs = run(["dvc", "queue", "logs", name], repo)
