@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params, features, out, grid=None):
-    cfg = load_section("search", params) if grid is None else build_config(SearchConfig, read_params(grid), "search")
+    cfg = load_section("search", params) if grid is None else _grid_config(grid)
     store = open_store(features)
     result = run_search(store, cfg.methods, metric=cfg.metric, aggregations=cfg.aggregations, recall=cfg.recall,
                         n_jobs=cfg.n_jobs, ood_val=ood_sets(store, "val"), ood_test=ood_sets(store, "test"))
@@ -29,3 +29,9 @@ def run(params, features, out, grid=None):
     (out / "best_params.yaml").write_text(yaml.safe_dump(result.best_params(), sort_keys=False))
     log.info("search: %d configurations; winners in %s", len(rows), out / "best_params.yaml")
     return rows, cfg
+
+
+def _grid_config(path):
+    """A grid file holds the keys of the search section, or a whole ``search:`` section."""
+    values = read_params(path)
+    return build_config(SearchConfig, values.get("search", values) if set(values) == {"search"} else values, "search")

@@ -117,3 +117,16 @@ def test_summary_shows_headline_columns(tmp_path):
     assert "layer1" in runner.invoke(app, ["summary", "--metrics", str(path), "--all"], terminal_width=200).output
     assert "does not exist" in one_line_error(runner.invoke(app, ["summary", "--metrics", str(tmp_path / "x.json")],
                                                             terminal_width=400))
+
+
+def test_search_grid_file_errors_are_one_line(tmp_path, blobs):
+    from tests.test_scoring import write_store
+
+    write_store(tmp_path / "s.zarr", blobs)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("search:\n  methods: {knn: {n_neighbours: [1, 5]}}\n")
+    args = ["search", "--features", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "out"), "--grid", str(grid)]
+    line = one_line_error(runner.invoke(app, args, terminal_width=400))
+    assert "n_neighbours" in line and "n_neighbors" in line
+    grid.write_text("metric: auc\nmethods: {knn: {}}\n")
+    assert "'search.metric'" in one_line_error(runner.invoke(app, args, terminal_width=400))
