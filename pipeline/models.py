@@ -111,7 +111,14 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-ARCHITECTURES = {"cifar_resnet": CifarResNet}
+def architectures() -> dict:
+    """Every buildable backbone: the default CIFAR ResNet and the seeds' backbones.
+
+    :mod:`pipeline.backbones` builds on this module, so it is imported here, late.
+    """
+    from pipeline.backbones import BACKBONES
+
+    return {"cifar_resnet": CifarResNet, **BACKBONES}
 
 
 def build_model(spec: dict) -> nn.Module:
@@ -125,11 +132,12 @@ def build_model(spec: dict) -> nn.Module:
     """
     spec = dict(spec)
     arch = spec.pop("arch", None)
-    if arch not in ARCHITECTURES:
-        raise invalid_param("train.arch", "train", f"one of {sorted(ARCHITECTURES)}", arch)
+    archs = architectures()
+    if arch not in archs:
+        raise invalid_param("train.arch", "train", f"one of {sorted(archs)}", arch)
     if len(spec.get("widths", ())) != len(spec.get("blocks", ())):
         raise invalid_param("train.blocks", "train", "a list as long as train.widths", spec.get("blocks"))
-    return ARCHITECTURES[arch](**spec)
+    return archs[arch](**spec)
 
 
 def init_model(spec: dict, seed: int) -> nn.Module:

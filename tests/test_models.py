@@ -24,7 +24,7 @@ def test_init_is_seeded_and_leaves_the_global_rng_alone():
 
 
 def test_unknown_arch_and_mismatched_blocks():
-    with pytest.raises(ConfigError, match=r"'train.arch' .* one of \['cifar_resnet'\]. Got 'vgg99'"):
+    with pytest.raises(ConfigError, match=r"'train.arch' .* one of \[.*'cifar_resnet'.*'wrn40_2_cifar'\]. Got 'vgg99'"):
         build_model({**TINY_SPEC, "arch": "vgg99"})
     with pytest.raises(ConfigError, match=r"'train.blocks' .* as long as train.widths"):
         build_model({**TINY_SPEC, "blocks": [1]})
@@ -67,3 +67,13 @@ def test_device_auto_and_unavailable_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_seed_backbones_build_and_round_trip_through_a_checkpoint(tmp_path):
+    spec = {"arch": "wrn40_2_cifar", "num_classes": 10}
+    model = init_model(spec, seed=0).eval()
+    path = save_checkpoint(model, spec, tmp_path / "wrn.pt")
+    loaded, _ = load_checkpoint(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x)) and model(x).shape == (2, 10)
