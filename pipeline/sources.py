@@ -1,0 +1,313 @@
+"""Real benchmark data sources, read by torchvision's own loaders.
+
+Each source in :data:`SOURCES` builds a torch ``Dataset`` whose items have the
+same shape as :class:`pipeline.datasets.SplitDataset`'s: ``(image, label)``, with
+``image`` a float32 tensor of shape (channels, image_size, image_size) in [0, 1]
+and ``label`` a Python ``int``.
+
+* ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashionmnist``: torchvision's
+  ``CIFAR10``, ``CIFAR100``, ``SVHN``, ``MNIST`` and ``FashionMNIST``, with ``root``
+  passed as it is, so the files sit where torchvision puts them
+  (:data:`EXPECTED_LAYOUT`).
+* ``imagefolder``: torchvision's ``ImageFolder`` at ``path`` (one sub-folder per
+  class), for LSUN-crop/resize, iSUN, Textures/DTD, Places365, TinyImageNet,
+  iNaturalist, SUN, OpenImage-O, TinyImages-300k and the like.
+* ``constant``: LA-OOD's synthetic constant-colour set, generated from a seed.
+
+Every image goes through the same transform (:func:`make_transform`): it is
+converted to ``channels`` channels (a grey image is repeated to RGB, an RGB image
+is turned grey with PIL's ITU-R 601-2 luma), resized so that its shorter side is
+``image_size`` and centre-cropped to a square (``transforms.Resize`` then
+``CenterCrop``; a square image is thus plainly resized), and turned into a tensor
+by ``ToTensor``. Nothing is normalised here: the model holds the ID statistics.
+
+Nothing is downloaded unless ``download=True``; missing files raise a one-line
+:class:`~pipeline.errors.DataError` that names the data set and its layout.
+"""
+
+import numbers
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision import datasets, transforms
+
+from pipeline.errors import DataError, invalid_param
+
+_OWNER = "load_source"
+PARTS = ("train", "test")
+CHANNELS = (1, 3)
+# Size of the constant set when ``n`` is not given: that of the CIFAR test sets.
+CONSTANT_DEFAULT_N = 10_000
+MISSING_HINT = "pass download: true on a machine that is online, or point root at the data"
+# ImageFolder has no download: its data sets are fetched by hand.
+FOLDER_HINT = "point root (and path) at the extracted data"
+
+EXPECTED_LAYOUT = {
+    "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
+    "cifar100": "ROOT/cifar-100-python/{train, test, meta}",
+    "svhn": "ROOT/{train_32x32.mat, test_32x32.mat}",
+    "mnist": "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "fashionmnist": "ROOT/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "imagefolder": "PATH/<class>/<image>.{png,jpg,...} (PATH relative to ROOT unless absolute)",
+    "constant": "nothing on disk: the images are generated from the seed",
+}
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """Everything a builder in :data:`SOURCES` may need.
+
+    Attributes
+    ----------
+    root : str
+        Directory that holds the data (see :data:`EXPECTED_LAYOUT`).
+    part : {"train", "test"}
+        Which part of the data set to read.
+    download : bool
+        Let torchvision download missing files.
+    transform : callable
+        PIL image -> float32 tensor (channels, image_size, image_size).
+    path : str or None
+        The ``imagefolder`` directory.
+    n : int or None
+        The ``constant`` set's size.
+    seed : int
+        The ``constant`` set's seed.
+    image_size : int
+        Side of the square output images.
+    channels : int
+        1 or 3.
+    """
+
+    root: str
+    part: str
+    download: bool
+    transform: object
+    path: object
+    n: object
+    seed: int
+    image_size: int
+    channels: int
+
+
+class ConstantColours(torch.utils.data.Dataset):
+    """LA-OOD's constant-colour set: each image is one uniformly random colour.
+
+    Parameters
+    ----------
+    n : int
+        Number of images.
+    seed : int
+        Seed of the colours; the same seed gives the same set.
+    image_size : int
+        Side of the square images.
+    channels : int
+        3 gives random RGB colours, 1 random grey levels.
+
+    Notes
+    -----
+    Items are ``(image, -1)``: an OOD set has no ID class.
+    """
+
+    def __init__(self, n, seed, image_size, channels):
+        rng = np.random.default_rng(seed)
+        self.colours = torch.from_numpy(rng.random((n, channels), dtype=np.float32))
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.colours)
+
+    def __getitem__(self, index):
+        colour = self.colours[index][:, None, None]
+        return colour.expand(-1, self.image_size, self.image_size).clone(), -1
+
+
+def _cifar10(req):
+    return datasets.CIFAR10(req.root, train=req.part == "train", transform=req.transform,
+                            download=req.download)
+
+
+def _cifar100(req):
+    return datasets.CIFAR100(req.root, train=req.part == "train", transform=req.transform,
+                             download=req.download)
+
+
+def _svhn(req):
+    return datasets.SVHN(req.root, split=req.part, transform=req.transform, download=req.download)
+
+
+def _mnist(req):
+    return datasets.MNIST(req.root, train=req.part == "train", transform=req.transform,
+                          download=req.download)
+
+
+def _fashionmnist(req):
+    return datasets.FashionMNIST(req.root, train=req.part == "train", transform=req.transform,
+                                 download=req.download)
+
+
+def _imagefolder(req):
+    if req.path is None:
+        raise invalid_param("path", _OWNER, "a directory for source 'imagefolder'", None)
+    return datasets.ImageFolder(os.path.join(req.root, req.path), transform=req.transform)
+
+
+def _constant(req):
+    n = CONSTANT_DEFAULT_N if req.n is None else req.n
+    return ConstantColours(n, req.seed, req.image_size, req.channels)
+
+
+SOURCES = {
+    "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "svhn": _svhn,
+    "mnist": _mnist,
+    "fashionmnist": _fashionmnist,
+    "imagefolder": _imagefolder,
+    "constant": _constant,
+}
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_args(name, part, image_size, channels, n):
+    """Raise ConfigError for the first invalid argument of :func:`load_source`."""
+    if name not in SOURCES:
+        raise invalid_param("name", _OWNER, f"one of {sorted(SOURCES)}", name)
+    if part not in PARTS:
+        raise invalid_param("part", _OWNER, f"one of {list(PARTS)}", part)
+    if not (_is_int(image_size) and image_size > 0):
+        raise invalid_param("image_size", _OWNER, "a positive int", image_size)
+    if channels not in CHANNELS or not _is_int(channels):
+        raise invalid_param("channels", _OWNER, f"one of {list(CHANNELS)}", channels)
+    if n is not None and not (_is_int(n) and n > 0):
+        raise invalid_param("n", _OWNER, "None or a positive int", n)
+
+
+class _ConvertMode:
+    """PIL ``convert`` as a picklable transform (DataLoader workers pickle it)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image.convert(self.mode)
+
+
+def make_transform(image_size, channels):
+    """The transform every file-backed source applies.
+
+    Parameters
+    ----------
+    image_size : int
+        Side of the square output.
+    channels : {1, 3}
+        Output channels: grey images are repeated to RGB, RGB images made grey.
+
+    Returns
+    -------
+    transforms.Compose
+        PIL image -> float32 tensor (channels, image_size, image_size) in [0, 1].
+    """
+    return transforms.Compose([
+        _ConvertMode("L" if channels == 1 else "RGB"),
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+    ])
+
+
+def _missing(name, exc):
+    """A one-line DataError for a data set whose files are missing or unreadable."""
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return DataError(
+        f"Could not read data set '{name}' ({reason}). Expected {EXPECTED_LAYOUT[name]}. "
+        f"Hint: {FOLDER_HINT if name == 'imagefolder' else MISSING_HINT}."
+    )
+
+
+def load_source(name, *, root, part="test", download=False, image_size=32, channels=3,
+                n=None, seed=0, path=None):
+    """Load one benchmark data set as a torch ``Dataset``.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`SOURCES`.
+    root : str or path-like
+        Directory holding the data, laid out as :data:`EXPECTED_LAYOUT` says.
+    part : {"train", "test"}, default="test"
+        torchvision's ``train=True/False`` (SVHN: ``split``). Ignored by
+        ``imagefolder`` and ``constant``.
+    download : bool, default=False
+        Let torchvision download missing files (needs a network).
+    image_size : int, default=32
+        Side of the square output images (the ID size).
+    channels : {1, 3}, default=3
+        Channels of the output images.
+    n : int, optional
+        At most this many samples, chosen by :func:`capped_subset` with ``seed``;
+        for ``constant``, the set's size (default :data:`CONSTANT_DEFAULT_N`).
+    seed : int, default=0
+        Seed of the cap and of the constant colours.
+    path : str or path-like, optional
+        The ``imagefolder`` directory, relative to ``root`` unless absolute.
+
+    Returns
+    -------
+    torch.utils.data.Dataset
+        Items ``(image, label)``: float32 tensor (channels, image_size,
+        image_size) in [0, 1], and an ``int`` (the data set's own class index;
+        ``-1`` for ``constant``).
+
+    Raises
+    ------
+    ConfigError
+        An unknown name or an invalid argument.
+    DataError
+        The files are missing or unreadable.
+    """
+    _check_args(name, part, image_size, channels, n)
+    req = SourceRequest(os.fspath(root), part, download, make_transform(image_size, channels),
+                        path, n, seed, image_size, channels)
+    try:
+        dataset = SOURCES[name](req)
+    except (RuntimeError, OSError) as exc:
+        raise _missing(name, exc) from exc
+    if n is None or name == "constant":
+        return dataset
+    return capped_subset(dataset, n, seed)
+
+
+def capped_subset(dataset, n, seed):
+    """A seeded random choice of at most ``n`` samples of ``dataset``.
+
+    The choice is uniform without replacement, so a class-sorted data set does
+    not give its first classes only; the chosen indices are returned in ascending
+    order so that reading stays sequential.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        Any sized dataset.
+    n : int
+        Maximum number of samples; all of them are kept if there are fewer.
+    seed : int
+        Seed of the choice.
+
+    Returns
+    -------
+    torch.utils.data.Subset
+        ``min(n, len(dataset))`` samples, indices ascending.
+    """
+    if not (_is_int(n) and n > 0):
+        raise invalid_param("n", "capped_subset", "a positive int", n)
+    size = len(dataset)
+    if n >= size:
+        return torch.utils.data.Subset(dataset, list(range(size)))
+    chosen = np.random.default_rng(seed).choice(size, size=n, replace=False)
+    return torch.utils.data.Subset(dataset, np.sort(chosen).tolist())
