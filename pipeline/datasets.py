@@ -111,6 +111,13 @@ class SplitDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return self._images[index], self._labels[index]
 
+    def rows(self, start, stop):
+        """Rows ``[start, stop)`` at once: images (n, C, S, S) and labels (n,).
+
+        Extraction reads in-memory splits by slicing rather than item by item.
+        """
+        return self._images[start:stop], torch.as_tensor(self._labels[start:stop], dtype=torch.int64)
+
 
 # --------------------------------------------------------------------------
 # Parameter validation

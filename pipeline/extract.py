@@ -311,14 +311,20 @@ def _n_classes(model, input_shape, device):
 
 def _extract_rows(model, dataset, start, stop, recorder, batch_size, device):
     """Rows ``[start, stop)`` of every array, computed batch by batch."""
-    subset = torch.utils.data.Subset(dataset, range(start, stop))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
     parts = []
-    for x, y in loader:
+    for x, y in _batches(dataset, start, stop, batch_size):
         batch = extract_batch(model, x.to(device), recorder)
         batch["label"] = np.asarray(y, dtype=np.int64)
         parts.append(batch)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _batches(dataset, start, stop, batch_size):
+    """Batches of rows ``[start, stop)``: sliced when the dataset can (in memory), else a DataLoader."""
+    if hasattr(dataset, "rows"):
+        return (dataset.rows(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size))
+    subset = torch.utils.data.Subset(dataset, range(start, stop))
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
 
 
 def store_key(**inputs) -> str:

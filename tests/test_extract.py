@@ -147,3 +147,29 @@ def test_plan_errors(tiny_model):
         resolve_plan(tiny_model, ["layer1"], (1, 8, 8), head="layer1")
     with pytest.raises(ConfigError, match=r"'extract.head' .* Got 'fc9'"):
         resolve_plan(tiny_model, ["layer1"], (1, 8, 8), head="fc9")
+
+
+class ItemOnly(torch.utils.data.Dataset):
+    """A dataset read item by item (as torchvision's are), without ``rows``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[index]
+
+
+def test_item_by_item_datasets_give_the_same_store_as_sliced_ones(tiny_model, tiny_splits, tmp_path):
+    plan = Plan(("layer1", "fc"), head="fc")
+    stores = {}
+    for kind, wrap in (("sliced", SplitDataset), ("items", lambda s: ItemOnly(SplitDataset(s)))):
+        splits = {name: (wrap(s), s.attrs) for name, s in tiny_splits.items()}
+        with StoreWriter(tmp_path / f"{kind}.zarr", kind, chunk_rows=4, shard_rows=8) as writer:
+            extract_to_store(tiny_model, splits, plan, writer, batch_size=3)
+            writer.finalize({}, plan.layers)
+        stores[kind] = open_store(tmp_path / f"{kind}.zarr")
+    for name in ("layer1", "fc", "penultimate", "energy", "label"):
+        np.testing.assert_array_equal(stores["sliced"].to_numpy("id_train", name), stores["items"].to_numpy("id_train", name))
