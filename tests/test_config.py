@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import (DetectConfig, ExtractConfig, FitConfig, GenerateConfig, TrainConfig, load_section,
+from pipeline.config import (DetectConfig, GenerateConfig, TrainConfig, load_section,
                              project_paths, read_params)
 from pipeline.errors import ConfigError
 

@@ -57,7 +57,7 @@ def check_matrix(x, name, owner):
     return x
 
 
-def read_head(features, owner):
+def read_head(features, owner, n_features=None):
     """The penultimate features and the final linear layer, checked to fit together.
 
     Parameters
@@ -66,6 +66,8 @@ def read_head(features, owner):
         Needs ``penultimate``, ``head_weight`` and ``head_bias``.
     owner : str
         The scorer, for error messages.
+    n_features : int, optional
+        The width a fitted scorer saw; a different width is refused.
 
     Returns
     -------
@@ -79,6 +81,8 @@ def read_head(features, owner):
     if weight.shape[1] != a.shape[1] or bias.shape != (weight.shape[0],):
         raise DataError(f"{owner} expects penultimate (n, d), head_weight (c, d) and head_bias (c,); got "
                         f"penultimate {a.shape}, head_weight {weight.shape}, head_bias {bias.shape}.")
+    if n_features is not None and a.shape[1] != n_features:
+        raise DataError(f"{owner} was fitted on {n_features} penultimate features; got {a.shape[1]}.")
     return a, weight, bias
 
 

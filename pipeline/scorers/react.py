@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from pipeline.errors import DataError, invalid_param
+from pipeline.errors import invalid_param
 from pipeline.scorers.base import BaseScorer
 from pipeline.scorers.energy import check_matrix, energy_scores, head_logits, read_head
 
@@ -117,7 +117,5 @@ class ReActScorer(BaseScorer):
             Higher = more OOD.
         """
         self._check_fitted()
-        a, weight, bias = read_head(features, "ReAct")
-        if a.shape[1] != self.n_features_in_:
-            raise DataError(f"ReAct was fitted on {self.n_features_in_} penultimate features; got {a.shape[1]}.")
+        a, weight, bias = read_head(features, "ReAct", self.n_features_in_)
         return energy_scores(head_logits(react_features(a, self.threshold_), weight, bias))

@@ -141,9 +141,7 @@ class ViMScorer(BaseScorer):
             Higher = more OOD.
         """
         self._check_fitted()
-        a, weight, bias = read_head(features, "ViM")
-        if a.shape[1] != self.n_features_in_:
-            raise DataError(f"ViM was fitted on {self.n_features_in_} penultimate features; got {a.shape[1]}.")
+        a, weight, bias = read_head(features, "ViM", self.n_features_in_)
         return vim_scores(a, weight, bias, self.origin_, self.null_space_, self.alpha_)
 
     def _resolve_dim(self, n_features):
