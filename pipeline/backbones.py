@@ -435,6 +435,9 @@ BACKBONES = {
     "vit_b16_imagenet": vit_b16_imagenet,
 }
 
+# Backbones that bring their own input normalisation (ImageNet's) when train.mean is unset.
+OWN_NORMALISATION = frozenset({"resnet50_imagenet", "vit_b16_imagenet"})
+
 _VIT_BLOCKS = [f"net.encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)]
 
 #: Block-level layer sets, NAC style (stage outputs, then the pooled feature).

@@ -22,42 +22,153 @@ from pipeline.errors import ConfigError, invalid_param
 DEVICE_HINT = "use 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."
 
 
+SOURCE_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagefolder", "constant")
+BENCHMARKS = ("digits", "sources")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One data set of a ``sources`` benchmark (``generate.id_train``, ``generate.far.svhn``, ...).
+
+    ``source`` names a loader of :mod:`pipeline.sources`; ``part`` is torchvision's
+    train/test part; ``path`` is an ``imagefolder`` directory relative to
+    ``generate.root``; ``n`` caps this set (seeded, shuffled) or sizes ``constant``.
+    """
+
+    source: str
+    part: str = "test"
+    path: str | None = None
+    n: int | None = None
+
+    def check(self, name: str):
+        """Validate, naming the entry's dotted parameter (e.g. ``generate.far.texture``)."""
+        _check_choice(f"{name}.source", self.source, SOURCE_NAMES)
+        _check_choice(f"{name}.part", self.part, ("train", "test"))
+        if self.source == "imagefolder" and not self.path:
+            raise invalid_param(f"{name}.path", "generate", "a directory (relative to generate.root) for "
+                                "source 'imagefolder'", self.path, hint="e.g. path: texture")
+        if self.n is not None:
+            _check_positive(f"{name}.n", self.n)
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Parameters of the ``generate`` stage (the embedded "digits" benchmark)."""
+    """Parameters of the ``generate`` stage.
+
+    ``benchmark: digits`` builds the embedded benchmark (the digits fields);
+    ``benchmark: sources`` writes index files over the user's data sets under
+    ``root`` (the ``id_*``, ``near``, ``far`` and cap fields). ``image_size``,
+    ``seed`` and ``val_fraction`` serve both: in ``sources`` mode, ``val_fraction``
+    of the ID test part becomes ID-val, and the same fraction of each OOD set
+    becomes its val half (for selection; only the test halves are reported).
+    """
 
     benchmark: str = "digits"
     seed: int = 0
     image_size: int = 16
-    holdout_classes: tuple[int, ...] = (8, 9)
     val_fraction: float = 0.2
+    # digits
+    holdout_classes: tuple[int, ...] = (8, 9)
     test_fraction: float = 0.2
     n_synthetic: int = 400
+    # sources
+    root: str = "data/raw"
+    download: bool = False
+    channels: int = 3
+    resize: int | None = None  # shorter side before the centre crop; image_size when unset
+    max_train: int | None = None
+    max_test: int | None = None
+    max_ood: int | None = 10_000
+    id_train: SourceSpec | None = None
+    id_test: SourceSpec | None = None
+    near: Mapping[str, SourceSpec] = field(default_factory=dict)
+    far: Mapping[str, SourceSpec] = field(default_factory=dict)
 
     def __post_init__(self):
-        _check_choice("generate.benchmark", self.benchmark, ("digits",))
+        _check_choice("generate.benchmark", self.benchmark, BENCHMARKS)
+        _check_positive("generate.image_size", self.image_size)
+        _check_choice("generate.channels", self.channels, (1, 3))
+        if not 0.0 < self.val_fraction < 1.0:
+            raise invalid_param("generate.val_fraction", "generate", "a float in (0, 1)", self.val_fraction)
+        for name in ("resize", "max_train", "max_test", "max_ood"):
+            if getattr(self, name) is not None:
+                _check_positive(f"generate.{name}", getattr(self, name))
+        if self.benchmark == "sources":
+            self._check_sources()
+
+    def _check_sources(self):
+        for name in ("id_train", "id_test"):
+            if getattr(self, name) is None:
+                raise invalid_param(f"generate.{name}", "generate", "a data set, e.g. {source: cifar10}", None,
+                                    hint="see configs/ for complete presets.")
+        if not (self.near or self.far):
+            raise invalid_param("generate.far", "generate", "at least one OOD set in near or far", {})
+        both = sorted(set(self.near) & set(self.far))
+        if both:
+            raise invalid_param(f"generate.far.{both[0]}", "generate", "a name not also used in generate.near",
+                                both[0])
+        self.id_train.check("generate.id_train")
+        self.id_test.check("generate.id_test")
+        for name, (role, spec) in self.ood_sets.items():
+            if not name.isidentifier() or name.startswith("id"):
+                raise invalid_param(f"generate.{role}", "generate", "OOD set names that are identifiers not "
+                                    "starting with 'id'", name)
+            spec.check(f"generate.{role}.{name}")
+
+    @property
+    def ood_sets(self) -> dict[str, tuple[str, SourceSpec]]:
+        """``name -> (role, spec)`` for every OOD set, near first."""
+        return {**{k: ("near", v) for k, v in self.near.items()}, **{k: ("far", v) for k, v in self.far.items()}}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Parameters of the ``train`` stage (backbone architecture and optimiser)."""
+    """Parameters of the ``train`` stage (backbone architecture and optimiser).
+
+    With ``checkpoint`` (a local state_dict) or ``weights`` (a torchvision weights
+    name, ImageNet backbones only), nothing is trained: the stage imports the
+    weights into a layerscope checkpoint, whose spec records their origin and
+    sha256, and reports ID accuracy. ``mean``/``std`` are the model's input
+    normalisation; when unset they are the ID-train channel statistics.
+    """
 
     arch: str = "cifar_resnet"
-    widths: tuple[int, ...] = (16, 32, 64)
-    blocks: tuple[int, ...] = (1, 1, 1)
+    widths: tuple[int, ...] = (16, 32, 64)  # cifar_resnet only
+    blocks: tuple[int, ...] = (1, 1, 1)  # cifar_resnet only
     epochs: int = 15
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    augment: bool = False  # random crop (pad 4) and horizontal flip: CIFAR's standard augmentation
     seed: int = 0
     device: str = "auto"
+    num_workers: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    checkpoint: str | None = None
+    openood_keys: bool = False  # rename an OpenOOD v1.5 checkpoint's keys (module./backbone./shortcut)
+    weights: str | None = None
+    evaluate: bool = True  # ID accuracy of the (trained or imported) model on every ID split
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.lr", self.lr)
         _check_device("train.device", self.device)
+        if self.num_workers < 0:
+            raise invalid_param("train.num_workers", "train", "a non-negative int", self.num_workers)
+        if (self.mean is None) != (self.std is None):
+            raise invalid_param("train.std" if self.std is None else "train.mean", "train",
+                                "set together with train.mean/train.std", None)
+        if self.checkpoint is not None and self.weights is not None:
+            raise invalid_param("train.weights", "train", "null when train.checkpoint is set", self.weights,
+                                hint="give either a local checkpoint or a torchvision weights name.")
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the stage imports weights instead of training."""
+        return self.checkpoint is not None or self.weights is not None
 
 
 @dataclass(frozen=True)
@@ -73,8 +184,11 @@ class ExtractConfig:
     chunk_rows: int = 512
     shard_rows: int = 4096
     compression_level: int = 3
+    num_workers: int = 0  # DataLoader workers for data sets read from files
 
     def __post_init__(self):
+        if self.num_workers < 0:
+            raise invalid_param("extract.num_workers", "extract", "a non-negative int", self.num_workers)
         if not self.layers:
             raise invalid_param("extract.layers", "extract", "a non-empty list", list(self.layers))
         _check_positive("extract.batch_size", self.batch_size)
@@ -233,7 +347,13 @@ def _coerce(name, value, hint):
     if origin is not None and issubclass(origin, Mapping):
         if not isinstance(value, Mapping):
             raise invalid_param(name, "params.yaml", "a mapping", value)
+        if dataclasses.is_dataclass(args[1]):
+            return {str(k): _coerce(f"{name}.{k}", v, args[1]) for k, v in value.items()}
         return {str(k): (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise invalid_param(name, "params.yaml", "a mapping", value)
+        return build_config(hint, value, prefix=name)
     return _coerce_scalar(name, value, hint)
 
 

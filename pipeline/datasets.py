@@ -27,6 +27,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import typing
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -81,6 +82,16 @@ class ImageSplit:
     images: np.ndarray
     labels: np.ndarray
     attrs: dict
+
+    kind: typing.ClassVar[str] = "images"  # the manifest's "kind": how open_split reads it back
+
+    def save(self, directory):
+        """Write to ``directory/<name>.npz``; see :func:`save_split`."""
+        return save_split(self, directory)
+
+    def fingerprint(self):
+        """See :func:`split_fingerprint`."""
+        return split_fingerprint(self)
 
 
 class SplitDataset(torch.utils.data.Dataset):
@@ -645,8 +656,8 @@ def _write_all(splits, directory):
     """Write every split and the manifest (last) into ``directory``."""
     entries = {}
     for split in splits:
-        path = save_split(split, directory)
-        entry = {"file": path.name, "fingerprint": split_fingerprint(split)}
+        path = split.save(directory)
+        entry = {"file": path.name, "kind": split.kind, "fingerprint": split.fingerprint()}
         entries[split.name] = {**entry, **split.attrs}
     manifest = {"benchmark": _benchmark_name(splits), "splits": entries}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -687,8 +698,9 @@ def write_benchmark(splits, directory):
 
     Parameters
     ----------
-    splits : list of ImageSplit
-        Uniquely named splits of one benchmark.
+    splits : list of ImageSplit or IndexSplit
+        Uniquely named splits of one benchmark: anything with ``name``,
+        ``attrs``, ``kind``, ``save(directory) -> Path`` and ``fingerprint()``.
     directory : str or path-like
 
     Returns

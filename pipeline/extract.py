@@ -258,7 +258,7 @@ def head_parameters(model, head: str) -> dict[str, np.ndarray]:
 
 
 def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, batch_size=128, device="cpu",
-                     dtype="float32"):
+                     dtype="float32", num_workers=0):
     """Run every split through the model and write whole shards to ``writer``.
 
     Parameters
@@ -277,6 +277,8 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     device : torch.device or str
     dtype : {"float32", "float16"}
         Storage dtype of the pooled activations.
+    num_workers : int
+        DataLoader workers for datasets read item by item (decoded from files).
     """
     first = next(iter(splits.values()))[0]
     input_shape = tuple(first[0][0].shape)
@@ -293,7 +295,7 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
             writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)})
             for index in todo[name]:
                 start, stop = writer.shard_range(index, len(dataset))
-                data = _extract_rows(model, dataset, start, stop, recorder, batch_size, device)
+                data = _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers)
                 writer.write_shard(name, index, data)
                 bar.update(stop - start)
     return specs
@@ -309,22 +311,22 @@ def _n_classes(model, input_shape, device):
         return int(model(torch.zeros((1, *input_shape), device=device)).shape[1])
 
 
-def _extract_rows(model, dataset, start, stop, recorder, batch_size, device):
+def _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers=0):
     """Rows ``[start, stop)`` of every array, computed batch by batch."""
     parts = []
-    for x, y in _batches(dataset, start, stop, batch_size):
+    for x, y in _batches(dataset, start, stop, batch_size, num_workers):
         batch = extract_batch(model, x.to(device), recorder)
         batch["label"] = np.asarray(y, dtype=np.int64)
         parts.append(batch)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-def _batches(dataset, start, stop, batch_size):
+def _batches(dataset, start, stop, batch_size, num_workers=0):
     """Batches of rows ``[start, stop)``: sliced when the dataset can (in memory), else a DataLoader."""
     if hasattr(dataset, "rows"):
         return (dataset.rows(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size))
     subset = torch.utils.data.Subset(dataset, range(start, stop))
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def store_key(**inputs) -> str:

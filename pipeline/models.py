@@ -132,6 +132,7 @@ def build_model(spec: dict) -> nn.Module:
     """
     spec = dict(spec)
     arch = spec.pop("arch", None)
+    spec.pop("origin", None)  # where imported weights came from: provenance, not a constructor argument
     archs = architectures()
     if arch not in archs:
         raise invalid_param("train.arch", "train", f"one of {sorted(archs)}", arch)
@@ -147,8 +148,93 @@ def init_model(spec: dict, seed: int) -> nn.Module:
         return build_model(spec)
 
 
-def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0, device="cpu"):
-    """Train with SGD + cosine schedule on a (image, label) dataset.
+def model_spec(cfg, *, num_classes, in_channels, mean=None, std=None) -> dict:
+    """The architecture spec a checkpoint records, from the ``train`` params.
+
+    Parameters
+    ----------
+    cfg : pipeline.config.TrainConfig
+    num_classes, in_channels : int
+        From the ID data.
+    mean, std : list of float, optional
+        Input normalisation; ``cfg.mean``/``cfg.std`` take precedence. None lets
+        the architecture choose (ImageNet statistics for torchvision backbones).
+    """
+    spec = {"arch": cfg.arch, "num_classes": num_classes, "in_channels": in_channels,
+            "mean": list(cfg.mean) if cfg.mean is not None else mean,
+            "std": list(cfg.std) if cfg.std is not None else std}
+    if cfg.arch == "cifar_resnet":  # the only architecture with a configurable size
+        spec.update(widths=list(cfg.widths), blocks=list(cfg.blocks))
+    return spec
+
+
+def import_model(spec: dict, *, checkpoint=None, openood_keys=False, weights=None):
+    """Build ``spec``'s architecture with pretrained weights instead of training it.
+
+    Parameters
+    ----------
+    spec : dict
+        From :func:`model_spec`.
+    checkpoint : str or Path, optional
+        A local state_dict (or a dict holding one under ``"state_dict"``), read
+        with ``torch.load(weights_only=True)``; see :func:`pipeline.backbones.load_weights`.
+    openood_keys : bool
+        Rename an OpenOOD v1.5 checkpoint's keys first.
+    weights : str, optional
+        A torchvision weights name (ImageNet backbones); torchvision fetches it
+        unless it is in its cache (``TORCH_HOME``).
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode.
+    spec : dict
+        ``spec`` plus ``origin``: the checkpoint's path and sha256, or the weights name.
+    """
+    from pipeline.backbones import load_weights
+
+    if checkpoint is not None:
+        model = load_weights(build_model(spec), checkpoint, openood=openood_keys)
+        origin = {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "openood_keys": openood_keys}
+    else:
+        try:
+            model = build_model({**spec, "weights": weights})
+        except TypeError:
+            raise invalid_param("train.weights", "train", "null for this architecture (torchvision weights names "
+                                "are for resnet50_imagenet and vit_b16_imagenet)", weights,
+                                hint="give a local state_dict as train.checkpoint instead.") from None
+        origin = {"weights": weights}
+    return model.eval(), {**spec, "origin": origin}
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR's standard augmentation: a random crop after zero-padding by ``pad``, then a random flip.
+
+    Parameters
+    ----------
+    x : Tensor of shape (batch, C, S, S)
+    generator : torch.Generator
+        A CPU generator: the same seed gives the same crops and flips.
+
+    Returns
+    -------
+    Tensor of shape (batch, C, S, S)
+    """
+    b, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (b, h)
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # (b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0, device="cpu",
+                augment=False, num_workers=0):
+    """Train with SGD + one-cycle schedule on a (image, label) dataset.
 
     Parameters
     ----------
@@ -160,6 +246,10 @@ def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_
     seed : int
         Seeds the shuffling (a dedicated ``torch.Generator``).
     device : torch.device or str
+    augment : bool
+        Apply :func:`augment_batch` (seeded) to every batch.
+    num_workers : int
+        DataLoader workers (for data sets decoded from files).
 
     Returns
     -------
@@ -168,18 +258,24 @@ def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_
     """
     model.to(device).train()
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
     )
+    aug = torch.Generator().manual_seed(seed + 1) if augment else None
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
     history = []
     bar = tqdm(range(epochs), desc="train", unit="epoch", disable=None)
     for _ in bar:
-        losses = [_train_step(model, opt, sched, x.to(device), y.to(device)) for x, y in loader]
+        losses = [_train_step(model, opt, sched, _maybe_augment(x.to(device), aug), y.to(device)) for x, y in loader]
         history.append(float(np.mean(losses)))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history
+
+
+def _maybe_augment(x, generator):
+    return x if generator is None else augment_batch(x, generator)
 
 
 def _train_step(model, opt, sched, x, y):
@@ -192,10 +288,10 @@ def _train_step(model, opt, sched, x, y):
 
 
 @torch.inference_mode()
-def predict(model, dataset, *, batch_size=256, device="cpu") -> np.ndarray:
+def predict(model, dataset, *, batch_size=256, device="cpu", num_workers=0) -> np.ndarray:
     """Predicted class per item, shape (n_samples,). Used for the training report."""
     model.to(device).eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     return np.concatenate([model(x.to(device)).argmax(1).cpu().numpy() for x, _ in loader])
 
 

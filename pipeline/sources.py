@@ -198,7 +198,7 @@ class _ConvertMode:
         return image.convert(self.mode)
 
 
-def make_transform(image_size, channels):
+def make_transform(image_size, channels, resize=None):
     """The transform every file-backed source applies.
 
     Parameters
@@ -207,6 +207,9 @@ def make_transform(image_size, channels):
         Side of the square output.
     channels : {1, 3}
         Output channels: grey images are repeated to RGB, RGB images made grey.
+    resize : int, optional
+        Shorter side before the centre crop; ``image_size`` when None.
+        ImageNet's evaluation transform is ``resize=256, image_size=224``.
 
     Returns
     -------
@@ -215,7 +218,7 @@ def make_transform(image_size, channels):
     """
     return transforms.Compose([
         _ConvertMode("L" if channels == 1 else "RGB"),
-        transforms.Resize(image_size),
+        transforms.Resize(image_size if resize is None else resize),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
     ])
@@ -231,7 +234,7 @@ def _missing(name, exc):
 
 
 def load_source(name, *, root, part="test", download=False, image_size=32, channels=3,
-                n=None, seed=0, path=None):
+                n=None, seed=0, path=None, resize=None):
     """Load one benchmark data set as a torch ``Dataset``.
 
     Parameters
@@ -256,6 +259,8 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
         Seed of the cap and of the constant colours.
     path : str or path-like, optional
         The ``imagefolder`` directory, relative to ``root`` unless absolute.
+    resize : int, optional
+        Shorter side before the centre crop (see :func:`make_transform`).
 
     Returns
     -------
@@ -272,7 +277,9 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
         The files are missing or unreadable.
     """
     _check_args(name, part, image_size, channels, n)
-    req = SourceRequest(os.fspath(root), part, download, make_transform(image_size, channels),
+    if resize is not None and not (_is_int(resize) and resize >= image_size):
+        raise invalid_param("resize", _OWNER, f"None or an int >= image_size={image_size}", resize)
+    req = SourceRequest(os.fspath(root), part, download, make_transform(image_size, channels, resize),
                         path, n, seed, image_size, channels)
     try:
         dataset = SOURCES[name](req)
@@ -311,3 +318,76 @@ def capped_subset(dataset, n, seed):
         return torch.utils.data.Subset(dataset, list(range(size)))
     chosen = np.random.default_rng(seed).choice(size, size=n, replace=False)
     return torch.utils.data.Subset(dataset, np.sort(chosen).tolist())
+
+
+def source_targets(dataset):
+    """Every item's own class index, read without decoding an image.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        A data set of :data:`SOURCES`, before any cap.
+
+    Returns
+    -------
+    ndarray of shape (len(dataset),), int64
+        torchvision's ``targets`` (``labels`` for SVHN); ``-1`` for ``constant``.
+    """
+    if isinstance(dataset, ConstantColours):
+        return np.full(len(dataset), -1, dtype=np.int64)
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = dataset.labels  # SVHN
+    return np.asarray(targets, dtype=np.int64).reshape(-1)
+
+
+def source_classes(dataset):
+    """Class names of a source, or None for one without classes (``constant``, SVHN)."""
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes is not None else None
+
+
+# Files (relative to root) that torchvision reads per source: their names and
+# sizes make a cheap signature of the data behind an index file.
+_SOURCE_FILES = {
+    "cifar10": ("cifar-10-batches-py",),
+    "cifar100": ("cifar-100-python",),
+    "svhn": ("{part}_32x32.mat",),
+    "mnist": ("MNIST/raw",),
+    "fashionmnist": ("FashionMNIST/raw",),
+}
+
+
+def data_signature(name, root, part, dataset, indices):
+    """A cheap signature of the files behind the chosen samples: names and byte sizes.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`SOURCES`.
+    root : str or path-like
+        The data root the source was read from.
+    part : {"train", "test"}
+    dataset : torch.utils.data.Dataset
+        The uncapped source (``imagefolder``: its ``samples`` give the files).
+    indices : ndarray of int
+        The chosen samples.
+
+    Returns
+    -------
+    list of [str, int]
+        ``[relative path, size]`` per file, sorted; empty for ``constant``.
+        File contents are not hashed: that would mean reading every image.
+    """
+    root = os.fspath(root)
+    if name == "imagefolder":
+        files = [dataset.samples[i][0] for i in np.asarray(indices).tolist()]
+    else:
+        files = []
+        for entry in _SOURCE_FILES.get(name, ()):
+            path = os.path.join(root, entry.format(part=part))
+            if os.path.isdir(path):
+                files += [os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))]
+            elif os.path.isfile(path):
+                files.append(path)
+    return sorted([os.path.relpath(f, root), os.path.getsize(f)] for f in files)

@@ -5,17 +5,16 @@ which the next run continues from its last complete shard.
 """
 
 import logging
-from pathlib import Path
 
 import torch
 import zarr
 
 import pipeline
 from pipeline.config import load_section
-from pipeline.datasets import SplitDataset, load_split, read_manifest
 from pipeline.extract import extract_to_store, resolve_plan, store_key
 from pipeline.models import file_sha256, load_checkpoint, resolve_device
 from pipeline.store import STORE_FORMAT, StoreWriter
+from pipeline.userdata import open_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +22,15 @@ log = logging.getLogger(__name__)
 def run(params, data, checkpoint, out):
     cfg = load_section("extract", params)
     device = resolve_device(cfg.device)
-    model, _spec = load_checkpoint(checkpoint, device)
-    manifest = read_manifest(data)
-    splits = {name: load_split(Path(data) / entry["file"]) for name, entry in manifest["splits"].items()}
-    input_shape = splits["id_train"].images.shape[1:]
+    model, spec = load_checkpoint(checkpoint, device)
+    splits = open_benchmark(data)
+    input_shape = tuple(splits["id_train"].dataset[0][0].shape)
     plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device)
     provenance = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
-        "data": {name: entry["fingerprint"] for name, entry in manifest["splits"].items()},
+        # imported weights: the user's file and its sha256 (or the torchvision weights name)
+        "model_origin": spec.get("origin", "trained by `layerscope train`"),
+        "data": {name: s.fingerprint for name, s in splits.items()},
         "layers": list(plan.layers), "grad_layers": list(plan.grad_layers), "head": plan.head,
         "pooling": "mean over H,W (C,H,W maps); identity for vectors",
         "energy": "-logsumexp over the full activation, T=1", "dtype": cfg.dtype,
@@ -40,9 +40,9 @@ def run(params, data, checkpoint, out):
                     shard_rows=cfg.shard_rows, level=cfg.compression_level, format=STORE_FORMAT)
     with StoreWriter(out, key, chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows,
                      compression_level=cfg.compression_level) as writer:
-        datasets = {name: (SplitDataset(s), {**s.attrs, "fingerprint": manifest["splits"][name]["fingerprint"]})
-                    for name, s in splits.items()}
-        extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype)
+        datasets = {name: (s.dataset, {**s.attrs, "fingerprint": s.fingerprint}) for name, s in splits.items()}
+        extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
+                         num_workers=cfg.num_workers)
         writer.finalize(provenance, plan.layers)
 
 

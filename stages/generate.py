@@ -1,18 +1,26 @@
-"""Stage ``generate``: write the embedded digits benchmark to ``out``."""
+"""Stage ``generate``: write the benchmark to ``out``.
+
+``benchmark: digits`` writes the embedded data set's images; ``benchmark:
+sources`` writes index files over the user's data under ``generate.root``.
+"""
 
 import logging
 
 from pipeline.config import load_section
 from pipeline.datasets import make_digits_benchmark, write_benchmark
+from pipeline.userdata import make_source_benchmark
 
 log = logging.getLogger(__name__)
 
 
 def run(params, out):
     cfg = load_section("generate", params)
-    splits = make_digits_benchmark(
-        holdout_classes=cfg.holdout_classes, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction, n_synthetic=cfg.n_synthetic, seed=cfg.seed,
-    )
+    if cfg.benchmark == "sources":
+        splits = make_source_benchmark(cfg)
+    else:
+        splits = make_digits_benchmark(
+            holdout_classes=cfg.holdout_classes, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction, n_synthetic=cfg.n_synthetic, seed=cfg.seed,
+        )
     write_benchmark(splits, out)
-    log.info("wrote %d splits to %s", len(splits), out)
+    log.info("wrote %d %s splits to %s", len(splits), cfg.benchmark, out)

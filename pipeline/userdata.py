@@ -1,0 +1,329 @@
+"""Benchmarks over the user's own data sets: index files, not copies.
+
+With ``generate.benchmark: sources`` (every preset in ``configs/`` but
+``digits``), ``generate`` reads each configured data set once through
+:func:`pipeline.sources.load_source`, chooses its samples and writes one
+:class:`IndexSplit` per split: the chosen indices, their labels, how to load
+the data set again, and a signature of the files behind it. No image is copied.
+
+Splits, as in the digits benchmark (so every later stage is the same):
+
+* ``id_train``: the ID train part, capped at ``max_train`` (seeded, shuffled).
+* ``id_val``/``id_test``: the ID test part, capped at ``max_test``, then cut
+  into ``val_fraction`` for val and the rest for test.
+* ``<set>_val``/``<set>_test`` for every near and far OOD set, capped at
+  ``max_ood`` (or its own ``n``) and cut the same way. Hyperparameters are
+  chosen on val halves; only test halves are reported.
+
+Caps are seeded uniform choices, never the first ``n`` of a class-sorted set
+(METHODS.md), and each set draws from its own named random stream, so adding a
+set never changes another one's samples.
+
+:func:`open_benchmark` reads any benchmark directory back, digits (images in
+``.npz``) or sources (index files), as torch datasets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pathlib
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.datasets import (GENERATE_HINT, SplitDataset, _check_name, _stream, load_split,
+                               read_manifest)
+from pipeline.errors import DataError
+from pipeline.sources import data_signature, load_source, source_classes, source_targets
+
+log = logging.getLogger(__name__)
+
+BENCHMARK = "sources"
+INDEX_SUFFIX = ".index.npz"
+_INDEX_KEYS = ("name", "indices", "labels", "attrs")
+
+
+def _canonical_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True)
+class IndexSplit:
+    """One split of a ``sources`` benchmark: which samples of which data set.
+
+    Attributes
+    ----------
+    name : str
+        ``"id_train"``, ``"id_val"``, ``"id_test"``, ``"<set>_val"`` or ``"<set>_test"``.
+    indices : ndarray of shape (n_samples,), int64
+        Ascending positions in the uncapped data set.
+    labels : ndarray of shape (n_samples,), int64
+        The ID class of each sample; ``-1`` for OOD sets.
+    attrs : dict
+        As an :class:`~pipeline.datasets.ImageSplit`'s (``role``, ``set``,
+        ``part``, ``source``, ``n_samples``, ``image_size``), plus ``loader``
+        (the :func:`~pipeline.sources.load_source` arguments) and ``signature``
+        (the files' names and sizes, see :func:`~pipeline.sources.data_signature`).
+    """
+
+    name: str
+    indices: np.ndarray
+    labels: np.ndarray
+    attrs: dict
+
+    kind: typing.ClassVar[str] = "index"
+
+    def save(self, directory) -> pathlib.Path:
+        """Write ``directory/<name>.index.npz`` (no pickles)."""
+        _check_name(self.name)
+        path = pathlib.Path(directory) / f"{self.name}{INDEX_SUFFIX}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, name=np.array(self.name), indices=np.asarray(self.indices, np.int64),
+                            labels=np.asarray(self.labels, np.int64), attrs=np.array(_canonical_json(self.attrs)))
+        return path
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the indices, labels and attrs (which hold the loader and the file signature)."""
+        digest = hashlib.sha256()
+        for array in (self.indices, self.labels):
+            array = np.ascontiguousarray(array, dtype="<i8")
+            digest.update(f"<i8{array.shape}".encode())
+            digest.update(array.tobytes())
+        digest.update(_canonical_json(self.attrs).encode())
+        return digest.hexdigest()
+
+
+def load_index(path) -> IndexSplit:
+    """Read an index file written by :meth:`IndexSplit.save`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"Index file '{path}' does not exist. Hint: {GENERATE_HINT}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in _INDEX_KEYS}
+        attrs = json.loads(str(arrays["attrs"]))
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise DataError(f"Index file '{path}' is malformed ({exc}). Expected arrays {list(_INDEX_KEYS)}. "
+                        f"Hint: {GENERATE_HINT}") from exc
+    return IndexSplit(str(arrays["name"]), arrays["indices"], arrays["labels"], attrs)
+
+
+# ------------------------------------------------------------------ generate
+
+def _loader_args(cfg, spec) -> dict:
+    """The :func:`load_source` arguments of one configured data set (without a cap)."""
+    return {"name": spec.source, "root": cfg.root, "part": spec.part, "path": spec.path,
+            "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
+            "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None}
+
+
+def _open_source(loader: dict, download=False):
+    return load_source(**loader, download=download)
+
+
+def _choose(n_total, cap, rng) -> np.ndarray:
+    """Ascending indices of a uniform choice of ``min(cap, n_total)`` samples."""
+    if cap is None or cap >= n_total:
+        return np.arange(n_total, dtype=np.int64)
+    return np.sort(rng.choice(n_total, size=cap, replace=False)).astype(np.int64)
+
+
+def _halves(indices, val_fraction, rng, what):
+    """Split ``indices`` into (val, test) parts, each ascending and non-empty."""
+    if len(indices) < 2:
+        raise DataError(f"Data set {what} has {len(indices)} sample(s); at least 2 are needed for its val and "
+                        "test parts. Hint: check its files, or raise its cap.")
+    n_val = min(max(1, round(val_fraction * len(indices))), len(indices) - 1)
+    order = rng.permutation(len(indices))
+    return np.sort(indices[order[:n_val]]), np.sort(indices[order[n_val:]])
+
+
+def _describe(loader) -> str:
+    where = f" at {loader['path']}" if loader["path"] else ""
+    return f"{loader['name']} ({loader['part']} part{where}) under {loader['root']}"
+
+
+def _split(name, set_name, part, role, indices, labels, loader, dataset, extra=None):
+    attrs = {"benchmark": BENCHMARK, "role": role, "set": set_name, "part": part, "source": _describe(loader),
+             "n_samples": int(len(indices)), "image_size": loader["image_size"], "loader": loader,
+             "signature": data_signature(loader["name"], loader["root"], loader["part"], dataset, indices),
+             **(extra or {})}
+    return IndexSplit(name, indices, labels, attrs)
+
+
+def _id_splits(cfg):
+    """``id_train``, ``id_val`` and ``id_test`` with the ID class list."""
+    train_loader, test_loader = _loader_args(cfg, cfg.id_train), _loader_args(cfg, cfg.id_test)
+    train_ds = _open_source(train_loader, cfg.download)
+    test_ds = _open_source(test_loader, cfg.download)
+    classes = source_classes(train_ds)
+    train_y, test_y = source_targets(train_ds), source_targets(test_ds)
+    if classes is None:
+        classes = [str(c) for c in np.unique(train_y)]
+    if source_classes(test_ds) not in (None, classes) or (len(test_y) and test_y.max() >= len(classes)):
+        raise DataError(f"The ID test set {_describe(test_loader)} does not have the classes of the ID train set "
+                        f"{_describe(train_loader)} ({len(classes)} classes). Hint: point generate.id_test at "
+                        "the same data set's test part.")
+    extra = {"classes": classes}
+    train_idx = _choose(len(train_ds), cfg.id_train.n or cfg.max_train, _stream(cfg.seed, "id_train"))
+    test_idx = _choose(len(test_ds), cfg.id_test.n or cfg.max_test, _stream(cfg.seed, "id_test"))
+    val_idx, test_idx = _halves(test_idx, cfg.val_fraction, _stream(cfg.seed, "id_val"), _describe(test_loader))
+    return [
+        _split("id_train", "id", "train", "id", train_idx, train_y[train_idx], train_loader, train_ds, extra),
+        _split("id_val", "id", "val", "id", val_idx, test_y[val_idx], test_loader, test_ds, extra),
+        _split("id_test", "id", "test", "id", test_idx, test_y[test_idx], test_loader, test_ds, extra),
+    ]
+
+
+def _ood_splits(cfg, set_name, role, spec):
+    loader = _loader_args(cfg, spec)
+    dataset = _open_source(loader, cfg.download)
+    cap = spec.n if spec.n is not None and spec.source != "constant" else cfg.max_ood
+    chosen = _choose(len(dataset), cap, _stream(cfg.seed, f"ood/{set_name}"))
+    val_idx, test_idx = _halves(chosen, cfg.val_fraction, _stream(cfg.seed, f"ood/{set_name}/val"),
+                                f"'{set_name}' ({_describe(loader)})")
+    return [_split(f"{set_name}_{part}", set_name, part, role, idx, np.full(len(idx), -1, np.int64), loader,
+                   dataset) for part, idx in (("val", val_idx), ("test", test_idx))]
+
+
+def make_source_benchmark(cfg) -> list[IndexSplit]:
+    """Index every configured data set (``generate.benchmark: sources``).
+
+    Parameters
+    ----------
+    cfg : pipeline.config.GenerateConfig
+        With ``id_train``, ``id_test`` and at least one near or far set.
+
+    Returns
+    -------
+    list of IndexSplit
+        ``id_train``, ``id_val``, ``id_test``, then ``<set>_val``, ``<set>_test`` per OOD set.
+
+    Raises
+    ------
+    DataError
+        A data set is missing (the message gives the expected layout under
+        ``root``), too small, or the ID test set has other classes.
+    """
+    splits = _id_splits(cfg)
+    for set_name, (role, spec) in cfg.ood_sets.items():
+        splits += _ood_splits(cfg, set_name, role, spec)
+        log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in splits[-2:]))
+    return splits
+
+
+# ------------------------------------------------------------------ read back
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """The samples ``indices`` of ``base``, with the labels recorded at generate time.
+
+    Items are ``(image, label)``: the base data set's image tensor (C, S, S) and
+    the recorded ``int`` label (the ID class, or -1 for OOD).
+    """
+
+    def __init__(self, base, indices, labels):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64).tolist()
+        self.labels = np.asarray(labels, dtype=np.int64).tolist()
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.base[self.indices[index]][0], self.labels[index]
+
+
+def open_index_split(split: IndexSplit, what: str) -> IndexedDataset:
+    """Reopen the data set behind ``split``, after checking its files are unchanged."""
+    loader = split.attrs["loader"]
+    base = _open_source(loader)
+    if len(split.indices) and split.indices.max() >= len(base):
+        raise DataError(f"Split {what} indexes sample {split.indices.max()} but {_describe(loader)} has "
+                        f"{len(base)} samples. Hint: the data changed since generate; rerun `dvc repro generate`.")
+    found = data_signature(loader["name"], loader["root"], loader["part"], base, split.indices)
+    if found != split.attrs["signature"]:
+        raise DataError(f"The files behind split {what} ({_describe(loader)}) changed since generate (names or "
+                        "sizes differ). Hint: rerun `dvc repro generate` (or `layerscope generate`).")
+    return IndexedDataset(base, split.indices, split.labels)
+
+
+@dataclass(frozen=True)
+class BenchmarkSplit:
+    """A split ready for the model: a torch dataset, its labels (n_samples,), attrs and fingerprint."""
+
+    dataset: torch.utils.data.Dataset
+    labels: np.ndarray
+    attrs: dict
+    fingerprint: str
+
+
+def open_split(directory, name, entry) -> BenchmarkSplit:
+    """Open one split of a benchmark directory, whatever its kind.
+
+    Parameters
+    ----------
+    directory : str or path-like
+        A directory written by :func:`pipeline.datasets.write_benchmark`.
+    name : str
+        The split's name.
+    entry : dict
+        Its manifest entry (``file``, ``kind``, ``fingerprint``).
+    """
+    path = pathlib.Path(directory) / entry["file"]
+    kind = entry.get("kind", "images")
+    if kind == "images":
+        split = load_split(path)
+        return BenchmarkSplit(SplitDataset(split), split.labels, split.attrs, entry["fingerprint"])
+    if kind == "index":
+        split = load_index(path)
+        return BenchmarkSplit(open_index_split(split, f"'{name}'"), split.labels, split.attrs, entry["fingerprint"])
+    raise DataError(f"Split '{name}' in '{directory}' has unknown kind {kind!r}; expected 'images' or 'index'. "
+                    f"Hint: {GENERATE_HINT}")
+
+
+def open_benchmark(directory, names=None) -> dict[str, BenchmarkSplit]:
+    """Every split (or the ``names`` given) of a benchmark directory, in manifest order.
+
+    Raises
+    ------
+    DataError
+        The directory is incomplete, a requested split is absent, or the data
+        behind an index file changed since ``generate``.
+    """
+    splits = read_manifest(directory)["splits"]
+    missing = [n for n in (names or ()) if n not in splits]
+    if missing:
+        raise DataError(f"Benchmark '{directory}' has no split {missing[0]!r}; it has {sorted(splits)}. "
+                        f"Hint: {GENERATE_HINT}")
+    return {n: open_split(directory, n, splits[n]) for n in (names or splits)}
+
+
+def channel_stats(dataset, batch_size=256, num_workers=0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a dataset's images, in one streamed pass.
+
+    Sums are accumulated in float64, so the result does not depend on the batching.
+
+    Returns
+    -------
+    mean, std : list of float
+        One value per channel.
+    """
+    if hasattr(dataset, "rows"):
+        batches = [dataset.rows(0, len(dataset))]
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    total = total_sq = None
+    count = 0
+    for x, _ in batches:
+        x = x.to(torch.float64)
+        sums, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
