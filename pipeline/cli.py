@@ -57,8 +57,32 @@ def _path(value, key):
 
 @app.command()
 @user_errors
+def init(preset: str = typer.Option(None, "--preset", "-p", help="A preset in configs/ (see --list)."),
+         overrides: list[str] = typer.Option(None, "--set-param", "-S", help="section.key=value (YAML value); "
+                                             "repeatable."),
+         params: Path = ParamsOpt,
+         configs: Path = typer.Option(Path("configs"), help="The presets directory."),
+         list_: bool = typer.Option(False, "--list", help="List the presets and exit.")):
+    """Switch the pipeline to a preset (and/or set params), validated; then run `dvc repro`."""
+    from pipeline.errors import ConfigError
+    from pipeline.presets import init_params, list_presets
+
+    if list_:
+        table = Table("preset", "set-up", title=f"presets in {configs}/")
+        for name, description in list_presets(configs).items():
+            table.add_row(name, description)
+        console.print(table)
+        return
+    if preset is None and not overrides:
+        raise ConfigError("Nothing to do: pass --preset NAME and/or -S section.key=value. Hint: `layerscope init "
+                          "--list` shows the presets.")
+    init_params(preset, overrides or (), directory=configs, out=params)
+
+
+@app.command()
+@user_errors
 def generate(params: Path = ParamsOpt, out: Path = typer.Option(None, help="Data directory [dvc.yaml: paths.data].")):
-    """Write the embedded "digits" benchmark (ID, near- and far-OOD splits)."""
+    """Write the benchmark: the embedded digits images, or index files over your data (generate.benchmark)."""
     from stages import generate as stage
 
     stage.run(params, _path(out, "data"))
@@ -174,15 +198,17 @@ def layers(params: Path = ParamsOpt,
 def _layers_model(params, checkpoint):
     """The model whose layers to list, and one input's shape (C, H, W)."""
     from pipeline.config import load_section
-    from pipeline.models import init_model, load_checkpoint
+    from pipeline.models import init_model, load_checkpoint, model_spec
 
     gen, train_cfg = load_section("generate", params), load_section("train", params)
-    input_shape = (1, gen.image_size, gen.image_size)
+    # digits are grey; a sources benchmark has generate.channels (its number of
+    # classes only sizes the head, so 10 stands in before generate has run)
+    channels = 1 if gen.benchmark == "digits" else gen.channels
+    input_shape = (channels, gen.image_size, gen.image_size)
     if checkpoint is not None:
         return load_checkpoint(checkpoint)[0], input_shape
-    spec = {"arch": train_cfg.arch, "num_classes": 10 - len(gen.holdout_classes), "in_channels": 1,
-            "widths": list(train_cfg.widths), "blocks": list(train_cfg.blocks)}
-    return init_model(spec, train_cfg.seed), input_shape
+    n_classes = 10 - len(gen.holdout_classes) if gen.benchmark == "digits" else 10
+    return init_model(model_spec(train_cfg, num_classes=n_classes, in_channels=channels), train_cfg.seed), input_shape
 
 
 @app.command()

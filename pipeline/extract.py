@@ -88,8 +88,34 @@ def layer_shapes(model, input_shape, device="cpu") -> dict[str, tuple]:
     return shapes
 
 
+TYPE_SELECTOR = "type:"
+
+
+def expand_selectors(model, layers) -> list[str]:
+    """Replace each ``"type:Conv2d,BatchNorm2d"`` entry by every module of those class names.
+
+    LA-OOD hooks every conv (``type:Conv2d``); seed 000 every Conv2d, BatchNorm2d
+    and Linear. Plain names pass through unchanged.
+    """
+    modules = [(name, type(module).__name__) for name, module in model.named_modules() if name]
+    expanded = []
+    for entry in layers:
+        if not entry.startswith(TYPE_SELECTOR):
+            expanded.append(entry)
+            continue
+        wanted = {t.strip() for t in entry[len(TYPE_SELECTOR):].split(",") if t.strip()}
+        matched = [name for name, kind in modules if kind in wanted]
+        if not matched:
+            kinds = sorted({kind for _, kind in modules})
+            raise ConfigError(f"The 'extract.layers' entry {entry!r} matches no module of the model. Expected "
+                              f"class names among {kinds}. Hint: `layerscope layers` shows each layer's type.")
+        expanded += matched
+    return expanded
+
+
 def resolve_layers(model, layers, input_shape, device="cpu") -> list[str]:
-    """Check layer names against the model and return them in network order."""
+    """Check layer names (or ``type:`` selectors) against the model; return names in network order."""
+    layers = expand_selectors(model, layers)
     shapes = layer_shapes(model, input_shape, device)
     unknown = [name for name in layers if name not in shapes]
     if unknown:

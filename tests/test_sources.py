@@ -2,90 +2,16 @@
 (tiny) and read back by the real torchvision loader. The only patch is the md5
 check of CIFAR and SVHN files, which tiny files cannot pass."""
 
-import pickle
 import re
-import struct
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import EXPECTED_LAYOUT, SOURCES, capped_subset, load_source
-
-N = 10
-
-
-@pytest.fixture
-def no_md5(monkeypatch):
-    """Accept tiny CIFAR/SVHN files: torchvision checks their md5 otherwise."""
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
-    monkeypatch.setattr("torchvision.datasets.svhn.check_integrity", lambda *a, **k: True)
-
-
-def _rgb(rng, n=N, side=32):
-    """Random uint8 images of shape (n, 3, side, side)."""
-    return rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8)
-
-
-def _pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _write_cifar10(root, rng):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images, labels = _rgb(rng), rng.integers(0, 10, N).tolist()
-        _pickle(folder / name, {"data": images.reshape(N, -1), "labels": labels})
-        written[name] = images, labels
-    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    return written
-
-
-def _write_cifar100(root, rng):
-    folder = root / "cifar-100-python"
-    folder.mkdir()
-    written = {}
-    for name in ("train", "test"):
-        images, labels = _rgb(rng), rng.integers(0, 100, N).tolist()
-        _pickle(folder / name, {"data": images.reshape(N, -1), "fine_labels": labels,
-                                "coarse_labels": [y // 5 for y in labels]})
-        written[name] = images, labels
-    _pickle(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
-                              "coarse_label_names": [f"c{i}" for i in range(20)]})
-    return written
-
-
-def _write_svhn(root, rng):
-    """``X`` is (H, W, C, n) and ``y`` (n, 1) in 1..10, 10 meaning the digit 0."""
-    written = {}
-    for part in ("train", "test"):
-        images, digits = _rgb(rng), rng.integers(0, 10, N)
-        digits[0] = 0
-        y = np.where(digits == 0, 10, digits)[:, None].astype(np.uint8)
-        scipy.io.savemat(root / f"{part}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": y})
-        written[part] = images, digits.tolist()
-    return written
-
-
-def _write_idx(root, folder_name, rng):
-    """MNIST idx files: magic 2051 (images) and 2049 (labels), big-endian dims."""
-    raw = root / folder_name / "raw"
-    raw.mkdir(parents=True)
-    written = {}
-    for prefix, part in (("train", "train"), ("t10k", "test")):
-        images = rng.integers(0, 256, (N, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, N, dtype=np.uint8)
-        header = struct.pack(">iiii", 2051, N, 28, 28)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, N) + labels.tobytes())
-        written[part] = images[:, None].repeat(3, axis=1), labels.tolist()
-    return written
+from tests import fakedata
 
 
 def _check_items(dataset, images, labels, image_size=32):
@@ -105,7 +31,7 @@ def _check_items(dataset, images, labels, image_size=32):
 
 @pytest.mark.parametrize("part", ["train", "test"])
 def test_cifar10_reads_pickled_batches(tmp_path, rng, no_md5, part):
-    written = _write_cifar10(tmp_path, rng)
+    written = fakedata.write_cifar10(tmp_path, rng)
     names = [f"data_batch_{i}" for i in range(1, 6)] if part == "train" else ["test_batch"]
     images = np.concatenate([written[name][0] for name in names])
     labels = sum((written[name][1] for name in names), [])
@@ -113,13 +39,13 @@ def test_cifar10_reads_pickled_batches(tmp_path, rng, no_md5, part):
 
 
 def test_cifar100_reads_fine_labels(tmp_path, rng, no_md5):
-    images, labels = _write_cifar100(tmp_path, rng)["test"]
+    images, labels = fakedata.write_cifar100(tmp_path, rng)["test"]
     _check_items(load_source("cifar100", root=tmp_path), images, labels)
 
 
 @pytest.mark.parametrize("part", ["train", "test"])
 def test_svhn_reads_mat_files_and_maps_10_to_0(tmp_path, rng, no_md5, part):
-    images, labels = _write_svhn(tmp_path, rng)[part]
+    images, labels = fakedata.write_svhn(tmp_path, rng)[part]
     dataset = load_source("svhn", root=tmp_path, part=part)
     _check_items(dataset, images, labels)
     assert dataset[0][1] == 0
@@ -127,7 +53,7 @@ def test_svhn_reads_mat_files_and_maps_10_to_0(tmp_path, rng, no_md5, part):
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
 def test_idx_sources_repeat_grey_to_rgb(tmp_path, rng, name, folder):
-    images, labels = _write_idx(tmp_path, folder, rng)["test"]
+    images, labels = fakedata.write_idx(tmp_path, folder, rng)["test"]
     _check_items(load_source(name, root=tmp_path, image_size=28), images, labels, image_size=28)
     resized = load_source(name, root=tmp_path)
     _check_items(resized, images, labels, image_size=32)
@@ -136,7 +62,7 @@ def test_idx_sources_repeat_grey_to_rgb(tmp_path, rng, name, folder):
 
 
 def test_imagefolder_reads_class_folders(tmp_path, rng):
-    images = _rgb(rng, n=4)
+    images = fakedata.rgb(rng, n=4)
     for i, cls in enumerate(["classA", "classA", "classB", "classB"]):
         (tmp_path / "lsun" / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i].transpose(1, 2, 0)).save(tmp_path / "lsun" / cls / f"x{i}.png")
@@ -168,7 +94,7 @@ def test_constant_is_one_seeded_colour_per_image(channels):
 
 
 def test_n_caps_a_file_source(tmp_path, rng, no_md5):
-    _write_cifar10(tmp_path, rng)
+    fakedata.write_cifar10(tmp_path, rng)
     dataset = load_source("cifar10", root=tmp_path, part="train", n=8, seed=1)
     assert isinstance(dataset, torch.utils.data.Subset) and len(dataset) == 8
 
@@ -210,7 +136,7 @@ def test_missing_files_raise_one_line_data_error(tmp_path, name):
 
 
 def test_missing_cifar_batch_is_a_data_error_even_without_md5(tmp_path, rng, no_md5):
-    _write_cifar10(tmp_path, rng)
+    fakedata.write_cifar10(tmp_path, rng)
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(DataError, match=re.escape("cifar-10-batches-py/{data_batch_1..5")):
         load_source("cifar10", root=tmp_path)

@@ -1,0 +1,168 @@
+"""Every preset in configs/ runs generate -> train (importing a checkpoint) -> extract offline.
+
+The data sets are written in their real on-disk formats (tests/fakedata.py) and
+read by the same torchvision loaders a user runs; each preset's own backbone is
+built (random weights, saved as a "user checkpoint") so that its layer names,
+head and selectors are checked against the real architecture.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import load_section
+from pipeline.errors import ConfigError, DataError
+from pipeline.models import file_sha256, init_model, model_spec
+from pipeline.presets import list_presets, parse_override, render_params
+from pipeline.store import open_store
+from stages import extract, generate, train
+from tests import fakedata
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(list_presets(CONFIGS))
+SOURCE_PRESETS = [name for name in PRESETS if name != "digits"]
+# ImageNet backbones run at 224 px: two images per split keep them fast.
+SMALL = {"max_train": 12, "max_test": 8, "max_ood": 4}
+IMAGENET_SMALL = {"max_train": 4, "max_test": 4, "max_ood": 2}
+runner = CliRunner()
+
+
+def _params(tmp_path, name, extra=()):
+    caps = IMAGENET_SMALL if name.startswith("imagenet") else SMALL
+    overrides = [f"generate.root={tmp_path / 'raw'}", "generate.val_fraction=0.5",
+                 *(f"generate.{key}={value}" for key, value in caps.items()),
+                 "extract.batch_size=4", "extract.chunk_rows=2", "extract.shard_rows=4",
+                 "extract.num_workers=0", "train.num_workers=0", "train.device=cpu", "extract.device=cpu", *extra]
+    path = tmp_path / "params.yaml"
+    path.write_text(render_params(name, overrides, CONFIGS))
+    return path
+
+
+def _user_checkpoint(tmp_path, params, n_classes):
+    """A state_dict of the preset's backbone, as a user would bring it (random weights here)."""
+    spec = model_spec(load_section("train", params), num_classes=n_classes, in_channels=3)
+    path = tmp_path / "user.pt"
+    torch.save(init_model(spec, seed=1).state_dict(), path)
+    return path
+
+
+def test_presets_exist_for_every_seed_setup():
+    assert {"digits", "cifar10-resnet18", "cifar100-resnet18", "cifar10-vgg16", "cifar10-resnet34",
+            "cifar10-densenet100", "cifar10-wrn40-2", "cifar10-resnet18-energy", "imagenet-resnet50",
+            "imagenet-vit-b16"} <= set(PRESETS)
+    assert all(list_presets(CONFIGS).values()), "every preset starts with a one-line description"
+
+
+def test_default_params_are_the_digits_preset():
+    assert (CONFIGS / "digits.yaml").read_text() == (CONFIGS.parent / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_is_valid_params(name):
+    params = yaml.safe_load(render_params(name, (), CONFIGS))
+    assert set(params) == {"generate", "train", "extract", "fit", "detect", "search"}
+
+
+@pytest.mark.parametrize("name", SOURCE_PRESETS)
+def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, name):
+    params = _params(tmp_path, name)
+    gen = load_section("generate", params)
+    fakedata.write_sources(gen, rng, n=10)
+    data = tmp_path / "data"
+    generate.run(params, data)
+
+    manifest = yaml.safe_load((data / "manifest.json").read_text())
+    n_classes = len(manifest["splits"]["id_train"]["classes"])
+    user = _user_checkpoint(tmp_path, params, n_classes)
+    params = _params(tmp_path, name, [f"train.checkpoint={user}", "train.weights=null"])
+    model = tmp_path / "model.pt"
+    train.run(params, data, model, tmp_path / "train.json")
+    assert yaml.safe_load((tmp_path / "train.json").read_text())["epochs_trained"] == 0
+
+    store_path = tmp_path / "features.zarr"
+    extract.run(params, data, model, store_path)
+    store = open_store(store_path)
+    expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ("val", "test"))}
+    assert set(store.splits) == expected
+    assert store.provenance["model_origin"]["sha256"] == file_sha256(user)
+    cfg = load_section("extract", params)
+    if not any(layer.startswith("type:") for layer in cfg.layers):
+        assert list(store.layers) == list(cfg.layers)
+    assert store.to_numpy("id_test", store.layers[-1]).shape[0] == manifest["splits"]["id_test"]["n_samples"]
+    for split in store.splits:
+        assert np.isfinite(store.to_numpy(split, store.layers[0])).all()
+
+
+def test_preset_trains_from_scratch_with_augmentation(tmp_path, rng, no_md5):
+    params = _params(tmp_path, "cifar10-resnet18", ["train.epochs=1", "train.batch_size=8", "train.evaluate=false"])
+    fakedata.write_sources(load_section("generate", params), rng, n=10)
+    generate.run(params, tmp_path / "data")
+    train.run(params, tmp_path / "data", tmp_path / "model.pt", tmp_path / "train.json")
+    report = yaml.safe_load((tmp_path / "train.json").read_text())
+    assert report["epochs_trained"] == 1 and np.isfinite(report["final_loss"])
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["spec"]["arch"] == "resnet18_cifar" and "origin" not in ckpt["spec"]
+    assert ckpt["spec"]["mean"] == [0.4914, 0.4822, 0.4465]  # the preset's (OpenOOD's) normalisation
+
+
+def test_generate_reports_a_missing_data_root_with_its_layout(tmp_path):
+    params = _params(tmp_path, "cifar10-resnet18")
+    with pytest.raises(DataError, match=r"'cifar10'.*cifar-10-batches-py.*Hint: pass download: true"):
+        generate.run(params, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- layerscope init
+
+def test_init_writes_the_preset_with_overrides_and_keeps_comments(tmp_path):
+    out = tmp_path / "params.yaml"
+    result = runner.invoke(app, ["init", "--preset", "cifar10-vgg16", "-S", "generate.root=/data/ood",
+                                 "-S", "train.epochs=5", "--params", str(out), "--configs", str(CONFIGS)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "# LA-OOD: every conv output" in text
+    params = yaml.safe_load(text)
+    assert params["generate"]["root"] == "/data/ood" and params["train"]["epochs"] == 5
+    assert params["train"]["arch"] == "vgg16_bn_cifar"
+
+
+def test_init_overrides_the_current_params_without_a_preset(tmp_path):
+    out = tmp_path / "params.yaml"
+    out.write_text((CONFIGS / "digits.yaml").read_text())
+    result = runner.invoke(app, ["init", "-S", "fit.detectors={knn: {n_neighbors: 3}}", "--params", str(out)])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(out.read_text())["fit"]["detectors"] == {"knn": {"n_neighbors": 3}}
+
+
+def test_init_lists_the_presets():
+    result = runner.invoke(app, ["init", "--list", "--configs", str(CONFIGS)], terminal_width=200)
+    assert result.exit_code == 0 and "cifar10-resnet18" in result.output and "OpenOOD v1.5" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "cifar11"], "Unknown preset 'cifar11'. Valid presets are"),
+    (["--preset", "digits", "-S", "train.epochs"], "must look like 'section.key=value'"),
+    (["--preset", "digits", "-S", "train.epochs=-1"], "'train.epochs' parameter of train must be a positive"),
+    (["--preset", "digits", "-S", "trian.epochs=1"], "Unknown params section 'trian'"),
+    (["--preset", "digits", "-S", "train.epochs.x=1"], "'train.epochs' is 15, not a mapping"),
+    ([], "Nothing to do: pass --preset NAME"),
+])
+def test_init_errors_are_one_line_and_leave_params_alone(tmp_path, args, message):
+    out = tmp_path / "params.yaml"
+    out.write_text("train: {epochs: 2}\n")
+    result = runner.invoke(app, ["init", *args, "--params", str(out), "--configs", str(CONFIGS)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert out.read_text() == "train: {epochs: 2}\n"
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("extract.layers=[fc, avgpool]") == (["extract", "layers"], ["fc", "avgpool"])
+    assert parse_override("train.checkpoint=null") == (["train", "checkpoint"], None)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_override("train.mean=[1, 2")
