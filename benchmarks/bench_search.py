@@ -6,7 +6,7 @@ Run from the repository root (see ``benchmarks/README.md``)::
     .venv/bin/python benchmarks/bench_search.py --quick    # smoke run, one round, writes nothing unless --out
 
 Inputs: the default DVC outputs (``dvc.yaml`` paths): the store ``cache/features.zarr``,
-the data ``data/digits`` and the checkpoint ``cache/model.pt``; settings from the
+the data ``data/benchmark`` and the checkpoint ``cache/model.pt``; settings from the
 ``search`` and ``extract`` sections of ``params.yaml``, read at run time.
 
 1. Cached cost per configuration: wall time of ``run_search`` over the whole
