@@ -385,7 +385,7 @@ def load_state(model, state_dict: dict, source="the state_dict"):
         if not missing and not unexpected:
             raise DataError(f"{source} does not fit {type(model).__name__}: {str(err).splitlines()[-1].strip()}") from err
         raise DataError(f"{source} does not fit {type(model).__name__}: missing keys {missing[:10]}, unexpected "
-                        f"keys {unexpected[:10]}. Hint: an OpenOOD checkpoint needs openood=True.") from err
+                        f"keys {unexpected[:10]}. Hint: an OpenOOD checkpoint needs train.openood_keys: true (openood=True).") from err
     return model
 
 

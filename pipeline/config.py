@@ -107,8 +107,12 @@ class GenerateConfig:
         if both:
             raise invalid_param(f"generate.far.{both[0]}", "generate", "a name not also used in generate.near",
                                 both[0])
-        self.id_train.check("generate.id_train")
-        self.id_test.check("generate.id_test")
+        for name in ("id_train", "id_test"):
+            spec = getattr(self, name)
+            spec.check(f"generate.{name}")
+            if spec.source == "constant":
+                raise invalid_param(f"generate.{name}.source", "generate", "a data set with classes",
+                                    "constant", hint="constant colours are an OOD set: put them under far.")
         for name, (role, spec) in self.ood_sets.items():
             if not name.isidentifier() or name.startswith("id"):
                 raise invalid_param(f"generate.{role}", "generate", "OOD set names that are identifiers not "

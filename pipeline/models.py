@@ -193,6 +193,9 @@ def import_model(spec: dict, *, checkpoint=None, openood_keys=False, weights=Non
     """
     from pipeline.backbones import load_weights
 
+    if (checkpoint is None) == (weights is None):
+        raise ConfigError("import_model needs exactly one of 'checkpoint' (train.checkpoint) and 'weights' "
+                          f"(train.weights). Got checkpoint={checkpoint!r}, weights={weights!r}.")
     if checkpoint is not None:
         model = load_weights(build_model(spec), checkpoint, openood=openood_keys)
         origin = {"checkpoint": str(checkpoint), "sha256": file_sha256(checkpoint), "openood_keys": openood_keys}

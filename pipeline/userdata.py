@@ -143,8 +143,11 @@ def _halves(indices, val_fraction, rng, what):
 
 
 def _describe(loader) -> str:
-    where = f" at {loader['path']}" if loader["path"] else ""
-    return f"{loader['name']} ({loader['part']} part{where}) under {loader['root']}"
+    if loader["name"] == "imagefolder":
+        return f"imagefolder {loader['path']} under {loader['root']}"
+    if loader["name"] == "constant":
+        return "constant colours"
+    return f"{loader['name']} ({loader['part']} part) under {loader['root']}"
 
 
 def _split(name, set_name, part, role, indices, labels, loader, dataset, extra=None):
@@ -286,7 +289,7 @@ def open_split(directory, name, entry) -> BenchmarkSplit:
 
 
 def open_benchmark(directory, names=None) -> dict[str, BenchmarkSplit]:
-    """Every split (or the ``names`` given) of a benchmark directory, in manifest order.
+    """Every split (or the ``names`` given) of a benchmark directory, sorted by name (the manifest's order).
 
     Raises
     ------

@@ -1,5 +1,7 @@
 """The CLI as a user runs it: help, layers, and one-line errors without tracebacks."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -130,3 +132,16 @@ def test_search_grid_file_errors_are_one_line(tmp_path, blobs):
     assert "n_neighbours" in line and "n_neighbors" in line
     grid.write_text("metric: auc\nmethods: {knn: {}}\n")
     assert "'search.metric'" in one_line_error(runner.invoke(app, args, terminal_width=400))
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("cifar10-vgg16.yaml", ["features.40", "Conv2d", "classifier.6", "512 x 2 x 2"]),
+    ("cifar10-wrn40-2.yaml", ["block3.layer.5.conv2", "128 x 8 x 8"]),
+    ("imagenet-vit-b16.yaml", ["net.encoder.layers.encoder_layer_11", "197 x 768", "net.heads.head"]),
+])
+def test_layers_lists_a_preset_backbone(preset, expected):
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    result = runner.invoke(app, ["layers", "--params", str(configs / preset)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for text in expected:
+        assert text in result.output

@@ -54,7 +54,7 @@ def _user_checkpoint(tmp_path, params, n_classes):
 def test_presets_exist_for_every_seed_setup():
     assert {"digits", "cifar10-resnet18", "cifar100-resnet18", "cifar10-vgg16", "cifar10-resnet34",
             "cifar10-densenet100", "cifar10-wrn40-2", "cifar10-resnet18-energy", "imagenet-resnet50",
-            "imagenet-vit-b16"} <= set(PRESETS)
+            "imagenet-vit-b16", "imagenet-resnet50-mos"} <= set(PRESETS)
     assert all(list_presets(CONFIGS).values()), "every preset starts with a one-line description"
 
 
