@@ -271,6 +271,39 @@ class SearchConfig:
         _check_positive("search.top", self.top)
 
 
+SCHEDULER_MODES = ("threads", "local")
+ADDRESS_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where extract, fit, detect and search run (see :mod:`pipeline.compute`).
+
+    ``scheduler`` is ``"threads"`` (this process; the default), ``"local"`` (a
+    ``dask.distributed.LocalCluster`` of ``n_workers`` processes) or the address
+    of an existing scheduler (``tcp://host:8786``). With ``"threads"``, the
+    environment variable ``DASK_SCHEDULER_ADDRESS`` selects a scheduler too.
+
+    This section is deliberately *not* a DVC dependency of any stage: results do
+    not depend on where they are computed (the tests check bit-identity), so
+    moving to a cluster must not invalidate the cache.
+    """
+
+    scheduler: str = "threads"
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    dashboard: bool = True
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULER_MODES and not self.scheduler.startswith(ADDRESS_SCHEMES):
+            raise invalid_param("compute.scheduler", "compute", f"one of {set(SCHEDULER_MODES)} or a scheduler "
+                                "address such as 'tcp://host:8786'", self.scheduler,
+                                hint="start one with `dask scheduler` and `dask worker ADDRESS`.")
+        _check_positive("compute.n_workers", self.n_workers)
+        _check_positive("compute.threads_per_worker", self.threads_per_worker)
+
+
 SECTIONS = {
     "generate": GenerateConfig,
     "train": TrainConfig,
@@ -278,6 +311,7 @@ SECTIONS = {
     "fit": FitConfig,
     "detect": DetectConfig,
     "search": SearchConfig,
+    "compute": ComputeConfig,
 }
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError
-from pipeline.store import GRAD_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim
+from pipeline.store import GRAD_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim, write_shard_data
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,89 @@ def head_parameters(model, head: str) -> dict[str, np.ndarray]:
     return {"weight": module.weight.detach().cpu().numpy(), "bias": bias.detach().cpu().numpy()}
 
 
+class InMemory:
+    """A model, or a mapping of split name -> dataset, served as it is (threads; small objects)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __call__(self, name=None):
+        return self.obj if name is None else self.obj[name]
+
+
+_PROCESS_CACHE: dict = {}
+
+
+@dataclass(frozen=True)
+class CheckpointModel:
+    """Loads a checkpoint once per process: what each Dask worker does before its first shard."""
+
+    path: str
+    device: str = "auto"
+
+    def __call__(self):
+        from pipeline.models import load_checkpoint, resolve_device
+
+        stat = os.stat(self.path)
+        key = ("model", os.path.abspath(self.path), stat.st_mtime_ns, stat.st_size, self.device)
+        if key not in _PROCESS_CACHE:
+            _PROCESS_CACHE[key] = load_checkpoint(self.path, resolve_device(self.device))[0]
+        return _PROCESS_CACHE[key]
+
+
+@dataclass(frozen=True)
+class BenchmarkData:
+    """Opens a benchmark directory's splits once per process (see :func:`pipeline.userdata.open_split`)."""
+
+    directory: str
+
+    def __call__(self, name):
+        from pipeline.userdata import open_benchmark
+
+        key = ("data", os.path.abspath(self.directory), name)
+        if key not in _PROCESS_CACHE:
+            _PROCESS_CACHE[key] = open_benchmark(self.directory, [name])[name].dataset
+        return _PROCESS_CACHE[key]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs for shards of any split: picklable, small."""
+
+    model: object  # () -> nn.Module in this process
+    data: object  # (split name) -> Dataset in this process
+    plan: Plan
+    store: str  # the staged store
+    shard_rows: int
+    batch_size: int
+    num_workers: int
+
+    def __call__(self, task):
+        """Compute and write one whole shard; ``task`` is ``(split, index, start, stop)``."""
+        split, index, start, stop = task
+        model = self.model()
+        device = next(model.parameters()).device
+        with LayerRecorder(model, self.plan) as recorder:
+            data = _extract_rows(model, self.data(split), start, stop, recorder, self.batch_size, device,
+                                 self.num_workers)
+        write_shard_data(self.store, split, index, self.shard_rows, data)
+        return stop - start
+
+
 def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, batch_size=128, device="cpu",
-                     dtype="float32", num_workers=0):
+                     dtype="float32", num_workers=0, runner=None, sources=None):
     """Run every split through the model and write whole shards to ``writer``.
+
+    Groups and arrays are created here, before the fan-out; then each pending
+    shard is one task (:class:`ShardJob`) on ``runner``: this process's thread,
+    or a Dask worker that loads the model once and writes its whole shards
+    itself. Progress is recorded here as shards finish, so a run interrupted
+    anywhere (or a killed worker) resumes from the shards already recorded.
 
     Parameters
     ----------
     model : nn.Module
-        In eval mode.
+        In eval mode; used here for shapes and the head's parameters.
     splits : dict
         ``name -> (dataset, attrs)``; items of ``dataset`` are ``(image, label)``.
     plan : Plan
@@ -298,14 +373,22 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     writer : StoreWriter
         An entered writer; shards it already holds are skipped (resume).
     batch_size : int
-        Batches never cross a shard boundary, so a resumed run computes every
-        shard from exactly the same batches as an uninterrupted one.
+        Batches never cross a shard boundary, so every shard is computed from
+        exactly the same batches whichever process computes it, and whenever.
     device : torch.device or str
     dtype : {"float32", "float16"}
         Storage dtype of the pooled activations.
     num_workers : int
         DataLoader workers for datasets read item by item (decoded from files).
+    runner : pipeline.compute.Runner, optional
+        Where shards are computed; default: this process, one shard at a time.
+    sources : (model source, data source), optional
+        Picklable callables that give the model and a split's dataset in a
+        worker process (:class:`CheckpointModel`, :class:`BenchmarkData`);
+        default: ``model`` and ``splits`` themselves (:class:`InMemory`).
     """
+    from pipeline.compute import Runner
+
     first = next(iter(splits.values()))[0]
     input_shape = tuple(first[0][0].shape)
     shapes = layer_shapes(model, input_shape, device)
@@ -314,22 +397,18 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width)
     if head is not None:
         writer.write_constants("head", head)
-    todo = {name: writer.pending_shards(name, len(ds)) for name, (ds, _) in splits.items()}
-    total = sum(_rows(writer, todo[name], len(ds)) for name, (ds, _) in splits.items())
-    with LayerRecorder(model, plan) as recorder, tqdm(total=total, desc="extract", unit="img", disable=None) as bar:
-        for name, (dataset, attrs) in splits.items():
-            writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)})
-            for index in todo[name]:
-                start, stop = writer.shard_range(index, len(dataset))
-                data = _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers)
-                writer.write_shard(name, index, data)
-                bar.update(stop - start)
+    tasks = []
+    for name, (dataset, attrs) in splits.items():
+        writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)})
+        tasks += [(name, i, *writer.shard_range(i, len(dataset))) for i in writer.pending_shards(name, len(dataset))]
+    model_source, data_source = sources or (InMemory(model), InMemory({n: ds for n, (ds, _) in splits.items()}))
+    job = ShardJob(model_source, data_source, plan, str(writer.staged_store), writer.shard_rows, batch_size,
+                   num_workers)
+    # one thread in this process: the shards share one model and its hooks
+    for (name, index, _, _), _rows in (runner or Runner()).map_unordered(job, tasks, desc="extract", unit="shard",
+                                                                        threads=1):
+        writer.mark_done(name, index)
     return specs
-
-
-def _rows(writer, shards, n):
-    """Number of samples in the given shards."""
-    return sum(stop - start for start, stop in (writer.shard_range(i, n) for i in shards))
 
 
 def _n_classes(model, input_shape, device):

@@ -186,14 +186,11 @@ class StoreWriter:
 
     def write_shard(self, split: str, index: int, data: dict[str, np.ndarray]):
         """Write one whole shard of every array of ``split``, then record it as done."""
-        group = zarr.open_group(self.staged_store, mode="r+", path=split)
-        n_samples = group.attrs["n_samples"]
-        start, stop = self.shard_range(index, n_samples)
-        for name, values in data.items():
-            arr = group[name]
-            if values.shape[0] != stop - start:
-                raise ValueError(f"shard {index} of {split}/{name} needs {stop - start} rows, got {values.shape[0]}")
-            arr[start:stop] = values.astype(arr.dtype, copy=False)
+        write_shard_data(self.staged_store, split, index, self.shard_rows, data)
+        self.mark_done(split, index)
+
+    def mark_done(self, split: str, index: int):
+        """Record shard ``index`` of ``split`` as completely written (by this process or a worker)."""
         self.progress[split].add(index)
         self._save_progress()
 
@@ -215,6 +212,30 @@ class StoreWriter:
         self._published = True
         log.info("feature store complete: %s", self.path)
         return self.path
+
+
+def write_shard_data(store_path, split: str, index: int, shard_rows: int, data: dict[str, np.ndarray]):
+    """Write rows of shard ``index`` of every array in ``data``: one whole shard each.
+
+    This is what a Dask worker runs (see :mod:`pipeline.extract`): it touches only
+    its own shard, so writers never share a shard file (zarr-python issue 3682).
+    Groups and arrays must exist already; the caller records progress.
+
+    Parameters
+    ----------
+    store_path : path or str
+        The staged store (any location zarr opens).
+    data : dict
+        ``array name -> (rows, ...)`` where ``rows`` is the shard's row count.
+    """
+    group = zarr.open_group(store_path, mode="r+", path=split)
+    n_samples = group.attrs["n_samples"]
+    start, stop = index * shard_rows, min((index + 1) * shard_rows, n_samples)
+    for name, values in data.items():
+        arr = group[name]
+        if values.shape[0] != stop - start:
+            raise ValueError(f"shard {index} of {split}/{name} needs {stop - start} rows, got {values.shape[0]}")
+        arr[start:stop] = values.astype(arr.dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- reading

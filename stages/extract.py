@@ -11,7 +11,8 @@ import zarr
 
 import pipeline
 from pipeline.config import load_section
-from pipeline.extract import extract_to_store, resolve_plan, store_key
+from pipeline.compute import open_runner
+from pipeline.extract import BenchmarkData, CheckpointModel, extract_to_store, resolve_plan, store_key
 from pipeline.models import file_sha256, load_checkpoint, resolve_device
 from pipeline.store import STORE_FORMAT, StoreWriter
 from pipeline.userdata import open_benchmark
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 def run(params, data, checkpoint, out):
     cfg = load_section("extract", params)
+    compute = load_section("compute", params)  # where, not what: not a DVC dependency
     device = resolve_device(cfg.device)
     model, spec = load_checkpoint(checkpoint, device)
     splits = open_benchmark(data)
@@ -39,10 +41,12 @@ def run(params, data, checkpoint, out):
     key = store_key(provenance=provenance, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
                     shard_rows=cfg.shard_rows, level=cfg.compression_level, format=STORE_FORMAT)
     with StoreWriter(out, key, chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows,
-                     compression_level=cfg.compression_level) as writer:
+                     compression_level=cfg.compression_level) as writer, open_runner(compute) as runner:
         datasets = {name: (s.dataset, {**s.attrs, "fingerprint": s.fingerprint}) for name, s in splits.items()}
+        # workers (or this process's thread) load the checkpoint and the data themselves, once each
+        sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data)))
         extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
-                         num_workers=cfg.num_workers)
+                         num_workers=cfg.num_workers, runner=runner, sources=sources)
         writer.finalize(provenance, plan.layers)
 
 

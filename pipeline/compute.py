@@ -1,0 +1,191 @@
+"""Where the heavy work runs: this process's threads, a LocalCluster, or an existing Dask cluster.
+
+The ``compute`` params section (:class:`~pipeline.config.ComputeConfig`) picks one:
+
+* ``scheduler: threads`` (default): a thread pool in this process.
+* ``scheduler: local``: a ``dask.distributed.LocalCluster`` of ``n_workers``
+  processes, started and stopped by the stage.
+* ``scheduler: tcp://host:8786``: an existing cluster (``dask scheduler`` and
+  ``dask worker tcp://host:8786``). ``DASK_SCHEDULER_ADDRESS`` selects one too
+  when the params say ``threads``.
+
+One code path serves all three. Work is a list of independent tasks submitted to
+a :class:`concurrent.futures.Executor`: a ``ThreadPoolExecutor``, or the
+distributed client's executor. Dask collections (blockwise statistics) are
+computed by :meth:`Runner.compute`, on the client when there is one. Either way,
+a tqdm bar counts finished tasks, and a distributed client's dashboard link is
+logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
+
+import dask
+from dask.callbacks import Callback
+from tqdm.auto import tqdm
+
+from pipeline.config import ADDRESS_SCHEMES, ComputeConfig
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_ADDRESS = "DASK_SCHEDULER_ADDRESS"
+CONNECT_TIMEOUT = "10s"
+
+
+def scheduler_address(cfg: ComputeConfig) -> str | None:
+    """The address of an existing scheduler to use, or None (threads or a LocalCluster)."""
+    if cfg.scheduler.startswith(ADDRESS_SCHEMES):
+        return cfg.scheduler
+    if cfg.scheduler == "threads":
+        return os.environ.get(ENV_ADDRESS) or None
+    return None
+
+
+class Runner:
+    """Submits tasks to threads or to a Dask cluster, with a progress bar.
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+        None runs tasks on a thread pool in this process.
+    threads : int or None
+        Size of that thread pool (None: one per core).
+    """
+
+    def __init__(self, client=None, threads=None):
+        self.client = client
+        self.threads = threads
+
+    @property
+    def distributed(self) -> bool:
+        return self.client is not None
+
+    def executor(self, threads=None):
+        """A ``concurrent.futures`` executor: the client's, or a thread pool of ``threads``."""
+        if self.client is not None:
+            return self.client.get_executor(pure=False)
+        return ThreadPoolExecutor(max_workers=threads or self.threads)
+
+    def map_unordered(self, fn, items, *, desc, unit="task", threads=None):
+        """Yield ``(item, fn(item))`` as tasks finish (any order).
+
+        The first failure cancels the tasks not yet started and is raised; the
+        results already yielded stay valid (callers record them as they come,
+        which is what makes an interrupted run resumable).
+
+        Parameters
+        ----------
+        fn : callable
+            Picklable (it may run in another process), taking one item.
+        items : list
+        threads : int, optional
+            Thread-pool size for this call (e.g. 1 for work that shares one
+            torch model). Ignored on a cluster, where each worker has its own.
+        """
+        items = list(items)
+        with self.executor(threads) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
+            futures = {pool.submit(fn, item): item for item in items}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    bar.update(1)
+                    yield futures[future], result
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                wait(futures, return_when=FIRST_EXCEPTION)
+                raise
+
+    def compute(self, *collections, desc="compute"):
+        """``dask.compute(*collections)`` on the cluster or local threads, with a progress bar over the graph."""
+        if self.client is None:
+            with _TqdmCallback(desc):
+                return dask.compute(*collections, scheduler="threads", num_workers=self.threads)
+        from distributed import as_completed as distributed_as_completed
+        from distributed import futures_of
+
+        persisted = self.client.persist(list(collections))
+        futures = futures_of(persisted)
+        with tqdm(total=len(futures), desc=desc, unit="task", disable=None) as bar:
+            for _ in distributed_as_completed(futures):
+                bar.update(1)
+        return tuple(dask.compute(*persisted))
+
+
+class _TqdmCallback(Callback):
+    """A tqdm bar over the tasks of a local dask graph."""
+
+    def __init__(self, desc):
+        super().__init__()
+        self.desc = desc
+        self.bar = None
+
+    def _start_state(self, dsk, state):
+        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+        self.bar = tqdm(total=total, desc=self.desc, unit="task", disable=None)
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.bar.update(1)
+
+    def _finish(self, dsk, state, errored):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def open_runner(cfg: ComputeConfig | None = None):
+    """A :class:`Runner` for ``cfg``; starts (and stops) a LocalCluster or connects to a scheduler.
+
+    Raises
+    ------
+    ConfigError
+        The scheduler at the configured address cannot be reached.
+    """
+    cfg = cfg or ComputeConfig()
+    address = scheduler_address(cfg)
+    if cfg.scheduler == "local":
+        with _local_client(cfg) as client:
+            yield Runner(client)
+    elif address is not None:
+        with _remote_client(address) as client:
+            yield Runner(client)
+    else:
+        yield Runner(None)
+
+
+@contextlib.contextmanager
+def _local_client(cfg):
+    from distributed import Client, LocalCluster
+
+    dashboard = ":0" if cfg.dashboard else None
+    with LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+                      memory_limit=cfg.memory_limit, dashboard_address=dashboard) as cluster, \
+            Client(cluster) as client:
+        _announce(client, f"LocalCluster of {cfg.n_workers} workers")
+        yield client
+
+
+@contextlib.contextmanager
+def _remote_client(address):
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"Could not connect to the Dask scheduler at {address!r} ({type(exc).__name__}). "
+                          f"Hint: start one with `dask scheduler`, workers with `dask worker {address}`, or set "
+                          f"compute.scheduler: threads (and unset {ENV_ADDRESS}).") from None
+    with client:
+        _announce(client, f"scheduler {address}")
+        yield client
+
+
+def _announce(client, what):
+    workers = len(client.scheduler_info().get("workers", {}))
+    link = client.dashboard_link if client.dashboard_link else "no dashboard"
+    log.info("computing on %s (%d workers); dashboard: %s", what, workers, link)
