@@ -63,8 +63,14 @@ def train_features(store, layer, *, max_samples=None, seed=0):
     return X.astype(np.float64), y
 
 
-def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples=None, seed=0) -> FittedDetectors:
-    """Fit every configured detector on every layer's ID-train features.
+def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples=None, seed=0,
+                  runner=None) -> FittedDetectors:
+    """Fit every configured detector on every layer's ID-train features: one task per (layer, detector).
+
+    Detectors that can (``supports_dask``: Mahalanobis, alone or standardised)
+    are fitted out of core from the store's dask array, one shard at a time.
+    The others hold the layer's ID-train features in memory while they fit
+    (PyOD's models, LA-OOD's OCSVM, KNN: their fit needs all rows at once).
 
     Parameters
     ----------
@@ -74,19 +80,44 @@ def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples
     standardize : bool
         Standardise each layer's features (fitted on ID-train) before the detector.
     max_samples : int, optional
-        Fit on a seeded subsample of ID-train of at most this size.
+        Fit on a seeded subsample of ID-train of at most this size (in memory).
     seed : int
+    runner : pipeline.compute.Runner, optional
+        Where the tasks run; default: this process, one task at a time.
     """
+    from pipeline.compute import Runner
+
     # build all detectors first, so a bad name or param fails before any work
     prototypes = {name: make_detector(name, params or {}, standardize=standardize)
                   for name, params in detector_params.items()}
     fitted = FittedDetectors(layers=store.layers, names=list(prototypes), provenance=store.provenance)
-    for layer in tqdm(store.layers, desc="fit", unit="layer", disable=None):
-        X, y = train_features(store, layer, max_samples=max_samples, seed=seed)
-        for name, proto in prototypes.items():
-            det = clone(proto)
-            fitted.detectors[name, layer] = det.fit(X, y if det.requires_labels else None)
+    job = FitJob(str(store.path), prototypes, max_samples, seed)
+    tasks = [(name, layer) for layer in store.layers for name in prototypes]
+    for task, detector in (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1):
+        fitted.detectors[task] = detector
     return fitted
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Fit one (detector, layer) pair, in whichever process runs it; returns the fitted detector."""
+
+    store: str
+    prototypes: dict
+    max_samples: int | None
+    seed: int
+
+    def __call__(self, task):
+        from pipeline.store import open_store
+
+        name, layer = task
+        store = open_store(self.store)
+        detector = clone(self.prototypes[name])
+        if getattr(detector, "supports_dask", False) and self.max_samples is None:
+            labels = store.to_numpy("id_train", "label")
+            return detector.fit_dask(store.to_dask("id_train", layer), labels if detector.requires_labels else None)
+        X, y = train_features(store, layer, max_samples=self.max_samples, seed=self.seed)
+        return detector.fit(X, y if detector.requires_labels else None)
 
 
 def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndarray]:
@@ -104,43 +135,107 @@ def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndar
     return out
 
 
-def load_features(store, split: str) -> Features:
-    """Everything the store holds for ``split``, as a :class:`Features` bundle (float64).
+@dataclass(frozen=True)
+class ScoreJob:
+    """Score one split with the fitted detectors and scorers, in whichever process runs it.
 
-    Network-level scorers need whole splits (percentiles, covariances), so this
-    holds one split's features in memory.
+    Returns ``(per-layer scores, method columns)``: :func:`score_split` and
+    :func:`score_methods` of that split. The fitted detectors are loaded from
+    ``detectors`` once per process.
     """
+
+    store: str
+    detectors: str
+    scorers: dict
+
+    def __call__(self, split):
+        from pipeline.store import open_store
+
+        store = open_store(self.store)
+        fitted = _cached_detectors(self.detectors)
+        return score_split(store, split, fitted), score_methods(store, split, self.scorers)
+
+
+_DETECTOR_CACHE: dict = {}
+
+
+def _cached_detectors(directory):
+    manifest = Path(directory) / MANIFEST
+    key = (str(Path(directory).resolve()), manifest.stat().st_mtime_ns)
+    if key not in _DETECTOR_CACHE:
+        _DETECTOR_CACHE.clear()
+        _DETECTOR_CACHE[key] = load_detectors(directory)
+    return _DETECTOR_CACHE[key]
+
+
+def score_splits(store, detectors_dir, scorers: dict, splits, *, runner=None) -> dict:
+    """``split -> (per-layer scores, method columns)`` for every split: one task per split (see :class:`ScoreJob`)."""
+    from pipeline.compute import Runner
+
+    job = ScoreJob(str(store.path), str(detectors_dir), scorers)
+    return dict((runner or Runner()).map_unordered(job, list(splits), desc="score", unit="split", threads=1))
+
+
+def load_features(store, split: str, rows: tuple[int, int] | None = None) -> Features:
+    """What the store holds for ``split`` (or rows ``[start, stop)`` of it), as a :class:`Features` bundle (float64).
+
+    Parameters
+    ----------
+    rows : (start, stop), optional
+        A block of samples; the whole split when None.
+    """
+    start, stop = rows if rows is not None else (0, _n(store, split))
+
+    def read(name):
+        return store.rows(split, name, start, stop)
+
     head = store.head() or {}
-    layers = {layer: store.to_numpy(split, layer).astype(np.float64) for layer in store.layers}
-    grads = {layer: store.to_numpy(split, f"{GRAD_PREFIX}{layer}").astype(np.float64)
-             for layer in store.grad_layers}
+    layers = {layer: read(layer).astype(np.float64) for layer in store.layers}
+    grads = {layer: read(f"{GRAD_PREFIX}{layer}").astype(np.float64) for layer in store.grad_layers}
     spatial = {layer: int(store.array(split, layer).attrs.get("spatial_size", 1)) for layer in store.layers}
-    penultimate = store.to_numpy(split, "penultimate").astype(np.float64) if store.has(split, "penultimate") else None
-    logits = store.to_numpy(split, "logits").astype(np.float64) if store.has(split, "logits") else None
+    penultimate = read("penultimate").astype(np.float64) if store.has(split, "penultimate") else None
+    logits = read("logits").astype(np.float64) if store.has(split, "logits") else None
     return Features(
         logits=logits, penultimate=penultimate,
         head_weight=head.get("weight"), head_bias=head.get("bias"), layers=layers, grads=grads,
-        spatial_size=spatial, labels=store.to_numpy(split, "label"),
+        spatial_size=spatial, labels=read("label"),
     )
 
 
 def fit_scorers(store, method_params: dict) -> dict:
-    """Build every configured network-level scorer and fit it on ID-train features."""
+    """Build every configured network-level scorer and fit it on ID-train features.
+
+    When a configured scorer learns from ID-train (ReAct's percentile, ViM's
+    principal subspace, NAC-UE's class-balanced histograms), this holds
+    ID-train's features in memory: those fits need all of it at once. Scoring
+    is out of core (:func:`score_methods`).
+    """
     scorers = {name: make_scorer(name, params) for name, params in method_params.items()}
     if scorers:
-        train = load_features(store, "id_train")
+        # MSP, MaxLogit, energy, SCALE and ASH learn nothing: then nothing is read
+        learns = any(scorer.learns for scorer in scorers.values())
+        train = load_features(store, "id_train") if learns else Features()
         for name, scorer in tqdm(scorers.items(), desc="fit methods", unit="method", disable=None):
             scorer.fit(train)
     return scorers
 
 
 def score_methods(store, split: str, scorers: dict) -> dict[str, dict[str, np.ndarray]]:
-    """``method -> column -> (n,)``: per-layer parts (if any), then the method's own ``score``."""
+    """``method -> column -> (n,)``: per-layer parts (if any), then the method's own ``score``.
+
+    Out of core: the split is read one shard of rows at a time (every fitted
+    scorer scores each sample on its own), so memory holds one block of every
+    array plus the (n,) scores.
+    """
     if not scorers:
         return {}
-    features = load_features(store, split)
-    return {name: {**scorer.score_layers(features), "score": scorer.score(features)}
-            for name, scorer in scorers.items()}
+    parts = []
+    for rows in store.block_ranges(split):
+        features = load_features(store, split, rows)
+        parts.append({name: {**scorer.score_layers(features), "score": scorer.score(features)}
+                      for name, scorer in scorers.items()})
+    return {name: {col: np.concatenate([p[name][col] for p in parts]) for col in parts[0][name]}
+            for name in scorers}
 
 
 def _n(store, split):

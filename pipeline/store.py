@@ -310,6 +310,16 @@ class FeatureStore:
         arr = self.array(split, name)
         return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
+    def block_ranges(self, split: str) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every shard of ``split``: the unit of out-of-core work."""
+        arr = self.array(split, "label")
+        step = (arr.shards or arr.chunks)[0]
+        return [(start, min(start + step, arr.shape[0])) for start in range(0, arr.shape[0], step)]
+
+    def rows(self, split: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one array, as numpy."""
+        return _read(self.array(split, name), slice(start, stop), f"{split}/{name}", self.path)
+
     def iter_blocks(self, split: str, name: str):
         """Yield ``(start, block)`` one shard at a time."""
         arr = self.array(split, name)

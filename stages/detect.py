@@ -7,11 +7,12 @@ loads the model.
 
 import logging
 
+from pipeline.compute import open_runner
 from pipeline.config import load_section
 from pipeline.metrics import accuracy
 from pipeline.report import (argmax_counts, evaluate, group_sets, ood_sets, table_rows, with_aggregations, write_csv,
                              write_figures, write_json)
-from pipeline.scoring import fit_scorers, load_detectors, score_methods, score_split
+from pipeline.scoring import fit_scorers, load_detectors, score_splits
 from pipeline.store import open_store
 
 log = logging.getLogger(__name__)
@@ -19,17 +20,21 @@ log = logging.getLogger(__name__)
 
 def run(params, features, detectors, metrics_out, table_out, figures_out, argmax_out):
     cfg = load_section("detect", params)
+    compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)
     fitted = load_detectors(detectors)
     fitted.check_compatible(store)
     scorers = fit_scorers(store, cfg.methods)
     sets = ood_sets(store, "test")
-    reference = score_split(store, "id_val", fitted)
-    raw = {split: score_split(store, split, fitted) for split in ["id_test", *(s["split"] for s in sets.values())]}
+    splits = ["id_val", "id_test", *(s["split"] for s in sets.values())]
+    with open_runner(compute) as runner:
+        scored = score_splits(store, detectors, scorers, splits, runner=runner)
+    raw = {split: per_layer for split, (per_layer, _) in scored.items()}
+    reference = raw.pop("id_val")
 
     def columns(split):
         cols = with_aggregations(raw[split], reference, fitted.layers, cfg.aggregations)
-        return {**cols, **score_methods(store, split, scorers)}
+        return {**cols, **scored[split][1]}
 
     results = evaluate(columns("id_test"), {name: columns(s["split"]) for name, s in sets.items()},
                        group_sets(sets), recall=cfg.recall)

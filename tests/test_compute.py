@@ -4,6 +4,7 @@ Extraction on a 2-worker LocalCluster (processes) must give the same bits as the
 single-process path, and so must a run during which one worker is killed.
 """
 
+import json
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ from pipeline.datasets import ImageSplit, write_benchmark
 from pipeline.errors import ConfigError
 from pipeline.models import init_model, save_checkpoint
 from pipeline.store import open_store
-from stages import extract
+from stages import detect, extract, fit
 from tests.conftest import TINY_SPEC
 
 EXTRACT = {"layers": ["layer1", "layer2", "fc"], "grad_layers": ["layer2"], "batch_size": 8, "chunk_rows": 8,
@@ -33,7 +34,8 @@ def project(tmp_path_factory):
     splits = [ImageSplit(name, rng.random((n, 1, 8, 8), dtype=np.float32), rng.integers(0, 3, n),
                          {"role": role, "set": name.rsplit("_", 1)[0], "part": name.rsplit("_", 1)[1],
                           "source": "uniform noise", "n_samples": n, "image_size": 8})
-              for name, n, role in (("id_train", 150, "id"), ("id_test", 70, "id"), ("noise_test", 90, "far"))]
+              for name, n, role in (("id_train", 150, "id"), ("id_val", 40, "id"), ("id_test", 70, "id"),
+                                    ("noise_test", 90, "far"))]
     write_benchmark(splits, root / "data")
     save_checkpoint(init_model(TINY_SPEC, seed=0), TINY_SPEC, root / "model.pt")
     return root
@@ -98,9 +100,36 @@ def test_killing_a_worker_mid_extraction_then_resuming_gives_the_same_store(proj
     assert_same_store(open_store(out), reference)
 
 
-def _shards_done(progress_file):
-    import json
+FIT = {"detectors": {"mahalanobis": {}, "knn": {"n_neighbors": 3}, "iforest": {"random_state": 0}}}
+DETECT = {"methods": {"msp": {}, "ebo": {}, "react": {"percentile": 90}, "vim": {"dim": 3}}, "figures": False}
 
+
+def _fit_detect(project, store_path, name, compute):
+    params = project / f"{name}-fd.yaml"
+    params.write_text(yaml.safe_dump({"fit": FIT, "detect": DETECT, "compute": compute}))
+    out = project / name
+    fit.run(params, store_path, out / "detectors")
+    detect.run(params, store_path, out / "detectors", out / "metrics.json", out / "table.csv", out / "figures",
+               out / "argmax.json")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
+    return {prefix: tree}
+
+
+def test_fit_and_detect_give_the_same_metrics_on_threads_and_a_local_cluster(project, reference):
+    threads = _flatten(_fit_detect(project, reference.path, "fd-threads", {"scheduler": "threads"}))
+    local = _flatten(_fit_detect(project, reference.path, "fd-local",
+                                 {"scheduler": "local", "n_workers": 2, "dashboard": False}))
+    assert threads.keys() == local.keys() and len(threads) > 50
+    for key, value in threads.items():
+        assert local[key] == pytest.approx(value, abs=1e-6), key
+
+
+def _shards_done(progress_file):
     try:
         return sum(len(v) for v in json.loads(progress_file.read_text())["splits"].values())
     except (FileNotFoundError, json.JSONDecodeError, KeyError):

@@ -65,7 +65,7 @@ def test_default_params_are_the_digits_preset():
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_is_valid_params(name):
     params = yaml.safe_load(render_params(name, (), CONFIGS))
-    assert set(params) == {"generate", "train", "extract", "fit", "detect", "search"}
+    assert set(params) == {"generate", "train", "extract", "fit", "detect", "search", "compute"}
 
 
 @pytest.mark.parametrize("name", SOURCE_PRESETS)

@@ -90,6 +90,7 @@ class ClassConditionalMahalanobis(BaseDetector):
     """
 
     requires_labels = True
+    supports_dask = True  # fit_dask: out of core, from a dask array
 
     def __init__(self, *, reg=1e-6):
         self.reg = reg
@@ -115,6 +116,36 @@ class ClassConditionalMahalanobis(BaseDetector):
         self.means_ = _class_means(X, inverse, len(self.classes_))
         centred = X - self.means_[inverse]
         self.covariance_ = centred.T @ centred / X.shape[0]
+        ridge = self.reg * np.eye(X.shape[1])
+        self.precision_ = np.linalg.pinv(self.covariance_ + ridge, hermitian=True)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def fit_dask(self, X, y=None):
+        """Fit out of core from a dask array, block by block (what ``fit`` computes, summed differently).
+
+        Per block: the class counts, the class sums and the scatter ``X'X``; the
+        blocks' statistics are then added up, so memory holds one block plus
+        O(n_features**2), whatever the number of samples. The covariance is
+        ``(sum x x' - sum_c n_c mu_c mu_c') / n``.
+
+        Parameters
+        ----------
+        X : dask.array.Array of shape (n_samples, n_features)
+            In-distribution training features, chunked along samples only.
+        y : array-like of shape (n_samples,)
+            Class labels; required (n_samples integers fit in memory).
+
+        Returns
+        -------
+        self : ClassConditionalMahalanobis
+        """
+        self._check_reg()
+        y = self._check_labels(X, y)
+        self.classes_, inverse = np.unique(y, return_inverse=True)
+        counts, sums, scatter = blockwise_sum(_class_stats, X, inverse, len(self.classes_))
+        self.means_ = sums / counts[:, None]
+        self.covariance_ = (scatter - (self.means_.T * counts) @ self.means_) / X.shape[0]
         ridge = self.reg * np.eye(X.shape[1])
         self.precision_ = np.linalg.pinv(self.covariance_ + ridge, hermitian=True)
         self.n_features_in_ = X.shape[1]
@@ -163,3 +194,33 @@ class ClassConditionalMahalanobis(BaseDetector):
 def _class_means(X, inverse, n_classes):
     """Per-class means of ``X``, shape (n_classes, n_features)."""
     return np.stack([X[inverse == c].mean(axis=0) for c in range(n_classes)])
+
+
+def _class_stats(X, inverse, n_classes):
+    """Class counts (k,), class sums (k, d) and scatter (d, d) of one block."""
+    X = np.asarray(X, dtype=np.float64)
+    onehot = np.zeros((n_classes, len(X)))
+    onehot[inverse, np.arange(len(X))] = 1.0
+    return onehot.sum(axis=1), onehot @ X, X.T @ X
+
+
+def blockwise_sum(stats, X, labels, *args):
+    """Sum ``stats(block, block_labels, *args)`` (a tuple of arrays) over the sample blocks of dask array ``X``.
+
+    Runs with dask's synchronous scheduler inside the calling task, so only one
+    block is in memory at a time; the caller is one task of a fit fanned out
+    over a cluster (:func:`pipeline.scoring.fit_detectors`).
+    """
+    import dask
+
+    if X.ndim != 2 or len(X.chunks[1]) != 1:
+        raise DataError(f"blockwise fitting needs a 2-D dask array chunked along samples only; got chunks {X.chunks}.")
+    bounds = np.cumsum([0, *X.chunks[0]])
+    parts = [dask.delayed(stats)(block, labels[lo:hi], *args)
+             for block, lo, hi in zip(X.to_delayed()[:, 0], bounds[:-1], bounds[1:], strict=True)]
+    total = dask.delayed(_add_tuples)(parts)
+    return dask.compute(total, scheduler="sync")[0]
+
+
+def _add_tuples(parts):
+    return tuple(sum(values) for values in zip(*parts, strict=True))

@@ -59,6 +59,40 @@ class Standardized(BaseDetector):
         self.n_features_in_ = X.shape[1]
         return self
 
+    @property
+    def supports_dask(self):
+        """bool: the wrapped detector can be fitted out of core (``fit_dask``)."""
+        return hasattr(self.detector, "fit_dask")
+
+    def fit_dask(self, X, y=None):
+        """Out of core: the scaler from blockwise sums, then the wrapped detector's ``fit_dask``.
+
+        Parameters
+        ----------
+        X : dask.array.Array of shape (n_samples, n_features)
+            Chunked along samples only.
+        y : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : Standardized
+        """
+        import numpy as np
+
+        from .mahalanobis import blockwise_sum
+
+        n = X.shape[0]
+        dummy = np.zeros(n, dtype=np.int64)
+        total, total_sq = blockwise_sum(_moments, X, dummy)
+        mean = total / n
+        var = np.maximum(total_sq / n - mean * mean, 0.0)
+        self.scaler_ = _fitted_scaler(mean, var, n)
+        labels = y if self.requires_labels else None
+        scaled = (X.astype(np.float64) - mean) / self.scaler_.scale_
+        self.detector_ = clone(self.detector).fit_dask(scaled, labels)
+        self.n_features_in_ = X.shape[1]
+        return self
+
     def score(self, X):
         """Scale ``X`` with ``scaler_`` and score it with ``detector_``.
 
@@ -73,3 +107,19 @@ class Standardized(BaseDetector):
         """
         X = self._validate_score_input(X)
         return self.detector_.score(self.scaler_.transform(X))
+
+
+def _moments(X, _labels):
+    X = X.astype("float64")
+    return X.sum(axis=0), (X * X).sum(axis=0)
+
+
+def _fitted_scaler(mean, var, n):
+    """A StandardScaler with the given statistics (as ``StandardScaler().fit`` would set them)."""
+    import numpy as np
+
+    scaler = StandardScaler()
+    scaler.mean_, scaler.var_ = mean, var
+    scaler.scale_ = np.where(var > 10 * np.finfo(np.float64).eps, np.sqrt(var), 1.0)
+    scaler.n_samples_seen_, scaler.n_features_in_ = n, len(mean)
+    return scaler

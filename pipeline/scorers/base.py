@@ -70,6 +70,8 @@ class BaseScorer(BaseEstimator):
 
     #: Params that :meth:`set_refit_free` can change on a fitted scorer (a search shares the fit).
     refit_free_params: tuple = ()
+    #: Whether ``fit`` learns from ID-train features; when no configured scorer does, none are read.
+    learns = False
 
     def set_refit_free(self, **params):
         """Change refit-free params of a fitted scorer in place; returns self."""

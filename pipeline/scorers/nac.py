@@ -236,6 +236,8 @@ class NACScorer(BaseScorer):
     n_neurons_ : dict of str -> int
     """
 
+    learns = True  # fit reads ID-train features
+
     #: Params a fitted scorer can change without refitting (the histograms do not depend on O).
     refit_free_params = ("O",)
 

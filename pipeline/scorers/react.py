@@ -77,6 +77,8 @@ class ReActScorer(BaseScorer):
         ``D`` seen during ``fit``.
     """
 
+    learns = True  # fit reads ID-train features
+
     def __init__(self, *, percentile=90):
         self.percentile = percentile
 

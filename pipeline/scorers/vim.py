@@ -95,6 +95,8 @@ class ViMScorer(BaseScorer):
         ``D`` seen during ``fit``.
     """
 
+    learns = True  # fit reads ID-train features
+
     def __init__(self, *, dim=None):
         self.dim = dim
 
