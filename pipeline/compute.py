@@ -25,6 +25,8 @@ import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
 
 import dask
+import dask.array  # noqa: F401  imported before any fan-out: scipy's array-API helpers look
+#                   dask.array up in sys.modules, and a half-imported module from another thread breaks them
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 

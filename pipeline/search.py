@@ -24,19 +24,20 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from joblib import Parallel, delayed
 from sklearn.base import clone
-from tqdm.auto import tqdm
 
 from pipeline.aggregate import AGGREGATIONS, aggregate
 from pipeline.detectors import available_detectors, make_detector
 from pipeline.errors import invalid_param
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.scorers import SCORERS, available_scorers, make_scorer
+from pipeline.scorers.base import Features
 from pipeline.scoring import load_features
 
 log = logging.getLogger(__name__)
@@ -129,20 +130,40 @@ def detector_columns(grid: dict, layers, aggregations) -> list[str]:
 # --------------------------------------------------------------------------- evaluation
 
 
-@dataclass
 class SplitSet:
     """The cached features a search reads.
 
-    ``train`` fits, ``id_val`` standardises layer scores for aggregations (always
-    ID-val, also when testing), ``id_ref`` is the ID side of the metrics (ID-val
-    or ID-test), and ``ood`` the OOD sets of the same part, with their groups.
+    ``id_val`` standardises layer scores for aggregations (always ID-val, also
+    when testing), ``id_ref`` is the ID side of the metrics (ID-val or ID-test),
+    and ``ood`` the OOD sets of the same part, with their groups: those are held
+    in memory. ID-train is read from the store only when a fit needs it: a whole
+    layer for an in-memory detector, one shard at a time for an out-of-core one
+    (``supports_dask``), everything for a scorer that learns (:attr:`train`).
     """
 
-    train: object
-    id_val: object
-    id_ref: object
-    ood: dict
-    groups: dict
+    def __init__(self, store, id_val, id_ref, ood: dict, groups: dict):
+        self.store, self.id_val, self.id_ref, self.ood, self.groups = store, id_val, id_ref, ood, groups
+        self._lock = threading.Lock()
+        self._train = None
+
+    @property
+    def train(self):
+        """All of ID-train's features (read once, on first use)."""
+        with self._lock:
+            if self._train is None:
+                self._train = load_features(self.store, "id_train")
+            return self._train
+
+    @property
+    def layers(self) -> list:
+        return list(self.store.layers)
+
+    def fit_detector(self, detector, layer):
+        """Fit ``detector`` on ID-train's ``layer``: out of core when it can be."""
+        labels = self.store.to_numpy("id_train", "label") if detector.requires_labels else None
+        if getattr(detector, "supports_dask", False):
+            return detector.fit_dask(self.store.to_dask("id_train", layer), labels)
+        return detector.fit(self.store.to_numpy("id_train", layer).astype(np.float64), labels)
 
 
 def val_metrics(id_scores, ood_scores: dict, groups: dict, recall=0.95) -> dict:
@@ -156,7 +177,8 @@ def val_metrics(id_scores, ood_scores: dict, groups: dict, recall=0.95) -> dict:
 def run_scorer_group(method, fixed: dict, refit_free: list[dict], data: SplitSet, recall=0.95) -> list[dict]:
     """Fit one scorer, then score every refit-free variant of it (e.g. NAC-UE over O)."""
     start = time.perf_counter()
-    scorer = make_scorer(method, {**fixed, **(refit_free[0] if refit_free else {})}).fit(data.train)
+    scorer = make_scorer(method, {**fixed, **(refit_free[0] if refit_free else {})})
+    scorer.fit(data.train if scorer.learns else Features())
     fit_time = time.perf_counter() - start
     rows = []
     for variant in refit_free or [{}]:
@@ -173,12 +195,12 @@ def run_scorer_group(method, fixed: dict, refit_free: list[dict], data: SplitSet
 def run_detector_config(method, params: dict, columns, aggregations, data: SplitSet, recall=0.95) -> list[dict]:
     """Fit a per-layer detector once per layer; every layer and aggregation is one row."""
     start = time.perf_counter()
-    layers = list(data.train.layers)
+    layers = data.layers
     proto = make_detector(method, params)
     splits = {"id_val": data.id_val, "id": data.id_ref, **{f"ood:{n}": f for n, f in data.ood.items()}}
     scores = {name: np.empty((len(f.labels), len(layers))) for name, f in splits.items()}
     for j, layer in enumerate(layers):
-        det = clone(proto).fit(data.train.layers[layer], data.train.labels if proto.requires_labels else None)
+        det = data.fit_detector(clone(proto), layer)
         for name, feats in splits.items():
             scores[name][:, j] = det.score(feats.layers[layer])
     ood = {name[4:]: s for name, s in scores.items() if name.startswith("ood:")}
@@ -241,11 +263,38 @@ def load_split_set(store, part: str, ood_sets: dict, id_split: str) -> SplitSet:
     ood = {name: load_features(store, s["split"]) for name, s in ood_sets.items()}
     id_val = load_features(store, "id_val")
     id_ref = id_val if id_split == "id_val" else load_features(store, id_split)
-    return SplitSet(load_features(store, "id_train"), id_val, id_ref, ood, groups)
+    return SplitSet(store, id_val, id_ref, ood, groups)
+
+
+_SPLIT_SETS: dict = {}
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Run one search task in whichever process gets it; the val features are read once per process."""
+
+    store: str
+    ood_val: dict
+    aggregations: tuple
+    recall: float
+
+    def __call__(self, item):
+        from pipeline.store import open_store
+
+        index, task = item
+        key = (self.store, json.dumps(self.ood_val, sort_keys=True))
+        with _LOAD_LOCK:
+            if key not in _SPLIT_SETS:
+                _SPLIT_SETS.clear()
+                _SPLIT_SETS[key] = load_split_set(open_store(self.store), "val", self.ood_val, "id_val")
+        return _run_task(task, _SPLIT_SETS[key], self.aggregations, self.recall)
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATIONS, recall=0.95, n_jobs=-1,
-               ood_val=None, ood_test=None) -> SearchResult:
+               ood_val=None, ood_test=None, runner=None) -> SearchResult:
     """Score every configuration on val, pick one winner per method, test only the winners.
 
     Parameters
@@ -256,21 +305,25 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     metric : {"auroc", "fpr95"}
         Selection metric, averaged over the OOD val sets.
     n_jobs : int
-        Parallel tasks (joblib); -1 = all local cores.
+        Parallel tasks on local threads; -1 = all local cores. A distributed
+        ``runner`` runs as many as its workers have threads.
     ood_val, ood_test : dict
         ``set name -> {"split", "role"}`` (see :func:`pipeline.report.ood_sets`).
+    runner : pipeline.compute.Runner, optional
+        Where the tasks run (default: local threads).
     """
+    from pipeline.compute import Runner
+
     if metric not in SELECTION:
         raise invalid_param("search.metric", "search", f"one of {set(SELECTION)}", metric)
     configs = expand_grid(methods, aggregations)
-    val = load_split_set(store, "val", ood_val, "id_val")
     tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
-    jobs = (delayed(_run_task)(task, val, aggregations, recall) for task in tasks)
-    rows = []
-    for result in tqdm(Parallel(n_jobs=n_jobs, return_as="generator")(jobs), total=len(tasks), desc="search",
-                       unit="task", disable=None):
-        rows += result
+    runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
+    job = SearchJob(str(store.path), ood_val, tuple(aggregations), recall)
+    done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
+                                                                      unit="task")}
+    rows = [row for item in sorted(done) for row in done[item]]  # grid order: ties go to the first
     winners = select_winners(rows, metric)
     test = load_split_set(store, "test", ood_test, "id_test")  # read only now: winners are fixed
     for method, row in winners.items():

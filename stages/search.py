@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.compute import open_runner
 from pipeline.config import SearchConfig, build_config, load_section, read_params
 from pipeline.report import ood_sets, write_csv, write_json
 from pipeline.search import leaderboard, run_search
@@ -19,9 +20,12 @@ log = logging.getLogger(__name__)
 
 def run(params, features, out, grid=None):
     cfg = load_section("search", params) if grid is None else _grid_config(grid)
+    compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)
-    result = run_search(store, cfg.methods, metric=cfg.metric, aggregations=cfg.aggregations, recall=cfg.recall,
-                        n_jobs=cfg.n_jobs, ood_val=ood_sets(store, "val"), ood_test=ood_sets(store, "test"))
+    with open_runner(compute) as runner:
+        result = run_search(store, cfg.methods, metric=cfg.metric, aggregations=cfg.aggregations, recall=cfg.recall,
+                            n_jobs=cfg.n_jobs, ood_val=ood_sets(store, "val"), ood_test=ood_sets(store, "test"),
+                            runner=runner if runner.distributed else None)
     rows = leaderboard(result)
     out = Path(out)
     write_csv(rows, out / "leaderboard.csv")

@@ -20,7 +20,7 @@ from pipeline.datasets import ImageSplit, write_benchmark
 from pipeline.errors import ConfigError
 from pipeline.models import init_model, save_checkpoint
 from pipeline.store import open_store
-from stages import detect, extract, fit
+from stages import detect, extract, fit, search
 from tests.conftest import TINY_SPEC
 
 EXTRACT = {"layers": ["layer1", "layer2", "fc"], "grad_layers": ["layer2"], "batch_size": 8, "chunk_rows": 8,
@@ -35,7 +35,7 @@ def project(tmp_path_factory):
                          {"role": role, "set": name.rsplit("_", 1)[0], "part": name.rsplit("_", 1)[1],
                           "source": "uniform noise", "n_samples": n, "image_size": 8})
               for name, n, role in (("id_train", 150, "id"), ("id_val", 40, "id"), ("id_test", 70, "id"),
-                                    ("noise_test", 90, "far"))]
+                                    ("noise_val", 40, "far"), ("noise_test", 90, "far"))]
     write_benchmark(splits, root / "data")
     save_checkpoint(init_model(TINY_SPEC, seed=0), TINY_SPEC, root / "model.pt")
     return root
@@ -127,6 +127,22 @@ def test_fit_and_detect_give_the_same_metrics_on_threads_and_a_local_cluster(pro
     assert threads.keys() == local.keys() and len(threads) > 50
     for key, value in threads.items():
         assert local[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_search_gives_the_same_leaderboard_on_threads_and_a_local_cluster(project, reference):
+    grid = {"react": {"percentile": [80, 90]}, "mahalanobis": {}, "knn": {"n_neighbors": [1, 3]}}
+    boards = {}
+    for tag, compute in {"threads": {"scheduler": "threads"},
+                         "local": {"scheduler": "local", "n_workers": 2, "dashboard": False}}.items():
+        params = project / f"search-{tag}.yaml"
+        params.write_text(yaml.safe_dump({"search": {"methods": grid, "n_jobs": 2}, "compute": compute}))
+        boards[tag], _ = search.run(params, reference.path, project / f"search-{tag}")
+    assert len(boards["threads"]) > 5
+    for a, b in zip(boards["threads"], boards["local"], strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if key != "seconds":  # timing, not a result
+                assert b[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
 
 
 def _shards_done(progress_file):

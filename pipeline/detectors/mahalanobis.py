@@ -207,20 +207,16 @@ def _class_stats(X, inverse, n_classes):
 def blockwise_sum(stats, X, labels, *args):
     """Sum ``stats(block, block_labels, *args)`` (a tuple of arrays) over the sample blocks of dask array ``X``.
 
-    Runs with dask's synchronous scheduler inside the calling task, so only one
-    block is in memory at a time; the caller is one task of a fit fanned out
-    over a cluster (:func:`pipeline.scoring.fit_detectors`).
+    Blocks are computed one after the other (dask's synchronous scheduler) and
+    added to a running total, so one block is in memory at a time, whatever the
+    number of samples. The parallelism is one level up: each call is one task of
+    a fit fanned out over a cluster (:func:`pipeline.scoring.fit_detectors`).
     """
-    import dask
-
     if X.ndim != 2 or len(X.chunks[1]) != 1:
         raise DataError(f"blockwise fitting needs a 2-D dask array chunked along samples only; got chunks {X.chunks}.")
     bounds = np.cumsum([0, *X.chunks[0]])
-    parts = [dask.delayed(stats)(block, labels[lo:hi], *args)
-             for block, lo, hi in zip(X.to_delayed()[:, 0], bounds[:-1], bounds[1:], strict=True)]
-    total = dask.delayed(_add_tuples)(parts)
-    return dask.compute(total, scheduler="sync")[0]
-
-
-def _add_tuples(parts):
-    return tuple(sum(values) for values in zip(*parts, strict=True))
+    total = None
+    for block, lo, hi in zip(X.to_delayed()[:, 0], bounds[:-1], bounds[1:], strict=True):
+        part = stats(block.compute(scheduler="sync"), labels[lo:hi], *args)
+        total = part if total is None else tuple(a + b for a, b in zip(total, part, strict=True))
+    return total
