@@ -23,6 +23,7 @@ repro: install
 bench: install
 	python benchmarks/bench_extract.py
 	python benchmarks/bench_search.py
+	python benchmarks/bench_scale.py
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: install

@@ -24,6 +24,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="The params file.")
+FeaturesOpt = typer.Option(None, help="Feature store: a path or an fsspec URL [paths.features].")
 
 
 @app.callback()
@@ -49,10 +50,14 @@ def user_errors(func):
 
 
 def _path(value, key):
-    """An explicit option wins; otherwise the path named ``key`` in dvc.yaml's vars."""
-    from pipeline.config import project_paths
+    """An explicit option wins; otherwise the path named ``key`` in dvc.yaml's vars.
 
-    return Path(value) if value is not None else Path(project_paths()[key])
+    A feature store may be an fsspec URL (``s3://bucket/features.zarr``): URLs stay strings.
+    """
+    from pipeline.config import project_paths
+    from pipeline.store import location
+
+    return location(value) if value is not None else Path(project_paths()[key])
 
 
 @app.command()
@@ -103,7 +108,7 @@ def train(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[paths
 @user_errors
 def extract(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[paths.data]"),
             model: Path = typer.Option(None, help="[paths.model]"),
-            out: Path = typer.Option(None, help="Feature store [paths.features].")):
+            out: str = typer.Option(None, help="Feature store: a path or an fsspec URL [paths.features].")):
     """Extract pooled activations, energies and logits into the Zarr feature store."""
     from stages import extract as stage
 
@@ -112,7 +117,7 @@ def extract(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[pat
 
 @app.command()
 @user_errors
-def fit(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+def fit(params: Path = ParamsOpt, features: str = FeaturesOpt,
         out: Path = typer.Option(None, help="Fitted detectors [paths.detectors].")):
     """Fit the configured detectors on every layer's ID-train features."""
     from stages import fit as stage
@@ -122,7 +127,7 @@ def fit(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[pat
 
 @app.command()
 @user_errors
-def detect(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+def detect(params: Path = ParamsOpt, features: str = FeaturesOpt,
            detectors: Path = typer.Option(None, help="[paths.detectors]"),
            metrics: Path = typer.Option(None, help="[paths.metrics]"),
            table: Path = typer.Option(None, help="[paths.per_layer]"),
@@ -137,7 +142,7 @@ def detect(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[
 
 @app.command()
 @user_errors
-def search(params: Path = ParamsOpt, features: Path = typer.Option(None, help="[paths.features]"),
+def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
            out: Path = typer.Option(None, help="Leaderboard directory [paths.search]."),
            grid: Path = typer.Option(None, help="A YAML file with the keys of params.yaml's search section.")):
     """Search hyperparameters on the cached store: select on val, report winners on test."""
@@ -213,7 +218,7 @@ def _layers_model(params, checkpoint):
 
 @app.command()
 @user_errors
-def inspect(path: Path = typer.Argument(None, help="A feature store [paths.features]."),
+def inspect(path: str = typer.Argument(None, help="A feature store [paths.features]."),
             layer: str = typer.Option(None, help="A layer, for --stats."),
             stats: bool = typer.Option(False, "--stats", help="Per-feature statistics of --layer (lazy, with dask)."),
             split: str = typer.Option(None, help="Only this split, for --stats."),

@@ -92,12 +92,14 @@ class StoreWriter:
     """
 
     def __init__(self, path, key, *, chunk_rows=512, shard_rows=4096, compression_level=3):
-        self.path = Path(path)
+        self.path = location(path)
         self.key = key
         self.chunk_rows, self.shard_rows = chunk_rows, shard_rows
         self.compressor = zarr.codecs.ZstdCodec(level=compression_level)
-        self.staging = self.path.parent / ".staging" / self.path.name
-        self.staged_store = self.staging / "store.zarr"
+        self.staging = _control_dir(self.path)
+        # a URL store is written in place (object stores cannot rename a tree): its
+        # "complete" flag is the commit point, and readers refuse it until then
+        self.staged_store = self.path if is_url(self.path) else self.staging / "store.zarr"
         self._lock_fh = None
         self._published = False
         self.progress = {}
@@ -125,14 +127,13 @@ class StoreWriter:
     def _load_or_reset(self):
         progress_file = self.staging / "progress.json"
         state = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-        if state.get("key") == self.key and self.staged_store.is_dir():
+        if state.get("key") == self.key and _exists(self.staged_store):
             self.progress = {k: set(v) for k, v in state["splits"].items()}
             log.info("resuming staged store %s (%d splits started)", self.staged_store, len(self.progress))
             return
-        if self.staged_store.exists():
+        if _exists(self.staged_store):
             log.warning("discarding a staged store built from other inputs: %s", self.staged_store)
-            shutil.rmtree(self.staged_store)
-        zarr.open_group(self.staged_store, mode="w", zarr_format=3)
+        _open_group(self.staged_store, mode="w", zarr_format=3)  # mode "w" deletes what was there
         self.progress = {}
         self._save_progress()
 
@@ -157,7 +158,7 @@ class StoreWriter:
         """Create the split's group and arrays, unless a resumed run already did."""
         if split in self.progress:
             return
-        root = zarr.open_group(self.staged_store, mode="r+")
+        root = _open_group(self.staged_store, mode="r+")
         group = root.create_group(split, overwrite=True, attributes=_jsonable(attrs))
         for spec in specs:
             self._create_array(group, spec, n_samples)
@@ -179,7 +180,7 @@ class StoreWriter:
 
     def write_constants(self, name: str, arrays: dict[str, np.ndarray]):
         """Write small per-store arrays (e.g. the head's weight and bias) into group ``name``."""
-        root = zarr.open_group(self.staged_store, mode="r+")
+        root = _open_group(self.staged_store, mode="r+")
         group = root.require_group(name)
         for key, values in arrays.items():
             group.create_array(key, data=np.asarray(values), compressors=self.compressor, overwrite=True)
@@ -196,14 +197,19 @@ class StoreWriter:
 
     def finalize(self, provenance: dict, layers: list[str]):
         """Mark the staged store complete, consolidate metadata and move it into place."""
-        root = zarr.open_group(self.staged_store, mode="r+")
+        root = _open_group(self.staged_store, mode="r+")
         root.attrs[ATTRS_KEY] = _jsonable({
             "format": STORE_FORMAT, "complete": True, "key": self.key, "layers": list(layers),
             "splits": sorted(self.progress), "provenance": {**provenance, "created": _now()},
         })
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the v3 spec yet
-            zarr.consolidate_metadata(self.staged_store)
+            zarr.consolidate_metadata(root.store)
+        if is_url(self.path):  # written in place; the flag above published it
+            (self.staging / "progress.json").unlink(missing_ok=True)
+            self._published = True
+            log.info("feature store complete: %s", self.path)
+            return self.path
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +234,7 @@ def write_shard_data(store_path, split: str, index: int, shard_rows: int, data: 
     data : dict
         ``array name -> (rows, ...)`` where ``rows`` is the shard's row count.
     """
-    group = zarr.open_group(store_path, mode="r+", path=split)
+    group = _open_group(store_path, mode="r+", path=split)
     n_samples = group.attrs["n_samples"]
     start, stop = index * shard_rows, min((index + 1) * shard_rows, n_samples)
     for name, values in data.items():
@@ -250,7 +256,7 @@ class FeatureStore:
     """
 
     def __init__(self, path, root):
-        self.path = Path(path)
+        self.path = location(path)
         self._root = root
         self._meta = dict(root.attrs.get(ATTRS_KEY, {}))
 
@@ -334,8 +340,10 @@ class FeatureStore:
 
 
 def open_store(path) -> FeatureStore:
-    """Open a complete feature store; refuse a missing or incomplete one in one line."""
-    path = Path(path)
+    """Open a complete feature store (a local path or an fsspec URL); refuse a missing or incomplete one."""
+    path = location(path)
+    if is_url(path):
+        return _open_url_store(path)
     staged = path.parent / ".staging" / path.name / "store.zarr"
     if not (path / "zarr.json").is_file():
         if staged.is_dir():
@@ -352,6 +360,17 @@ def open_store(path) -> FeatureStore:
     return FeatureStore(path, root)
 
 
+def _open_url_store(url: str) -> FeatureStore:
+    if not _exists(url):
+        raise StoreError(f"Feature store '{url}' does not exist. Hint: run `layerscope extract --out {url}`.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        root = _open_group(url, mode="r", use_consolidated=None)
+    if not root.attrs.get(ATTRS_KEY, {}).get("complete"):
+        raise StoreError(f"Feature store '{url}' is incomplete (not marked complete). Hint: {RESUME_HINT}.")
+    return FeatureStore(url, root)
+
+
 def _read(arr, rows, name, path):
     try:
         return arr[rows]
@@ -361,6 +380,51 @@ def _read(arr, rows, name, path):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_url(path) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://...``, ``file:///...``) rather than a local path."""
+    return "://" in str(path)
+
+
+def location(path):
+    """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a ``Path``."""
+    return str(path) if is_url(path) else Path(path)
+
+
+def _storage_kwargs(where) -> dict:
+    """zarr's ``storage_options`` for a URL: local ``file://`` stores need parent directories made."""
+    if is_url(where) and str(where).startswith("file://"):
+        return {"storage_options": {"auto_mkdir": True}}
+    return {}
+
+
+def _open_group(where, **kwargs):
+    return zarr.open_group(where, **_storage_kwargs(where), **kwargs)
+
+
+def _exists(where) -> bool:
+    """Whether a zarr group exists at a local path or URL."""
+    if not is_url(where):
+        return Path(where).is_dir()
+    try:
+        _open_group(where, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+    return True
+
+
+def _control_dir(path) -> Path:
+    """Local directory for the lock and progress of a store being written.
+
+    Beside a local store (``<parent>/.staging/<name>``); for a URL store, under
+    ``.staging/`` in the working directory, named by the URL's hash.
+    """
+    if is_url(path):
+        import hashlib
+
+        return Path(".staging") / ("url-" + hashlib.sha256(str(path).encode()).hexdigest()[:16])
+    return path.parent / ".staging" / path.name
 
 
 def _atomic_write_text(path: Path, text: str):

@@ -145,6 +145,31 @@ def test_search_gives_the_same_leaderboard_on_threads_and_a_local_cluster(projec
                 assert b[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
 
 
+def test_a_store_at_an_fsspec_url_is_written_in_place_and_reads_the_same(project, reference, monkeypatch):
+    monkeypatch.chdir(project)  # a URL store keeps its lock and progress under ./.staging
+    url = f"file://{project / 'url-store.zarr'}"
+    extract.run(_params(project, "url", {"scheduler": "threads"}), project / "data", project / "model.pt", url)
+    store = open_store(url)
+    assert isinstance(store.path, str) and store.path == url
+    assert_same_store(store, reference)
+    metrics = _fit_detect(project, url, "fd-url", {"scheduler": "threads"})
+    assert metrics == _fit_detect(project, reference.path, "fd-url-ref", {"scheduler": "threads"})
+
+
+def test_an_unfinished_url_store_is_refused(project, tmp_path, monkeypatch):
+    from pipeline.errors import StoreError
+    from pipeline.store import ArraySpec, StoreWriter
+
+    monkeypatch.chdir(tmp_path)
+    url = f"file://{tmp_path / 'half.zarr'}"
+    with StoreWriter(url, "k", chunk_rows=4, shard_rows=8) as writer:
+        writer.create_split("id_train", 8, [ArraySpec("label", None, "int64")], {"n_samples": 8})
+    with pytest.raises(StoreError, match=r"'file://.*half.zarr' is incomplete .* Hint: rerun `layerscope extract`"):
+        open_store(url)
+    with pytest.raises(StoreError, match=r"'file://.*nowhere.zarr' does not exist"):
+        open_store(f"file://{tmp_path / 'nowhere.zarr'}")
+
+
 def _shards_done(progress_file):
     try:
         return sum(len(v) for v in json.loads(progress_file.read_text())["splits"].values())

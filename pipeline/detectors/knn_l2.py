@@ -56,6 +56,9 @@ class KNNL2(BaseDetector):
     negation (higher = more ID). It normalises its own input, so the registry
     does not standardise it first.
 
+    Memory: ``fit`` keeps every normalised ID-train row (that is the index), so
+    the layer's ID-train features are held in memory; scoring is block by block.
+
     Parameters
     ----------
     k : int, default=50

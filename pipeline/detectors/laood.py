@@ -109,6 +109,9 @@ class LAOODOCSVM(BaseDetector):
     Detection", PAKDD 2021). Meant for standardised features (the registry
     wraps it in :class:`~pipeline.detectors.Standardized`).
 
+    Memory: the OCSVM and its gamma selection need all of a layer's ID-train
+    rows at once, so ``fit`` holds them in memory; scoring is block by block.
+
     Parameters
     ----------
     nu : float, default=0.001

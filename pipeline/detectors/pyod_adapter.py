@@ -105,6 +105,9 @@ class PyODDetector(BaseDetector):
     - ``pca``: weighted distance to the principal components
       (Shyu et al., 2003).
 
+    Memory: PyOD's models fit on all of a layer's ID-train rows at once, so
+    ``fit`` holds them in memory; scoring is block by block.
+
     Parameters
     ----------
     method : str, default="knn"
