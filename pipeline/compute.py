@@ -67,13 +67,24 @@ class Runner:
     def distributed(self) -> bool:
         return self.client is not None
 
-    def executor(self, threads=None):
-        """A ``concurrent.futures`` executor: the client's, or a thread pool of ``threads``."""
+    def executor(self, threads=None, processes=False):
+        """A ``concurrent.futures`` executor: the client's, or a local pool of ``threads`` workers.
+
+        ``processes`` makes the local pool loky's reusable process pool (what
+        joblib uses) for GIL-bound Python work; a cluster is processes anyway.
+        """
         if self.client is not None:
             return self.client.get_executor(pure=False)
+        if processes:
+            from joblib.externals.loky import get_reusable_executor
+
+            workers = threads or self.threads or os.cpu_count()
+            # one BLAS thread per worker process, as joblib does: n processes x n BLAS threads oversubscribe
+            blas = {var: "1" for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+            return contextlib.nullcontext(get_reusable_executor(max_workers=workers, env=blas))
         return ThreadPoolExecutor(max_workers=threads or self.threads)
 
-    def map_unordered(self, fn, items, *, desc, unit="task", threads=None):
+    def map_unordered(self, fn, items, *, desc, unit="task", threads=None, processes=False):
         """Yield ``(item, fn(item))`` as tasks finish (any order).
 
         The first failure cancels the tasks not yet started and is raised; the
@@ -86,11 +97,13 @@ class Runner:
             Picklable (it may run in another process), taking one item.
         items : list
         threads : int, optional
-            Thread-pool size for this call (e.g. 1 for work that shares one
+            Local pool size for this call (e.g. 1 for work that shares one
             torch model). Ignored on a cluster, where each worker has its own.
+        processes : bool
+            Run local tasks in processes (see :meth:`executor`).
         """
         items = list(items)
-        with self.executor(threads) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
+        with self.executor(threads, processes) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
             futures = {pool.submit(fn, item): item for item in items}
             try:
                 for future in as_completed(futures):

@@ -274,6 +274,7 @@ class SearchJob:
     """Run one search task in whichever process gets it; the val features are read once per process."""
 
     store: str
+    created: str  # the store's creation time: a store rewritten at the same path is read again
     ood_val: dict
     aggregations: tuple
     recall: float
@@ -282,7 +283,7 @@ class SearchJob:
         from pipeline.store import open_store
 
         index, task = item
-        key = (self.store, json.dumps(self.ood_val, sort_keys=True))
+        key = (self.store, self.created, json.dumps(self.ood_val, sort_keys=True))
         with _LOAD_LOCK:
             if key not in _SPLIT_SETS:
                 _SPLIT_SETS.clear()
@@ -320,9 +321,10 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
     runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
-    job = SearchJob(str(store.path), ood_val, tuple(aggregations), recall)
+    job = SearchJob(str(store.path), str(store.provenance.get("created")), ood_val, tuple(aggregations), recall)
+    # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
-                                                                      unit="task")}
+                                                                      unit="task", processes=True)}
     rows = [row for item in sorted(done) for row in done[item]]  # grid order: ties go to the first
     winners = select_winners(rows, metric)
     test = load_split_set(store, "test", ood_test, "id_test")  # read only now: winners are fixed

@@ -121,7 +121,7 @@ class ClassConditionalMahalanobis(BaseDetector):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def fit_dask(self, X, y=None):
+    def fit_dask(self, X, y=None, transform=None):
         """Fit out of core from a dask array, block by block (what ``fit`` computes, summed differently).
 
         Per block: the class counts, the class sums and the scatter ``X'X``; the
@@ -135,6 +135,8 @@ class ClassConditionalMahalanobis(BaseDetector):
             In-distribution training features, chunked along samples only.
         y : array-like of shape (n_samples,)
             Class labels; required (n_samples integers fit in memory).
+        transform : callable, optional
+            Applied to each block first (e.g. a fitted scaler's ``transform``).
 
         Returns
         -------
@@ -143,7 +145,7 @@ class ClassConditionalMahalanobis(BaseDetector):
         self._check_reg()
         y = self._check_labels(X, y)
         self.classes_, inverse = np.unique(y, return_inverse=True)
-        counts, sums, scatter = blockwise_sum(_class_stats, X, inverse, len(self.classes_))
+        counts, sums, scatter = blockwise_sum(_class_stats, X, inverse, len(self.classes_), transform=transform)
         self.means_ = sums / counts[:, None]
         self.covariance_ = (scatter - (self.means_.T * counts) @ self.means_) / X.shape[0]
         ridge = self.reg * np.eye(X.shape[1])
@@ -204,19 +206,25 @@ def _class_stats(X, inverse, n_classes):
     return onehot.sum(axis=1), onehot @ X, X.T @ X
 
 
-def blockwise_sum(stats, X, labels, *args):
+def blockwise_sum(stats, X, labels, *args, transform=None):
     """Sum ``stats(block, block_labels, *args)`` (a tuple of arrays) over the sample blocks of dask array ``X``.
 
-    Blocks are computed one after the other (dask's synchronous scheduler) and
-    added to a running total, so one block is in memory at a time, whatever the
-    number of samples. The parallelism is one level up: each call is one task of
-    a fit fanned out over a cluster (:func:`pipeline.scoring.fit_detectors`).
+    Blocks are read one after the other and added to a running total, so one
+    block is in memory at a time, whatever the number of samples. The
+    parallelism is one level up: each call is one task of a fit fanned out over
+    a cluster (:func:`pipeline.scoring.fit_detectors`).
+
+    Parameters
+    ----------
+    transform : callable, optional
+        Applied to each float64 block before ``stats``.
     """
     if X.ndim != 2 or len(X.chunks[1]) != 1:
         raise DataError(f"blockwise fitting needs a 2-D dask array chunked along samples only; got chunks {X.chunks}.")
     bounds = np.cumsum([0, *X.chunks[0]])
     total = None
-    for block, lo, hi in zip(X.to_delayed()[:, 0], bounds[:-1], bounds[1:], strict=True):
-        part = stats(block.compute(scheduler="sync"), labels[lo:hi], *args)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        block = np.asarray(X.blocks[i].compute(scheduler="sync"), dtype=np.float64)
+        part = stats(block if transform is None else transform(block), labels[lo:hi], *args)
         total = part if total is None else tuple(a + b for a, b in zip(total, part, strict=True))
     return total

@@ -88,8 +88,7 @@ class Standardized(BaseDetector):
         var = np.maximum(total_sq / n - mean * mean, 0.0)
         self.scaler_ = _fitted_scaler(mean, var, n)
         labels = y if self.requires_labels else None
-        scaled = (X.astype(np.float64) - mean) / self.scaler_.scale_
-        self.detector_ = clone(self.detector).fit_dask(scaled, labels)
+        self.detector_ = clone(self.detector).fit_dask(X, labels, transform=self.scaler_.transform)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -110,7 +109,6 @@ class Standardized(BaseDetector):
 
 
 def _moments(X, _labels):
-    X = X.astype("float64")
     return X.sum(axis=0), (X * X).sum(axis=0)
 
 
