@@ -11,6 +11,7 @@ The per-layer energy (seed 000) needs no fitting: its scores are the store's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -176,18 +177,24 @@ def score_splits(store, detectors_dir, scorers: dict, splits, *, runner=None) ->
     return dict((runner or Runner()).map_unordered(job, list(splits), desc="score", unit="split", threads=1))
 
 
-def load_features(store, split: str, rows: tuple[int, int] | None = None) -> Features:
-    """What the store holds for ``split`` (or rows ``[start, stop)`` of it), as a :class:`Features` bundle (float64).
+def load_features(store, split: str, rows=None) -> Features:
+    """What the store holds for ``split`` (or some rows of it), as a :class:`Features` bundle (float64).
 
     Parameters
     ----------
-    rows : (start, stop), optional
-        A block of samples; the whole split when None.
+    rows : (start, stop) or ndarray of int, optional
+        A block of samples, or sorted row indices; the whole split when None.
     """
-    start, stop = rows if rows is not None else (0, _n(store, split))
+    if rows is not None and not isinstance(rows, tuple):
+        index = np.asarray(rows, dtype=np.int64)
 
-    def read(name):
-        return store.rows(split, name, start, stop)
+        def read(name):
+            return store.take(split, name, index)
+    else:
+        start, stop = rows if rows is not None else (0, _n(store, split))
+
+        def read(name):
+            return store.rows(split, name, start, stop)
 
     head = store.head() or {}
     layers = {layer: read(layer).astype(np.float64) for layer in store.layers}
@@ -211,13 +218,32 @@ def fit_scorers(store, method_params: dict) -> dict:
     is out of core (:func:`score_methods`).
     """
     scorers = {name: make_scorer(name, params) for name, params in method_params.items()}
-    if scorers:
-        # MSP, MaxLogit, energy, SCALE and ASH learn nothing: then nothing is read
-        learns = any(scorer.learns for scorer in scorers.values())
-        train = load_features(store, "id_train") if learns else Features()
-        for name, scorer in tqdm(scorers.items(), desc="fit methods", unit="method", disable=None):
-            scorer.fit(train)
+    cache = {}
+    for scorer in tqdm(scorers.values(), desc="fit methods", unit="method", disable=None):
+        fit_on_train(store, scorer, cache)
     return scorers
+
+
+def fit_on_train(store, scorer, cache=None, lock=None):
+    """Fit one scorer on what it needs of ID-train, and no more.
+
+    MSP, MaxLogit, energy, SCALE and ASH learn nothing: nothing is read. NAC-UE
+    reads its class-balanced subset only (``fit_rows``). ReAct and ViM read all
+    of ID-train. ``cache`` (a dict) shares what was read between scorers; ``lock``
+    guards it when threads share it.
+    """
+    if not scorer.learns:
+        return scorer.fit(Features())
+    cache = {} if cache is None else cache
+    rows = scorer.fit_rows(store.to_numpy("id_train", "label"))
+    key = None if rows is None else tuple(rows.tolist())
+    with lock or contextlib.nullcontext():
+        if key not in cache:
+            cache[key] = load_features(store, "id_train", rows)
+    scorer.fit(cache[key])
+    if rows is not None and hasattr(scorer, "train_indices_"):
+        scorer.train_indices_ = rows[scorer.train_indices_]  # rows of the subset -> rows of ID-train
+    return scorer
 
 
 def score_methods(store, split: str, scorers: dict) -> dict[str, dict[str, np.ndarray]]:

@@ -37,8 +37,7 @@ from pipeline.detectors import available_detectors, make_detector
 from pipeline.errors import invalid_param
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.scorers import SCORERS, available_scorers, make_scorer
-from pipeline.scorers.base import Features
-from pipeline.scoring import load_features
+from pipeline.scoring import fit_on_train, load_features
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +143,20 @@ class SplitSet:
     def __init__(self, store, id_val, id_ref, ood: dict, groups: dict):
         self.store, self.id_val, self.id_ref, self.ood, self.groups = store, id_val, id_ref, ood, groups
         self._lock = threading.Lock()
-        self._train = None
+        self._train_cache = {}
+
+    def fit_scorer(self, scorer):
+        """Fit a scorer on what it needs of ID-train (see :func:`pipeline.scoring.fit_on_train`), read once."""
+        # what is read is shared between tasks (reading it twice would double the memory)
+        return fit_on_train(self.store, scorer, self._train_cache, self._lock)
 
     @property
     def train(self):
         """All of ID-train's features (read once, on first use)."""
         with self._lock:
-            if self._train is None:
-                self._train = load_features(self.store, "id_train")
-            return self._train
+            if None not in self._train_cache:
+                self._train_cache[None] = load_features(self.store, "id_train")
+            return self._train_cache[None]
 
     @property
     def layers(self) -> list:
@@ -178,7 +182,7 @@ def run_scorer_group(method, fixed: dict, refit_free: list[dict], data: SplitSet
     """Fit one scorer, then score every refit-free variant of it (e.g. NAC-UE over O)."""
     start = time.perf_counter()
     scorer = make_scorer(method, {**fixed, **(refit_free[0] if refit_free else {})})
-    scorer.fit(data.train if scorer.learns else Features())
+    data.fit_scorer(scorer)
     fit_time = time.perf_counter() - start
     rows = []
     for variant in refit_free or [{}]:

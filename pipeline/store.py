@@ -326,6 +326,16 @@ class FeatureStore:
         """Rows ``[start, stop)`` of one array, as numpy."""
         return _read(self.array(split, name), slice(start, stop), f"{split}/{name}", self.path)
 
+    def take(self, split: str, name: str, index: np.ndarray) -> np.ndarray:
+        """The rows ``index`` (sorted ints) of one array, read without loading the others."""
+        arr = self.array(split, name)
+        selection = (index,) + (slice(None),) * (arr.ndim - 1)
+        try:
+            return arr.get_orthogonal_selection(selection)
+        except Exception as exc:
+            raise StoreError(f"Array '{split}/{name}' of store '{self.path}' could not be read "
+                             f"({type(exc).__name__}: {exc}).") from exc
+
     def iter_blocks(self, split: str, name: str):
         """Yield ``(start, block)`` one shard at a time."""
         arr = self.array(split, name)

@@ -8,7 +8,7 @@ from pipeline.detectors import make_detector
 from pipeline.detectors.mahalanobis import ClassConditionalMahalanobis, blockwise_sum
 from pipeline.errors import DataError
 from pipeline.scorers import make_scorer
-from pipeline.scoring import fit_detectors, load_features, score_methods
+from pipeline.scoring import fit_detectors, fit_scorers, load_features, score_methods
 from pipeline.search import run_search
 from pipeline.store import ArraySpec, StoreWriter, open_store
 
@@ -53,7 +53,7 @@ def _store(path, blobs, shard_rows):
              "id_test": (blobs.X_id[20:], blobs.y_id[20:], "id", "test"),
              "far_val": (blobs.X_ood[:30], -np.ones(30, int), "far", "val"),
              "far_test": (blobs.X_ood[30:], -np.ones(len(blobs.X_ood) - 30, int), "far", "test")}
-    specs = [ArraySpec("l1", 8, "float32"), ArraySpec("penultimate", 8, "float32"),
+    specs = [ArraySpec("l1", 8, "float32"), ArraySpec("grad.l1", 8, "float32"), ArraySpec("penultimate", 8, "float32"),
              ArraySpec("energy", 1, "float32", dim="layer"), ArraySpec("logits", 3, "float32", dim="class"),
              ArraySpec("label", None, "int64")]
     with StoreWriter(path, "k", chunk_rows=8, shard_rows=shard_rows) as writer:
@@ -64,10 +64,11 @@ def _store(path, blobs, shard_rows):
             for i in writer.pending_shards(split, len(X)):
                 lo, hi = writer.shard_range(i, len(X))
                 x = np.maximum(X[lo:hi], 0)
-                writer.write_shard(split, i, {"l1": X[lo:hi], "penultimate": x, "logits": x @ W.T + b,
+                writer.write_shard(split, i, {"l1": X[lo:hi], "grad.l1": np.sin(X[lo:hi]), "penultimate": x,
+                                              "logits": x @ W.T + b,
                                               "energy": -np.linalg.norm(X[lo:hi], axis=1, keepdims=True),
                                               "label": y[lo:hi]})
-        writer.finalize({"checkpoint_sha256": "x"}, ["l1"])
+        writer.finalize({"checkpoint_sha256": "x", "grad_layers": ["l1"]}, ["l1"])
     return open_store(path)
 
 
@@ -102,3 +103,22 @@ def test_search_rows_keep_grid_order_whatever_the_completion_order(tmp_path, blo
     assert key == [(r["method"], str(r["params"]), r["column"]) for r in many.rows]
     assert [r["val"] for r in one.rows] == [r["val"] for r in many.rows]
     assert one.best_params() == many.best_params()
+
+
+def test_nac_reads_only_its_balanced_subset_and_fits_the_same(tmp_path, blobs):
+    store = _store(tmp_path / "s.zarr", blobs, shard_rows=16)
+    params = {"n_train": 30, "alpha": 10.0, "M": 10, "O": 3}
+    whole = make_scorer("nac_ue", params).fit(load_features(store, "id_train"))
+    subset = fit_scorers(store, {"nac_ue": params})["nac_ue"]
+    assert len(subset.train_indices_) == 30 < len(blobs.X_train)
+    np.testing.assert_array_equal(subset.train_indices_, whole.train_indices_)
+    np.testing.assert_array_equal(subset.counts_["l1"], whole.counts_["l1"])
+    test = load_features(store, "far_test")
+    np.testing.assert_allclose(subset.score(test), whole.score(test))
+
+
+def test_take_reads_the_given_rows(tmp_path, blobs):
+    store = _store(tmp_path / "s.zarr", blobs, shard_rows=16)
+    index = np.array([0, 5, 17, 40])
+    np.testing.assert_array_equal(store.take("id_train", "l1", index), store.to_numpy("id_train", "l1")[index])
+    np.testing.assert_array_equal(store.take("id_train", "label", index), blobs.y_train[index])

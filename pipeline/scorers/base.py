@@ -77,6 +77,10 @@ class BaseScorer(BaseEstimator):
         """Change refit-free params of a fitted scorer in place; returns self."""
         raise NotImplementedError(f"{type(self).__name__} has no refit-free parameters")
 
+    def fit_rows(self, labels):
+        """ID-train rows ``fit`` reads, given ID-train's labels (n,): None means all of them."""
+        return None
+
     def fit(self, features: Features, y=None):
         """Learn from ID-train features. The default learns nothing."""
         self.fitted_ = True

@@ -276,6 +276,10 @@ class NACScorer(BaseScorer):
             self.n_neurons_[layer] = states.shape[1]
         return self
 
+    def fit_rows(self, labels):
+        """The class-balanced subset: only these ID-train rows are read (and held) to fit."""
+        return balanced_subset(labels, _check_n_train(self.n_train), self.seed)
+
     def set_refit_free(self, *, O):
         """Change O on a fitted scorer: coverage is recomputed from the kept histograms."""
         self._check_fitted()
