@@ -10,11 +10,10 @@ The ``compute`` params section (:class:`~pipeline.config.ComputeConfig`) picks o
   when the params say ``threads``.
 
 One code path serves all three. Work is a list of independent tasks submitted to
-a :class:`concurrent.futures.Executor`: a ``ThreadPoolExecutor``, or the
-distributed client's executor. Dask collections (blockwise statistics) are
-computed by :meth:`Runner.compute`, on the client when there is one. Either way,
-a tqdm bar counts finished tasks, and a distributed client's dashboard link is
-logged.
+a :class:`concurrent.futures.Executor`: a local pool, or the distributed client's
+executor. Inside a task, large arrays are read from the store's dask arrays one
+block at a time. A tqdm bar counts finished tasks, and a distributed client's
+dashboard link is logged.
 """
 
 from __future__ import annotations
@@ -24,10 +23,8 @@ import logging
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
 
-import dask
 import dask.array  # noqa: F401  imported before any fan-out: scipy's array-API helpers look
 #                   dask.array up in sys.modules, and a half-imported module from another thread breaks them
-from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
 from pipeline.config import ADDRESS_SCHEMES, ComputeConfig
@@ -103,7 +100,8 @@ class Runner:
             Run local tasks in processes (see :meth:`executor`).
         """
         items = list(items)
-        with self.executor(threads, processes) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=None) as bar:
+        bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None)
+        with self.executor(threads, processes) as pool, bar:
             futures = {pool.submit(fn, item): item for item in items}
             try:
                 for future in as_completed(futures):
@@ -115,41 +113,6 @@ class Runner:
                     future.cancel()
                 wait(futures, return_when=FIRST_EXCEPTION)
                 raise
-
-    def compute(self, *collections, desc="compute"):
-        """``dask.compute(*collections)`` on the cluster or local threads, with a progress bar over the graph."""
-        if self.client is None:
-            with _TqdmCallback(desc):
-                return dask.compute(*collections, scheduler="threads", num_workers=self.threads)
-        from distributed import as_completed as distributed_as_completed
-        from distributed import futures_of
-
-        persisted = self.client.persist(list(collections))
-        futures = futures_of(persisted)
-        with tqdm(total=len(futures), desc=desc, unit="task", disable=None) as bar:
-            for _ in distributed_as_completed(futures):
-                bar.update(1)
-        return tuple(dask.compute(*persisted))
-
-
-class _TqdmCallback(Callback):
-    """A tqdm bar over the tasks of a local dask graph."""
-
-    def __init__(self, desc):
-        super().__init__()
-        self.desc = desc
-        self.bar = None
-
-    def _start_state(self, dsk, state):
-        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self.bar = tqdm(total=total, desc=self.desc, unit="task", disable=None)
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.bar.update(1)
-
-    def _finish(self, dsk, state, errored):
-        if self.bar is not None:
-            self.bar.close()
 
 
 @contextlib.contextmanager

@@ -43,8 +43,11 @@ def run(params, data, checkpoint, out):
     with StoreWriter(out, key, chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows,
                      compression_level=cfg.compression_level) as writer, open_runner(compute) as runner:
         datasets = {name: (s.dataset, {**s.attrs, "fingerprint": s.fingerprint}) for name, s in splits.items()}
-        # workers (or this process's thread) load the checkpoint and the data themselves, once each
-        sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data)))
+        # cluster workers load the checkpoint and the data themselves, once each; this
+        # process's thread uses what is already loaded here
+        sources = None
+        if runner.distributed:
+            sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data)))
         extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
                          num_workers=cfg.num_workers, runner=runner, sources=sources)
         writer.finalize(provenance, plan.layers)
