@@ -182,6 +182,8 @@ class ExtractConfig:
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "avgpool", "fc")
     grad_layers: tuple[str, ...] = ()  # NAC-UE: layers whose KL gradient is stored (one backward pass)
     head: str | None = "fc"  # the final linear layer: its input and parameters are stored
+    maps: tuple[str, ...] = ()  # layers whose unpooled (C, H, W) outputs are stored (seed 002's decoder)
+    images: bool = False  # store the input images too (the decoder's targets)
     batch_size: int = 128
     device: str = "auto"
     dtype: str = "float32"

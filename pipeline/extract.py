@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.store import GRAD_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim, write_shard_data
+from pipeline.store import GRAD_PREFIX, MAP_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim, write_shard_data
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,12 @@ class Plan:
     layers: tuple
     grad_layers: tuple = ()
     head: str | None = None
+    maps: tuple = ()  # layers whose unpooled (C, H, W) output is kept (seed 002's decoder skips)
+    images: bool = False  # keep the input images (the decoder's targets)
 
 
-def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, device="cpu") -> Plan:
+def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, device="cpu", maps=(),
+                 images=False) -> Plan:
     """Validate the layer spec against the model; layers come back in network order."""
     layers = resolve_layers(model, layers, input_shape, device)
     stray = [name for name in grad_layers if name not in layers]
@@ -169,7 +172,17 @@ def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, devic
                           f"{layers}. Got {stray[0]!r}. Hint: add it to extract.layers too.")
     if head is not None:
         head_parameters(model, head)  # checks that it is a Linear module
-    return Plan(tuple(layers), tuple(n for n in layers if n in grad_layers), head)
+    shapes = layer_shapes(model, input_shape, device)
+    flat = [name for name in maps if name in shapes and len(shapes[name]) != 3]
+    unknown = [name for name in maps if name not in shapes]
+    if unknown or flat:
+        bad = (unknown or flat)[0]
+        got = "not a module of the model" if unknown else f"of output shape {shapes[bad]}"
+        raise ConfigError(f"The 'extract.maps' parameter of extract must name layers with (C, H, W) outputs. "
+                          f"Got {bad!r}, {got}. Hint: `layerscope layers` lists the layers and their shapes.")
+    order = {name: i for i, name in enumerate(shapes)}
+    return Plan(tuple(layers), tuple(n for n in layers if n in grad_layers), head,
+                tuple(sorted(dict.fromkeys(maps), key=order.__getitem__)), bool(images))
 
 
 class LayerRecorder:
@@ -183,10 +196,12 @@ class LayerRecorder:
     def __init__(self, model, plan: Plan):
         self.model, self.plan = model, plan
         self.pooled, self.energies, self.raw, self.penultimate, self._handles = {}, {}, {}, None, []
+        self.maps = {}
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.plan.layers]
+        self._handles += [modules[name].register_forward_hook(self._map_hook(name)) for name in self.plan.maps]
         if self.plan.head is not None:
             self._handles.append(modules[self.plan.head].register_forward_pre_hook(self._head_hook))
         return self
@@ -204,6 +219,11 @@ class LayerRecorder:
             act = act.detach()
             self.pooled[name] = pool(act).float()
             self.energies[name] = energy(act)
+        return hook
+
+    def _map_hook(self, name):
+        def hook(_module, _inputs, output):
+            self.maps[name] = _first_tensor(output).detach().float()
         return hook
 
     def _head_hook(self, _module, inputs):
@@ -226,6 +246,9 @@ def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
     out["pred"] = logits.detach().argmax(1).cpu().numpy().astype(np.int64)
     if plan.head is not None:
         out["penultimate"] = recorder.penultimate.cpu().numpy()
+    out.update({f"{MAP_PREFIX}{name}": recorder.maps[name].cpu().numpy() for name in plan.maps})
+    if plan.images:
+        out["image"] = x.detach().float().cpu().numpy()
     return out
 
 
@@ -244,7 +267,8 @@ def _spatial(shape):
     return int(np.prod(shape[1:])) if len(shape) == 3 else (shape[0] if len(shape) == 2 else 1)
 
 
-def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width=None) -> list[ArraySpec]:
+def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width=None,
+                input_shape=None) -> list[ArraySpec]:
     """The arrays of one split: pooled activations, gradients, energy, logits, penultimate, pred, label."""
     layer_specs = [
         ArraySpec(name, _width(shapes[name]), dtype, attrs={
@@ -260,7 +284,17 @@ def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width
     if plan.head is not None:
         head_specs = [ArraySpec("penultimate", head_width, "float32",
                                 attrs={"head": plan.head, "what": "input of the final linear layer"})]
-    return layer_specs + grad_specs + head_specs + [
+    map_specs = [
+        ArraySpec(f"{MAP_PREFIX}{name}", None, dtype, sample_shape=tuple(shapes[name]),
+                  dims=tuple(f"{axis}_{name}" for axis in ("channel", "height", "width")),
+                  attrs={"layer": name, "what": "unpooled output (C, H, W)"})
+        for name in plan.maps
+    ]
+    if plan.images:
+        map_specs.append(ArraySpec("image", None, dtype, sample_shape=tuple(input_shape),
+                                   dims=("image_channel", "image_height", "image_width"),
+                                   attrs={"what": "the model's input, as extracted (before its normalisation)"}))
+    return layer_specs + grad_specs + head_specs + map_specs + [
         ArraySpec("energy", len(plan.layers), "float32", dim="layer",
                   attrs={"layers": list(plan.layers), "temperature": 1.0, "formula": "-logsumexp(full activation)"}),
         ArraySpec("logits", n_classes, "float32", dim="class"),
@@ -394,7 +428,7 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     shapes = layer_shapes(model, input_shape, device)
     head = head_parameters(model, plan.head) if plan.head is not None else None
     head_width = None if head is None else head["weight"].shape[1]
-    specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width)
+    specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width, input_shape)
     if head is not None:
         writer.write_constants("head", head)
     tasks = []

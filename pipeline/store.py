@@ -51,20 +51,27 @@ log = logging.getLogger(__name__)
 
 ATTRS_KEY = "layerscope"
 STORE_FORMAT = 1
-RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head")
+RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head", "image")
 GRAD_PREFIX = "grad."  # `grad.<layer>`: NAC-UE's pooled KL gradient of that layer
+MAP_PREFIX = "map."  # `map.<layer>`: the unpooled (C, H, W) output of that layer (seed 002's decoder)
 RESUME_HINT = "rerun `layerscope extract` (or `dvc repro extract`) to resume it"
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of a split: ``width`` None means a 1-D per-sample array."""
+    """One array of a split: ``width`` None means a 1-D per-sample array.
+
+    ``sample_shape`` (with its ``dims`` names) makes an N-D array of shape
+    ``(n_samples, *sample_shape)`` instead, e.g. an unpooled (C, H, W) map.
+    """
 
     name: str
     width: int | None
     dtype: str
     dim: str | None = None
     attrs: dict | None = None
+    sample_shape: tuple | None = None
+    dims: tuple | None = None
 
 
 def feature_dim(layer: str) -> str:
@@ -170,7 +177,11 @@ class StoreWriter:
         rows = max(1, min(self.chunk_rows, n_samples))
         shard = max(1, min(self.shard_rows, -(-n_samples // rows) * rows))
         shape, chunks, shards, dims = (n_samples,), (rows,), (shard,), ("sample",)
-        if spec.width is not None:
+        if spec.sample_shape is not None:
+            trailing = tuple(spec.sample_shape)
+            shape, chunks, shards = (n_samples, *trailing), (rows, *trailing), (shard, *trailing)
+            dims = ("sample", *spec.dims)
+        elif spec.width is not None:
             shape, chunks, shards = (n_samples, spec.width), (rows, spec.width), (shard, spec.width)
             dims = ("sample", spec.dim or feature_dim(spec.name))
         group.create_array(

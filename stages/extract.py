@@ -27,13 +27,15 @@ def run(params, data, checkpoint, out):
     model, spec = load_checkpoint(checkpoint, device)
     splits = open_benchmark(data)
     input_shape = tuple(splits["id_train"].dataset[0][0].shape)
-    plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device)
+    plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device,
+                        maps=cfg.maps, images=cfg.images)
     provenance = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
         # imported weights: the user's file and its sha256 (or the torchvision weights name)
         "model_origin": spec.get("origin", "trained by `layerscope train`"),
         "data": {name: s.fingerprint for name, s in splits.items()},
         "layers": list(plan.layers), "grad_layers": list(plan.grad_layers), "head": plan.head,
+        "maps": list(plan.maps), "images": plan.images,
         "pooling": "mean over H,W (C,H,W maps); identity for vectors",
         "energy": "-logsumexp over the full activation, T=1", "dtype": cfg.dtype,
         "versions": _versions(),

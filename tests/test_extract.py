@@ -173,3 +173,37 @@ def test_item_by_item_datasets_give_the_same_store_as_sliced_ones(tiny_model, ti
         stores[kind] = open_store(tmp_path / f"{kind}.zarr")
     for name in ("layer1", "fc", "penultimate", "energy", "label"):
         np.testing.assert_array_equal(stores["sliced"].to_numpy("id_train", name), stores["items"].to_numpy("id_train", name))
+
+
+def test_unpooled_maps_and_images_are_stored_for_the_heatmap_decoder(tiny_model, tiny_splits, store_path):
+    """Seed 002's decoder reads the later blocks' (C, H, W) maps and the input images from the store."""
+    from pipeline.extract import resolve_plan
+
+    plan = resolve_plan(tiny_model, ["layer1", "fc"], (1, 8, 8), head="fc", maps=["layer2", "layer1"], images=True)
+    assert plan.maps == ("layer1", "layer2") and plan.images  # network order
+    splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, splits, plan, writer, batch_size=3)
+        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
+    store = open_store(store_path)
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    with torch.inference_mode():
+        act1 = tiny_model.layer1(torch.relu(tiny_model.bn1(tiny_model.conv1(tiny_model.normalize(x)))))
+        act2 = tiny_model.layer2(act1)
+    np.testing.assert_allclose(store.to_numpy("noise_test", "map.layer1"), act1.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.to_numpy("noise_test", "map.layer2"), act2.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(store.to_numpy("noise_test", "image"), tiny_splits["noise_test"].images)
+    arr = store.array("noise_test", "map.layer2")
+    assert arr.shape == (9, 8, 4, 4) and arr.shards[1:] == (8, 4, 4)
+    assert arr.metadata.dimension_names == ("sample", "channel_layer2", "height_layer2", "width_layer2")
+
+
+@pytest.mark.parametrize("maps, message", [
+    (["layer9"], r"'extract.maps' parameter .* Got 'layer9', not a module of the model"),
+    (["fc"], r"'extract.maps' parameter .* Got 'fc', of output shape \(3,\). Hint: `layerscope layers`"),
+])
+def test_maps_must_be_spatial_layers(tiny_model, maps, message):
+    from pipeline.extract import resolve_plan
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_plan(tiny_model, ["fc"], (1, 8, 8), maps=maps)
