@@ -124,28 +124,18 @@ class ConstantColours(torch.utils.data.Dataset):
         return colour.expand(-1, self.image_size, self.image_size).clone(), -1
 
 
-def _cifar10(req):
-    return datasets.CIFAR10(req.root, train=req.part == "train", transform=req.transform,
-                            download=req.download)
+class _TrainPart:
+    """A torchvision set whose part is chosen by ``train=`` (CIFAR-10/100, MNIST, FashionMNIST)."""
 
+    def __init__(self, cls):
+        self.cls = cls
 
-def _cifar100(req):
-    return datasets.CIFAR100(req.root, train=req.part == "train", transform=req.transform,
-                             download=req.download)
+    def __call__(self, req):
+        return self.cls(req.root, train=req.part == "train", transform=req.transform, download=req.download)
 
 
 def _svhn(req):
     return datasets.SVHN(req.root, split=req.part, transform=req.transform, download=req.download)
-
-
-def _mnist(req):
-    return datasets.MNIST(req.root, train=req.part == "train", transform=req.transform,
-                          download=req.download)
-
-
-def _fashionmnist(req):
-    return datasets.FashionMNIST(req.root, train=req.part == "train", transform=req.transform,
-                                 download=req.download)
 
 
 def _imagefolder(req):
@@ -160,11 +150,11 @@ def _constant(req):
 
 
 SOURCES = {
-    "cifar10": _cifar10,
-    "cifar100": _cifar100,
+    "cifar10": _TrainPart(datasets.CIFAR10),
+    "cifar100": _TrainPart(datasets.CIFAR100),
     "svhn": _svhn,
-    "mnist": _mnist,
-    "fashionmnist": _fashionmnist,
+    "mnist": _TrainPart(datasets.MNIST),
+    "fashionmnist": _TrainPart(datasets.FashionMNIST),
     "imagefolder": _imagefolder,
     "constant": _constant,
 }

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.datasets import (GENERATE_HINT, SplitDataset, _check_name, _stream, load_split,
+from pipeline.datasets import (GENERATE_HINT, SplitDataset, _canonical_json, _check_name, _stream, load_split,
                                read_manifest)
 from pipeline.errors import DataError
 from pipeline.sources import data_signature, load_source, source_classes, source_targets
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 BENCHMARK = "sources"
 INDEX_SUFFIX = ".index.npz"
 _INDEX_KEYS = ("name", "indices", "labels", "attrs")
-
-
-def _canonical_json(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 @dataclass(frozen=True)
