@@ -165,6 +165,83 @@ def _fmt(value):
 
 @app.command()
 @user_errors
+def calibrate(params: Path = ParamsOpt, features: str = FeaturesOpt,
+              detectors: Path = typer.Option(None, help="[paths.detectors]"),
+              out: Path = typer.Option(None, help="Thresholds file [paths.guard].")):
+    """Calibrate the early-exit guard's per-layer thresholds on cached ID-val scores (no re-inference)."""
+    from stages import calibrate as stage
+
+    content = stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(out, "guard"))
+    table = Table("layer", "threshold", "ID false-alarm budget",
+                  title=f"guard: {content['detector']}, ID-val TPR {content['val_tpr']:.4f} "
+                        f"(target {content['target_tpr']})")
+    for layer in content["layers"]:
+        table.add_row(layer, f"{content['thresholds'][layer]:.4g}", f"{content['budgets'][layer]:.4f}")
+    console.print(table)
+
+
+guard_app = typer.Typer(help="Deploy the detector: the early-exit guarded model.", no_args_is_help=True)
+app.add_typer(guard_app, name="guard")
+
+
+@guard_app.command("evaluate")
+@user_errors
+def guard_evaluate(features: str = FeaturesOpt, detectors: Path = typer.Option(None, help="[paths.detectors]"),
+                   thresholds: Path = typer.Option(None, help="[paths.guard]"),
+                   model: Path = typer.Option(None, help="[paths.model]"),
+                   out: Path = typer.Option(None, help="Report JSON [paths.guard_report]."),
+                   recall: float = typer.Option(0.95, help="OOD recall of the FPR (FPR@95).")):
+    """The cascade on the cached test splits: AUROC, FPR@95, achieved ID TPR and the FLOPs saved."""
+    from stages import guard as stage
+
+    r = stage.run(_path(features, "features"), _path(detectors, "detectors"), _path(thresholds, "guard"),
+                  _path(model, "model"), _path(out, "guard_report"), recall=recall)
+    table = Table("test set", "AUROC", "FPR@95", "flagged", "FLOPs saved", *r["layers"], "none",
+                  title=f"guard ({r['detector']} on {len(r['layers'])} layers): ID-test TPR {r['id_test_tpr']:.4f}, "
+                        f"target {r['target_tpr']}, ID-val {r['val_tpr']:.4f}; exits per layer")
+    rows = {"id_test": {**r["id_test"], "role": "id"}, **r["sets"]}
+    for name, row in rows.items():
+        table.add_row(f"{name} ({row['role']})", _fmt(row.get("auroc")), _fmt(row.get("fpr95")), _fmt(row["flagged"]),
+                      _fmt(row["flops_saved"]), *(_fmt(row["exits"][k]) for k in [*r["layers"], "none"]))
+    console.print(table)
+
+
+@guard_app.command("predict")
+@user_errors
+def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, or a .pt/.npy file (n, C, H, W)."),
+                  model: Path = typer.Option(None, help="[paths.model]"),
+                  detectors: Path = typer.Option(None, help="[paths.detectors]"),
+                  thresholds: Path = typer.Option(None, help="[paths.guard]"),
+                  out: Path = typer.Option(None, help="Write the results as JSON here (default: print a table)."),
+                  batch_size: int = typer.Option(256, min=1), device: str = typer.Option("auto")):
+    """Run inputs through the guarded model: a prediction, or "OOD at layer k", per input."""
+    import json
+
+    from pipeline.deploy import load_guard, read_inputs
+    from pipeline.models import resolve_device
+
+    guard = load_guard(_path(model, "model"), _path(detectors, "detectors"), _path(thresholds, "guard"),
+                       device=resolve_device(device))
+    names, x = read_inputs(inputs, guard.input_shape)
+    records = []
+    for start in range(0, len(x), batch_size):
+        records += guard(x[start:start + batch_size]).records()
+    records = [{"input": name, **rec} for name, rec in zip(names, records)]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=2) + "\n")
+        logging.getLogger(__name__).info("wrote %d predictions to %s", len(records), out)
+        return
+    table = Table("input", "result", "layers computed", *guard.layers, title=f"guard predict: {inputs}")
+    for rec in records:
+        result = f"OOD at {rec['ood_at_layer']}" if rec["ood_at_layer"] else f"class {rec['prediction']}"
+        table.add_row(rec["input"], result, str(rec["layers_computed"]),
+                      *(_fmt(rec["scores"].get(layer)) for layer in guard.layers))
+    console.print(table)
+
+
+@app.command()
+@user_errors
 def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
             all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns.")):
     """Print the headline results of reports/metrics.json: near/far AUROC and FPR@95 per method."""

@@ -50,6 +50,29 @@ class SourceSpec:
         if self.n is not None:
             _check_positive(f"{name}.n", self.n)
 
+    def describe(self) -> str:
+        """The data in a few words, for messages: ``"imagefolder places365"``, ``"svhn (test part)"``."""
+        if self.source == "imagefolder":
+            return f"imagefolder {self.path}"
+        if self.source == "constant":
+            return "constant colours"
+        return f"{self.source} ({self.part} part)"
+
+    def overlaps(self, other: SourceSpec, root: str = ".") -> bool:
+        """Whether this set and ``other`` can read the same samples.
+
+        Image folders overlap when one directory (under ``root``, normalised,
+        symlinks followed) is or contains the other: ``ImageFolder`` walks its
+        class folders recursively, and ignores ``part``. ``constant`` sets share
+        their colours (one seed). Any other source overlaps itself in the same part.
+        """
+        if self.source != other.source:
+            return False
+        if self.source == "imagefolder":
+            mine, theirs = Path(root, self.path).resolve(), Path(root, other.path).resolve()
+            return mine == theirs or mine in theirs.parents or theirs in mine.parents
+        return self.source == "constant" or self.part == other.part
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -61,6 +84,11 @@ class GenerateConfig:
     ``seed`` and ``val_fraction`` serve both: in ``sources`` mode, ``val_fraction``
     of the ID test part becomes ID-val, and the same fraction of each OOD set
     becomes its val half (for selection; only the test halves are reported).
+
+    ``aux`` names auxiliary-outlier sets (seed 002's heatmap decoder trains on
+    them, e.g. TinyImages-300k): each becomes one ``<name>_aux`` split, capped
+    like an OOD set, that never enters the metrics. An aux set may not read the
+    samples of a near/far set or of the ID data (see :meth:`SourceSpec.overlaps`).
     """
 
     benchmark: str = "digits"
@@ -83,6 +111,10 @@ class GenerateConfig:
     id_test: SourceSpec | None = None
     near: Mapping[str, SourceSpec] = field(default_factory=dict)
     far: Mapping[str, SourceSpec] = field(default_factory=dict)
+    aux: Mapping[str, SourceSpec] = field(default_factory=dict)  # auxiliary outliers: never a test OOD set
+
+    _AUX_HINT: typing.ClassVar[str] = ("point it at a separate folder such as TinyImages-300k "
+                                       "({source: imagefolder, path: tinyimages300k}).")
 
     def __post_init__(self):
         _check_choice("generate.benchmark", self.benchmark, BENCHMARKS)
@@ -118,6 +150,34 @@ class GenerateConfig:
                 raise invalid_param(f"generate.{role}", "generate", "OOD set names that are identifiers not "
                                     "starting with 'id'", name)
             spec.check(f"generate.{role}.{name}")
+        for name, spec in self.aux.items():
+            self._check_aux(name, spec)
+
+    def _check_aux(self, name, spec):
+        """Validate auxiliary-outlier set ``name``: its name, its spec, and that it reads no test or ID sample."""
+        if not name.isidentifier() or name.startswith("id"):
+            raise invalid_param("generate.aux", "generate", "auxiliary-outlier set names that are identifiers not "
+                                "starting with 'id'", name, hint="e.g. aux: {tinyimages: {source: imagefolder, "
+                                "path: tinyimages300k}}.")
+        if name in self.ood_sets:
+            raise invalid_param(f"generate.aux.{name}", "generate", "a name not also used in generate.near or "
+                                "generate.far", name, hint=f"rename it: '{name}' is already a test OOD set in "
+                                f"generate.{self.ood_sets[name][0]}.")
+        spec.check(f"generate.aux.{name}")
+        self._check_aux_data(name, spec)
+
+    def _check_aux_data(self, name, spec):
+        """Refuse an aux set that reads the samples of a near/far set or of the ID data."""
+        for other, (role, ood) in self.ood_sets.items():
+            if spec.overlaps(ood, self.root):
+                raise invalid_param(f"generate.aux.{name}", "generate", f"data other than test OOD set '{other}' "
+                                    f"(generate.{role}.{other}: {ood.describe()}); auxiliary outliers never "
+                                    "overlap a test OOD set", spec.describe(), hint=self._AUX_HINT)
+        for id_name in ("id_train", "id_test"):
+            if spec.overlaps(getattr(self, id_name), self.root):
+                raise invalid_param(f"generate.aux.{name}", "generate", f"data other than the ID data "
+                                    f"(generate.{id_name}: {getattr(self, id_name).describe()}); auxiliary "
+                                    "outliers are never ID samples", spec.describe(), hint=self._AUX_HINT)
 
     @property
     def ood_sets(self) -> dict[str, tuple[str, SourceSpec]]:
@@ -210,7 +270,12 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Parameters of the ``fit`` stage: which detectors, with which settings."""
+    """Parameters of the ``fit`` stage: which detectors, with which settings.
+
+    ``heatmap`` (optional) trains seed 002's heatmap decoder with these
+    :class:`~pipeline.scorers.heatmap.HeatmapScorer` params; ``detect.methods:
+    {heatmap: {}}`` then scores with it.
+    """
 
     detectors: Mapping[str, Mapping] = field(
         default_factory=lambda: {"iforest": {}, "ecod": {}, "knn": {}, "ocsvm": {}, "mahalanobis": {}}
@@ -218,8 +283,11 @@ class FitConfig:
     standardize: bool = True
     max_train_samples: int | None = None
     seed: int = 0
+    heatmap: Mapping | None = None
 
     def __post_init__(self):
+        if self.heatmap is not None:
+            self._check_heatmap()
         if not self.detectors:
             raise invalid_param("fit.detectors", "fit", "a non-empty mapping of name -> params", self.detectors)
         for name, params in self.detectors.items():
@@ -227,6 +295,13 @@ class FitConfig:
                 raise invalid_param(f"fit.detectors.{name}", "fit", "a mapping of parameters", params)
         if self.max_train_samples is not None:
             _check_positive("fit.max_train_samples", self.max_train_samples)
+
+    def _check_heatmap(self):
+        from pipeline.scorers import make_scorer
+
+        if not isinstance(self.heatmap, Mapping):
+            raise invalid_param("fit.heatmap", "fit", "a mapping of heatmap decoder parameters (or null)", self.heatmap)
+        make_scorer("heatmap", self.heatmap, where="fit.heatmap").check_params(prefix="fit.heatmap.")
 
 
 @dataclass(frozen=True)
@@ -278,6 +353,32 @@ ADDRESS_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
 
 
 @dataclass(frozen=True)
+class CalibrateConfig:
+    """Parameters of ``calibrate``: the early-exit guard's layers, detector and target ID TPR.
+
+    Thresholds come from ID-val scores in the store: each guarded layer gets a
+    false-alarm budget (``weights``, equal when unset), scaled so that the
+    whole cascade lets ``target_tpr`` of ID-val through (see :mod:`pipeline.cascade`).
+    """
+
+    detector: str = "mahalanobis"
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    target_tpr: float = 0.95
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise invalid_param("calibrate.layers", "calibrate", "a non-empty list of distinct layers", self.layers)
+        if not 0.0 < self.target_tpr < 1.0:
+            raise invalid_param("calibrate.target_tpr", "calibrate", "a float in (0, 1)", self.target_tpr,
+                                hint="0.95 keeps 95% of ID inputs.")
+        if self.weights is not None and (len(self.weights) != len(self.layers) or min(self.weights) < 0
+                                         or not sum(self.weights) > 0):
+            raise invalid_param("calibrate.weights", "calibrate", f"{len(self.layers)} non-negative numbers (one per "
+                                "layer), not all zero, or null for equal budgets", self.weights)
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Where extract, fit, detect and search run (see :mod:`pipeline.compute`).
 
@@ -313,6 +414,7 @@ SECTIONS = {
     "fit": FitConfig,
     "detect": DetectConfig,
     "search": SearchConfig,
+    "calibrate": CalibrateConfig,
     "compute": ComputeConfig,
 }
 

@@ -48,3 +48,7 @@ def invalid_param(name, owner, expected, got, hint=None):
     if hint:
         msg += f" Hint: {hint}"
     return ConfigError(msg)
+
+
+class ModelError(LayerscopeError):
+    """A model cannot be used as asked (e.g. split into blocks at the guarded layers)."""

@@ -12,6 +12,7 @@ The per-layer energy (seed 000) needs no fitting: its scores are the store's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,24 +26,30 @@ from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from pipeline.detectors import make_detector
-from pipeline.errors import DataError, StoreError
-from pipeline.scorers import Features, make_scorer
-from pipeline.store import GRAD_PREFIX
+from pipeline.errors import DataError, StoreError, invalid_param
+from pipeline.scorers import SCORERS, Features, make_scorer
+from pipeline.store import GRAD_PREFIX, MAP_PREFIX
 
 log = logging.getLogger(__name__)
 
 ENERGY = "energy"
 MANIFEST = "manifest.json"
+SCORER_DIR = "methods"  # trained network-level methods, one folder each
 
 
 @dataclass
 class FittedDetectors:
-    """Fitted detectors keyed by ``(detector name, layer)``, plus where their features came from."""
+    """Fitted detectors keyed by ``(detector name, layer)``, plus where their features came from.
+
+    ``scorers`` holds the network-level methods that ``fit`` trains (``name ->
+    scorer``, e.g. the heatmap decoder); ``detect`` scores with them as they are.
+    """
 
     detectors: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     names: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    scorers: dict = field(default_factory=dict)
 
     def check_compatible(self, store):
         """Refuse to score a store whose checkpoint differs from the one fitted on."""
@@ -177,13 +184,17 @@ def score_splits(store, detectors_dir, scorers: dict, splits, *, runner=None) ->
     return dict((runner or Runner()).map_unordered(job, list(splits), desc="score", unit="split", threads=1))
 
 
-def load_features(store, split: str, rows=None) -> Features:
+def load_features(store, split: str, rows=None, *, maps=False) -> Features:
     """What the store holds for ``split`` (or some rows of it), as a :class:`Features` bundle (float64).
 
     Parameters
     ----------
     rows : (start, stop) or ndarray of int, optional
         A block of samples, or sorted row indices; the whole split when None.
+    maps : bool, default=False
+        Also read the unpooled maps and the input images (float32), if stored:
+        they are far larger than the pooled features, so only scorers that
+        ``reads_maps`` ask for them.
     """
     if rows is not None and not isinstance(rows, tuple):
         index = np.asarray(rows, dtype=np.int64)
@@ -202,48 +213,113 @@ def load_features(store, split: str, rows=None) -> Features:
     spatial = {layer: int(store.array(split, layer).attrs.get("spatial_size", 1)) for layer in store.layers}
     penultimate = read("penultimate").astype(np.float64) if store.has(split, "penultimate") else None
     logits = read("logits").astype(np.float64) if store.has(split, "logits") else None
+    unpooled = {layer: read(f"{MAP_PREFIX}{layer}").astype(np.float32)
+                for layer in store.provenance.get("maps", []) if maps and store.has(split, f"{MAP_PREFIX}{layer}")}
+    images = read("image").astype(np.float32) if maps and store.has(split, "image") else None
     return Features(
         logits=logits, penultimate=penultimate,
         head_weight=head.get("weight"), head_bias=head.get("bias"), layers=layers, grads=grads,
-        spatial_size=spatial, labels=read("label"),
+        spatial_size=spatial, labels=read("label"), pred=read("pred") if store.has(split, "pred") else None,
+        maps=unpooled, images=images,
     )
 
 
-def fit_scorers(store, method_params: dict) -> dict:
+def fit_scorers(store, method_params: dict, trained=None) -> dict:
     """Build every configured network-level scorer and fit it on ID-train features.
 
     When a configured scorer learns from ID-train (ReAct's percentile, ViM's
     principal subspace, NAC-UE's class-balanced histograms), this holds
     ID-train's features in memory: those fits need all of it at once. Scoring
     is out of core (:func:`score_methods`).
+
+    Scorers whose fit is a training run (``trained``: the heatmap decoder) are
+    not fitted here: they come from ``trained`` (``name -> scorer``, what the
+    ``fit`` stage saved), and their params belong to ``fit.<name>``.
     """
     scorers = {name: make_scorer(name, params) for name, params in method_params.items()}
+    trained = trained or {}
+    for name, scorer in scorers.items():
+        if scorer.trained:
+            scorers[name] = _trained_scorer(name, method_params[name], trained)
     cache = {}
-    for scorer in tqdm(scorers.values(), desc="fit methods", unit="method", disable=None):
+    to_fit = [s for s in scorers.values() if not s.trained]
+    for scorer in tqdm(to_fit, desc="fit methods", unit="method", disable=None):
         fit_on_train(store, scorer, cache)
     return scorers
 
 
+def _trained_scorer(name, params, trained):
+    """The scorer ``fit`` trained as ``name``; one-line errors if it did not, or if params were given here."""
+    if params:
+        raise invalid_param(f"detect.methods.{name}", "detect", "{} (it is trained by the fit stage)", dict(params),
+                            hint=f"set its parameters under fit.{name} instead.")
+    if name not in trained:
+        raise DataError(f"detect.methods lists '{name}', but the fit stage trained no {name} model. "
+                        f"Hint: add a fit.{name} section to params.yaml and rerun fit (or `dvc repro`).")
+    return trained[name]
+
+
 def fit_on_train(store, scorer, cache=None, lock=None):
-    """Fit one scorer on what it needs of ID-train, and no more.
+    """Fit one scorer on what it needs of ID-train (and its auxiliary outliers), and no more.
 
     MSP, MaxLogit, energy, SCALE and ASH learn nothing: nothing is read. NAC-UE
     reads its class-balanced subset only (``fit_rows``). ReAct and ViM read all
-    of ID-train. ``cache`` (a dict) shares what was read between scorers; ``lock``
-    guards it when threads share it.
+    of ID-train. The heatmap decoder also reads its maps and images, and the
+    rows of its auxiliary-outlier sets (``outlier_sets``), labelled -1.
+    ``cache`` (a dict) shares what was read between scorers; ``lock`` guards it
+    when threads share it.
     """
     if not scorer.learns:
         return scorer.fit(Features())
     cache = {} if cache is None else cache
     rows = scorer.fit_rows(store.to_numpy("id_train", "label"))
-    key = None if rows is None else tuple(rows.tolist())
+    key = (scorer.reads_maps, None if rows is None else tuple(rows.tolist()))
     with lock or contextlib.nullcontext():
         if key not in cache:
-            cache[key] = load_features(store, "id_train", rows)
-    scorer.fit(cache[key])
+            cache[key] = load_features(store, "id_train", rows, maps=scorer.reads_maps)
+    features = cache[key]
+    if scorer.outlier_sets():
+        features = features.concat(load_outliers(store, scorer))
+    scorer.fit(features)
     if rows is not None and hasattr(scorer, "train_indices_"):
         scorer.train_indices_ = rows[scorer.train_indices_]  # rows of the subset -> rows of ID-train
     return scorer
+
+
+def outlier_splits(store, names) -> dict[str, str]:
+    """``set -> split`` for auxiliary-outlier sets: the set's ``aux`` split, else its ``val`` half, never a test split.
+
+    Raises
+    ------
+    DataError
+        When a set has neither in the store.
+    """
+    by_set = {}
+    for split in store.splits:
+        attrs = store.split_attrs(split)
+        usable = attrs.get("part") in ("aux", "val") and attrs.get("role") != "id"
+        if usable and (attrs["set"] not in by_set or attrs["part"] == "aux"):  # an aux split wins over a val half
+            by_set[attrs["set"]] = split
+    missing = [name for name in names if name not in by_set]
+    if missing:
+        raise DataError(f"Auxiliary-outlier set {missing[0]!r} has no aux or val split in store '{store.path}'; "
+                        f"sets that have one: {sorted(by_set)}. Hint: name one of those in aux_sets, or add it "
+                        "under generate.aux and rerun generate and extract.")
+    return {name: by_set[name] for name in names}
+
+
+def load_outliers(store, scorer) -> Features:
+    """The auxiliary-outlier rows ``scorer`` asks for, from every set of its ``outlier_sets()``, labelled -1."""
+    splits = outlier_splits(store, scorer.outlier_sets())
+    chosen = scorer.outlier_rows({name: _n(store, split) for name, split in splits.items()})
+    parts = [load_features(store, splits[name], np.sort(np.asarray(rows, dtype=np.int64)), maps=scorer.reads_maps)
+             for name, rows in chosen.items() if len(rows)]
+    if not parts:
+        raise DataError(f"{type(scorer).__name__} chose no auxiliary-outlier rows from {list(splits)}.")
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.concat(part)
+    return dataclasses.replace(out, labels=np.full(len(out.labels), -1, dtype=np.int64))
 
 
 def score_methods(store, split: str, scorers: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -255,9 +331,10 @@ def score_methods(store, split: str, scorers: dict) -> dict[str, dict[str, np.nd
     """
     if not scorers:
         return {}
+    maps = any(scorer.reads_maps for scorer in scorers.values())
     parts = []
     for rows in store.block_ranges(split):
-        features = load_features(store, split, rows)
+        features = load_features(store, split, rows, maps=maps)
         parts.append({name: {**scorer.score_layers(features), "score": scorer.score(features)}
                       for name, scorer in scorers.items()})
     return {name: {col: np.concatenate([p[name][col] for p in parts]) for col in parts[0][name]}
@@ -280,15 +357,22 @@ def save_detectors(fitted: FittedDetectors, directory) -> Path:
         (tmp / name).mkdir(exist_ok=True)
         joblib.dump(det, tmp / rel)
         files.setdefault(name, {})[layer] = rel
-    manifest = {"layers": fitted.layers, "detectors": fitted.names, "files": files, "provenance": fitted.provenance}
+    for name, scorer in fitted.scorers.items():
+        scorer.save(tmp / SCORER_DIR / name)
+    manifest = {"layers": fitted.layers, "detectors": fitted.names, "files": files, "provenance": fitted.provenance,
+                "scorers": {name: f"{SCORER_DIR}/{name}" for name in fitted.scorers}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
 
 
-def load_detectors(directory) -> FittedDetectors:
-    """Load what :func:`save_detectors` wrote; one-line error if it is missing."""
+def load_detectors(directory, scorers=()) -> FittedDetectors:
+    """Load what :func:`save_detectors` wrote; one-line error if it is missing.
+
+    Of the trained network-level methods, only those named in ``scorers`` that
+    were saved are loaded (the heatmap decoder needs torch: nothing else does).
+    """
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -297,4 +381,6 @@ def load_detectors(directory) -> FittedDetectors:
     manifest = json.loads(manifest_path.read_text())
     detectors = {(name, layer): joblib.load(directory / rel)
                  for name, per_layer in manifest["files"].items() for layer, rel in per_layer.items()}
-    return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"])
+    scorers = {name: SCORERS[name][0].load(directory / rel) for name, rel in manifest.get("scorers", {}).items()
+               if name in scorers}
+    return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"], scorers)

@@ -107,7 +107,8 @@ def expand_grid(methods: dict, aggregations=AGGREGATIONS) -> list[Config]:
 def _check_method(method: str, grid: dict):
     """Unknown methods and params fail before any work, in one line."""
     if method in SCORERS:
-        make_scorer(method, {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items()})
+        first = {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items()}
+        make_scorer(method, first, where="search.methods").check_params(prefix=f"search.methods.{method}.")
     elif method in available_detectors():
         params = {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items() if k != "columns"}
         make_detector(method, params)
@@ -149,14 +150,6 @@ class SplitSet:
         """Fit a scorer on what it needs of ID-train (see :func:`pipeline.scoring.fit_on_train`), read once."""
         # what is read is shared between tasks (reading it twice would double the memory)
         return fit_on_train(self.store, scorer, self._train_cache, self._lock)
-
-    @property
-    def train(self):
-        """All of ID-train's features (read once, on first use)."""
-        with self._lock:
-            if None not in self._train_cache:
-                self._train_cache[None] = load_features(self.store, "id_train")
-            return self._train_cache[None]
 
     @property
     def layers(self) -> list:
@@ -233,12 +226,17 @@ class SearchResult:
 
     def best_params(self) -> dict:
         """The winners as ``params.yaml`` sections, ready to paste back."""
-        fit, detect = {}, {}
+        fit, trained, detect = {}, {}, {}
         for method, row in self.winners.items():
-            (detect if method in SCORERS else fit)[method] = row["params"]
+            if method not in SCORERS:
+                fit[method] = row["params"]
+            elif SCORERS[method][0].trained:  # trained by the fit stage: params in fit.<method>
+                trained[method], detect[method] = row["params"], {}
+            else:
+                detect[method] = row["params"]
         out = {}
-        if fit:
-            out["fit"] = {"detectors": fit}
+        if fit or trained:
+            out["fit"] = {**({"detectors": fit} if fit else {}), **trained}
         if detect:
             out["detect"] = {"methods": detect}
         return out
@@ -261,13 +259,18 @@ def plan_tasks(configs: list[Config], data_layers, aggregations, grids: dict) ->
     return tasks
 
 
-def load_split_set(store, part: str, ood_sets: dict, id_split: str) -> SplitSet:
-    """Features of ID-train, the ID split of ``part`` and every OOD set of that part."""
+def load_split_set(store, part: str, ood_sets: dict, id_split: str, maps=False) -> SplitSet:
+    """Features of ID-val, the ID split of ``part`` and every OOD set of that part (with maps and images if asked)."""
     groups = {g: [n for n, s in ood_sets.items() if s["role"] == g] for g in ("near", "far")}
-    ood = {name: load_features(store, s["split"]) for name, s in ood_sets.items()}
-    id_val = load_features(store, "id_val")
-    id_ref = id_val if id_split == "id_val" else load_features(store, id_split)
+    ood = {name: load_features(store, s["split"], maps=maps) for name, s in ood_sets.items()}
+    id_val = load_features(store, "id_val", maps=maps)
+    id_ref = id_val if id_split == "id_val" else load_features(store, id_split, maps=maps)
     return SplitSet(store, id_val, id_ref, ood, groups)
+
+
+def reads_maps(methods) -> bool:
+    """Whether any searched method reads unpooled maps and images (the heatmap decoder)."""
+    return any(SCORERS[m][0].reads_maps for m in methods if m in SCORERS)
 
 
 _SPLIT_SETS: dict = {}
@@ -282,16 +285,17 @@ class SearchJob:
     ood_val: dict
     aggregations: tuple
     recall: float
+    maps: bool = False
 
     def __call__(self, item):
         from pipeline.store import open_store
 
         index, task = item
-        key = (self.store, self.created, json.dumps(self.ood_val, sort_keys=True))
+        key = (self.store, self.created, json.dumps(self.ood_val, sort_keys=True), self.maps)
         with _LOAD_LOCK:
             if key not in _SPLIT_SETS:
                 _SPLIT_SETS.clear()
-                _SPLIT_SETS[key] = load_split_set(open_store(self.store), "val", self.ood_val, "id_val")
+                _SPLIT_SETS[key] = load_split_set(open_store(self.store), "val", self.ood_val, "id_val", self.maps)
         return _run_task(task, _SPLIT_SETS[key], self.aggregations, self.recall)
 
 
@@ -325,13 +329,14 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
     runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
-    job = SearchJob(str(store.path), str(store.provenance.get("created")), ood_val, tuple(aggregations), recall)
+    maps = reads_maps(methods)
+    job = SearchJob(str(store.path), str(store.provenance.get("created")), ood_val, tuple(aggregations), recall, maps)
     # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
                                                                       unit="task", processes=True)}
     rows = [row for item in sorted(done) for row in done[item]]  # grid order: ties go to the first
     winners = select_winners(rows, metric)
-    test = load_split_set(store, "test", ood_test, "id_test")  # read only now: winners are fixed
+    test = load_split_set(store, "test", ood_test, "id_test", maps)  # read only now: winners are fixed
     for method, row in winners.items():
         row["test"] = _run_task(_winner_task(row, methods), test, aggregations, recall)[0]["val"]
     return SearchResult(rows, winners, metric)

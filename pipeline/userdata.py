@@ -14,6 +14,11 @@ Splits, as in the digits benchmark (so every later stage is the same):
 * ``<set>_val``/``<set>_test`` for every near and far OOD set, capped at
   ``max_ood`` (or its own ``n``) and cut the same way. Hyperparameters are
   chosen on val halves; only test halves are reported.
+* ``<set>_aux`` for every auxiliary-outlier set (``generate.aux``; seed 002's
+  heatmap decoder trains on them): role and part ``"aux"``, labels ``-1``,
+  capped like an OOD set and not cut. They are extracted like every split, but
+  never reported (:func:`pipeline.report.ood_sets` takes near and far only), and
+  ``GenerateConfig`` refuses one that reads a near/far or ID sample.
 
 Caps are seeded uniform choices, never the first ``n`` of a class-sorted set
 (METHODS.md), and each set draws from its own named random stream, so adding a
@@ -54,11 +59,11 @@ class IndexSplit:
     Attributes
     ----------
     name : str
-        ``"id_train"``, ``"id_val"``, ``"id_test"``, ``"<set>_val"`` or ``"<set>_test"``.
+        ``"id_train"``, ``"id_val"``, ``"id_test"``, ``"<set>_val"``, ``"<set>_test"`` or ``"<set>_aux"``.
     indices : ndarray of shape (n_samples,), int64
         Ascending positions in the uncapped data set.
     labels : ndarray of shape (n_samples,), int64
-        The ID class of each sample; ``-1`` for OOD sets.
+        The ID class of each sample; ``-1`` for OOD and auxiliary-outlier sets.
     attrs : dict
         As an :class:`~pipeline.datasets.ImageSplit`'s (``role``, ``set``,
         ``part``, ``source``, ``n_samples``, ``image_size``), plus ``loader``
@@ -178,15 +183,28 @@ def _id_splits(cfg):
     ]
 
 
+def _ood_cap(cfg, spec):
+    """The cap of an OOD or aux set: its own ``n`` (which sizes, not caps, ``constant``), else ``max_ood``."""
+    return spec.n if spec.n is not None and spec.source != "constant" else cfg.max_ood
+
+
 def _ood_splits(cfg, set_name, role, spec):
     loader = _loader_args(cfg, spec)
     dataset = _open_source(loader, cfg.download)
-    cap = spec.n if spec.n is not None and spec.source != "constant" else cfg.max_ood
-    chosen = _choose(len(dataset), cap, _stream(cfg.seed, f"ood/{set_name}"))
+    chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"ood/{set_name}"))
     val_idx, test_idx = _halves(chosen, cfg.val_fraction, _stream(cfg.seed, f"ood/{set_name}/val"),
                                 f"'{set_name}' ({_describe(loader)})")
     return [_split(f"{set_name}_{part}", set_name, part, role, idx, np.full(len(idx), -1, np.int64), loader,
                    dataset) for part, idx in (("val", val_idx), ("test", test_idx))]
+
+
+def _aux_split(cfg, set_name, spec):
+    """``<set>_aux``: the chosen samples of one auxiliary-outlier set, whole (no val/test cut)."""
+    loader = _loader_args(cfg, spec)
+    dataset = _open_source(loader, cfg.download)
+    chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"aux/{set_name}"))
+    return _split(f"{set_name}_aux", set_name, "aux", "aux", chosen, np.full(len(chosen), -1, np.int64), loader,
+                  dataset)
 
 
 def make_source_benchmark(cfg) -> list[IndexSplit]:
@@ -195,12 +213,13 @@ def make_source_benchmark(cfg) -> list[IndexSplit]:
     Parameters
     ----------
     cfg : pipeline.config.GenerateConfig
-        With ``id_train``, ``id_test`` and at least one near or far set.
+        With ``id_train``, ``id_test``, at least one near or far set, and any ``aux`` sets.
 
     Returns
     -------
     list of IndexSplit
-        ``id_train``, ``id_val``, ``id_test``, then ``<set>_val``, ``<set>_test`` per OOD set.
+        ``id_train``, ``id_val``, ``id_test``, then ``<set>_val``, ``<set>_test`` per OOD set,
+        then ``<set>_aux`` per auxiliary-outlier set.
 
     Raises
     ------
@@ -212,6 +231,9 @@ def make_source_benchmark(cfg) -> list[IndexSplit]:
     for set_name, (role, spec) in cfg.ood_sets.items():
         splits += _ood_splits(cfg, set_name, role, spec)
         log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in splits[-2:]))
+    for set_name, spec in cfg.aux.items():
+        splits.append(_aux_split(cfg, set_name, spec))
+        log.info("indexed %s (aux): %d samples", set_name, splits[-1].attrs["n_samples"])
     return splits
 
 

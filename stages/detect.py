@@ -1,8 +1,8 @@
 """Stage ``detect``: score ID-test and every OOD test set; write metrics, table, figures.
 
 Per-layer detectors come fitted from ``fit``; the network-level methods of
-``detect.methods`` are fitted here on cached ID-train features. Nothing here
-loads the model.
+``detect.methods`` are fitted here on cached ID-train features, except the
+heatmap decoder, which ``fit`` trained. Nothing here loads the model.
 """
 
 import logging
@@ -22,9 +22,9 @@ def run(params, features, detectors, metrics_out, table_out, figures_out, argmax
     cfg = load_section("detect", params)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)
-    fitted = load_detectors(detectors)
+    fitted = load_detectors(detectors, scorers=list(cfg.methods))
     fitted.check_compatible(store)
-    scorers = fit_scorers(store, cfg.methods)
+    scorers = fit_scorers(store, cfg.methods, trained=fitted.scorers)
     sets = ood_sets(store, "test")
     splits = ["id_val", "id_test", *(s["split"] for s in sets.values())]
     with open_runner(compute) as runner:

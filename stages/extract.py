@@ -35,7 +35,7 @@ def run(params, data, checkpoint, out):
         "model_origin": spec.get("origin", "trained by `layerscope train`"),
         "data": {name: s.fingerprint for name, s in splits.items()},
         "layers": list(plan.layers), "grad_layers": list(plan.grad_layers), "head": plan.head,
-        "maps": list(plan.maps), "images": plan.images,
+        "maps": list(plan.maps), "images": plan.images, "input_shape": list(input_shape),
         "pooling": "mean over H,W (C,H,W maps); identity for vectors",
         "energy": "-logsumexp over the full activation, T=1", "dtype": cfg.dtype,
         "versions": _versions(),

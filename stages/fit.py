@@ -1,10 +1,15 @@
-"""Stage ``fit``: fit every configured detector on every layer's ID-train features."""
+"""Stage ``fit``: fit every configured detector on every layer's ID-train features.
+
+With ``fit.heatmap``, it also trains seed 002's heatmap decoder from the store
+(features, maps and images of ID-train and the auxiliary outliers).
+"""
 
 import logging
 
 from pipeline.compute import open_runner
 from pipeline.config import load_section
-from pipeline.scoring import fit_detectors, save_detectors
+from pipeline.scorers import make_scorer
+from pipeline.scoring import fit_detectors, fit_on_train, save_detectors
 from pipeline.store import open_store
 
 log = logging.getLogger(__name__)
@@ -17,5 +22,8 @@ def run(params, features, out):
     with open_runner(compute) as runner:
         fitted = fit_detectors(store, cfg.detectors, standardize=cfg.standardize,
                                max_samples=cfg.max_train_samples, seed=cfg.seed, runner=runner)
+    if cfg.heatmap is not None:
+        fitted.scorers["heatmap"] = fit_on_train(store, make_scorer("heatmap", cfg.heatmap, where="fit.heatmap"))
     save_detectors(fitted, out)
-    log.info("fitted %d detectors x %d layers into %s", len(fitted.names), len(fitted.layers), out)
+    log.info("fitted %d detectors x %d layers%s into %s", len(fitted.names), len(fitted.layers),
+             " and the heatmap decoder" if fitted.scorers else "", out)

@@ -102,7 +102,7 @@ WRITERS = {
 
 
 def write_sources(cfg, rng, n=N, id_classes=("c0", "c1", "c2")):
-    """Write every data set a ``sources`` :class:`~pipeline.config.GenerateConfig` names, under ``cfg.root``.
+    """Write every data set (ID, OOD, aux) a ``sources`` :class:`~pipeline.config.GenerateConfig` names, under root.
 
     Image folders used as ID (train and test) share the class names
     ``id_classes``; other image folders get two classes.
@@ -110,7 +110,7 @@ def write_sources(cfg, rng, n=N, id_classes=("c0", "c1", "c2")):
     from pathlib import Path
 
     root = Path(cfg.root)
-    specs = [cfg.id_train, cfg.id_test, *(spec for _, spec in cfg.ood_sets.values())]
+    specs = [cfg.id_train, cfg.id_test, *(spec for _, spec in cfg.ood_sets.values()), *cfg.aux.values()]
     id_folders = {spec.path for spec in (cfg.id_train, cfg.id_test) if spec.source == "imagefolder"}
     done = set()
     for spec in specs:

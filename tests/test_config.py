@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import (DetectConfig, GenerateConfig, TrainConfig, load_section,
+from pipeline.config import (DetectConfig, GenerateConfig, SourceSpec, TrainConfig, load_section,
                              project_paths, read_params)
 from pipeline.errors import ConfigError
 
@@ -65,3 +65,101 @@ def test_paths_come_from_dvc_yaml():
 def test_missing_dvc_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"dvc.yaml' does not exist"):
         project_paths(tmp_path / "dvc.yaml")
+
+
+# ---------------------------------------------------------------- generate.aux (auxiliary outliers)
+
+SOURCES = {
+    "benchmark": "sources", "root": "data/raw",
+    "id_train": {"source": "cifar10", "part": "train"}, "id_test": {"source": "cifar10"},
+    "near": {"cifar100": {"source": "cifar100"}},
+    "far": {"svhn": {"source": "svhn"}, "places365": {"source": "imagefolder", "path": "places365"},
+            "colours": {"source": "constant", "n": 8}},
+}
+OVERLAP = r"auxiliary outliers never overlap a test OOD set\. Got {got} instead\. Hint: point it at a separate folder"
+IS_ID = r"auxiliary outliers are never ID samples\. Got {got} instead\. Hint: point it at a separate folder"
+
+
+def _generate(aux, **changes):
+    return load_section("generate", {"generate": {**SOURCES, **changes, "aux": aux}})
+
+
+def test_aux_sets_are_parsed_like_near_and_far():
+    cfg = _generate({"tinyimages": {"source": "imagefolder", "path": "tinyimages300k", "n": 50000},
+                     "c100train": {"source": "cifar100", "part": "train"}})  # near is CIFAR-100's *test* part
+    assert cfg.aux["tinyimages"] == SourceSpec("imagefolder", "test", "tinyimages300k", 50000)
+    assert cfg.aux["c100train"] == SourceSpec("cifar100", "train")
+    assert "tinyimages" not in cfg.ood_sets and load_section("generate", {}).aux == {}
+
+
+@pytest.mark.parametrize("aux, match", [
+    ({"places": {"source": "imagefolder", "path": "./places365/"}},
+     r"'generate.aux.places' parameter of generate must be data other than test OOD set 'places365' "
+     r"\(generate.far.places365: imagefolder places365\); " + OVERLAP.format(got="'imagefolder ./places365/'")),
+    ({"abbey": {"source": "imagefolder", "path": "places365/abbey"}},  # ImageFolder walks class folders recursively
+     r"'generate.aux.abbey' .* test OOD set 'places365' .*" + OVERLAP.format(got="'imagefolder places365/abbey'")),
+    ({"parent": {"source": "imagefolder", "path": "."}},
+     r"'generate.aux.parent' .* test OOD set 'places365' .*" + OVERLAP.format(got="'imagefolder .'")),
+    ({"house": {"source": "svhn", "part": "test"}},
+     r"'generate.aux.house' .* test OOD set 'svhn' \(generate.far.svhn: svhn \(test part\)\); "
+     + OVERLAP.format(got=r"'svhn \(test part\)'")),
+    ({"c100": {"source": "cifar100"}},
+     r"'generate.aux.c100' .* test OOD set 'cifar100' \(generate.near.cifar100: " + r"cifar100 \(test part\)\)"),
+    ({"flat": {"source": "constant", "n": 50}},  # same seed: the first 8 colours are the far set's
+     r"'generate.aux.flat' .* test OOD set 'colours' .*" + OVERLAP.format(got="'constant colours'")),
+], ids=["imagefolder-same-path", "imagefolder-inside", "imagefolder-around", "svhn", "near-cifar100", "constant"])
+def test_aux_set_reading_a_test_ood_set_is_refused(aux, match):
+    with pytest.raises(ConfigError, match=match):
+        _generate(aux)
+
+
+@pytest.mark.parametrize("aux, changes, match", [
+    ({"cifar": {"source": "cifar10", "part": "train"}}, {},
+     r"'generate.aux.cifar' parameter of generate must be data other than the ID data \(generate.id_train: "
+     r"cifar10 \(train part\)\); " + IS_ID.format(got=r"'cifar10 \(train part\)'")),
+    ({"cifar": {"source": "cifar10"}}, {},
+     r"'generate.aux.cifar' .* ID data \(generate.id_test: cifar10 \(test part\)\); "
+     + IS_ID.format(got=r"'cifar10 \(test part\)'")),
+    ({"imgs": {"source": "imagefolder", "path": "imagenet/train/"}},
+     {"id_train": {"source": "imagefolder", "path": "imagenet/train"},
+      "id_test": {"source": "imagefolder", "path": "imagenet/val"}},
+     r"'generate.aux.imgs' .* ID data \(generate.id_train: imagefolder imagenet/train\); "
+     + IS_ID.format(got="'imagefolder imagenet/train/'")),
+], ids=["id-train", "id-test", "id-imagefolder"])
+def test_aux_set_reading_the_id_data_is_refused(aux, changes, match):
+    with pytest.raises(ConfigError, match=match):
+        _generate(aux, **changes)
+
+
+@pytest.mark.parametrize("aux, match", [
+    ({"svhn": {"source": "imagefolder", "path": "tinyimages300k"}},
+     (r"'generate.aux.svhn' parameter of generate must be a name not also used in generate.near or generate.far\. "
+      r"Got 'svhn' instead\. Hint: rename it: 'svhn' is already a test OOD set in generate.far\.")),
+    ({"cifar100": {"source": "imagefolder", "path": "tinyimages300k"}},
+     r"'generate.aux.cifar100' .* not also used in generate.near or generate.far\. .* in generate.near\."),
+    ({"id_outliers": {"source": "imagefolder", "path": "tinyimages300k"}},
+     (r"'generate.aux' parameter of generate must be auxiliary-outlier set names that are identifiers not starting "
+      r"with 'id'\. Got 'id_outliers' instead\. Hint: e.g. aux: \{tinyimages: ")),
+    ({"tiny-images": {"source": "imagefolder", "path": "tinyimages300k"}},
+     r"'generate.aux' parameter .* identifiers not starting with 'id'\. Got 'tiny-images' instead"),
+    ({"tinyimages": {"source": "imagefolder"}},
+     r"'generate.aux.tinyimages.path' parameter of generate must be a directory .* Hint: e.g. path: texture"),
+    ({"tinyimages": {"source": "tinyimages"}}, r"'generate.aux.tinyimages.source' parameter .* Got 'tinyimages'"),
+    ({"tinyimages": {"source": "imagefolder", "path": "tinyimages300k", "n": 0}},
+     r"'generate.aux.tinyimages.n' parameter .* positive number\. Got 0"),
+    ({"tinyimages": ["imagefolder"]}, r"'generate.aux.tinyimages' parameter of params.yaml must be a mapping"),
+], ids=["clash-far", "clash-near", "starts-with-id", "not-identifier", "no-path", "bad-source", "n-zero",
+        "not-a-mapping"])
+def test_bad_aux_sets_are_named(aux, match):
+    with pytest.raises(ConfigError, match=match):
+        _generate(aux)
+
+
+def test_source_spec_overlaps():
+    places = SourceSpec("imagefolder", path="places365")
+    assert places.overlaps(SourceSpec("imagefolder", "train", "places365/../places365"), "root")  # part is ignored
+    assert not places.overlaps(SourceSpec("imagefolder", path="places365_extra"), "root")  # a prefix, not a parent
+    assert not places.overlaps(SourceSpec("imagefolder", path="tinyimages300k"), "root")
+    assert not SourceSpec("cifar100", "train").overlaps(SourceSpec("cifar100", "test"))
+    assert SourceSpec("constant", "train", n=3).overlaps(SourceSpec("constant", n=9))
+    assert not SourceSpec("svhn").overlaps(SourceSpec("mnist"))

@@ -28,7 +28,9 @@ FAST = {  # the default pipeline, shrunk so the test takes seconds
     "search": {"n_jobs": 2, "methods": {"nac_ue": {"alpha": [0.1, 10], "O": [5, 50], "M": [50]},
                                         "knn": {"n_neighbors": [1, 5]}, "scale": {"percentile": [60, 85]}}},
     "fit": {"detectors": {"knn": {"n_neighbors": 5}, "mahalanobis": {}, "ecod": {},
-                          "iforest": {"n_estimators": 20, "random_state": 0}, "ocsvm": {}}},
+                          "iforest": {"n_estimators": 20, "random_state": 0}, "ocsvm": {}},
+            "heatmap": {"fw_layers": 2, "epochs": 2, "n_aux": 40, "aux_sets": ["gaussian", "uniform", "textures"],
+                        "width": 8}},
 }
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +90,7 @@ def first_run(repo):
 
 
 def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
-    assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect", "search"}
+    assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect", "search", "calibrate", "guard"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     sets = {"digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"}
     for method in ("knn", "mahalanobis", "ecod", "iforest", "ocsvm", "energy"):
@@ -96,8 +98,11 @@ def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
             per = metrics["methods"][method][column]
             assert sets | {"near", "far"} <= set(per)
             assert set(per["textures"]) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
-    for method in ("msp", "maxlogit", "ebo", "scale", "ash_p", "ash_b", "ash_s", "react", "vim", "nac_ue"):
+    for method in ("msp", "maxlogit", "ebo", "scale", "ash_p", "ash_b", "ash_s", "react", "vim", "nac_ue", "heatmap"):
         assert sets | {"near", "far"} <= set(metrics["methods"][method]["score"])
+    decoder = json.loads((repo / "cache/detectors/methods/heatmap/heatmap.json").read_text())
+    assert len(decoder["history"]) == 2 and decoder["n_outliers"] == 40 and decoder["skip_layers"] == ["layer3", "layer2"]
+    assert "heatmap/score" in (repo / "reports/per_layer.csv").read_text()
     assert {"layer1", "avgpool", "score"} <= set(metrics["methods"]["nac_ue"])
     assert 0.0 <= metrics["id_accuracy"] <= 1.0
     shown = run(["dvc", "metrics", "show", "--json"], repo)
@@ -106,22 +111,32 @@ def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
     assert (repo / "cache/features.zarr/zarr.json").is_file()
 
 
-def without_checkpoint(repo, code):
-    """Run Python ``code`` in the repo with the checkpoint moved away; it must not import torch."""
+def without_checkpoint(repo, code, torch=False):
+    """Run Python ``code`` in the repo with the checkpoint moved away; unless ``torch``, it must not import torch."""
     moved = repo / "model.pt.away"
     (repo / "cache/model.pt").rename(moved)
+    check = "" if torch else "; assert 'torch' not in sys.modules, 'torch imported'"
     try:
-        run([sys.executable, "-c", f"import sys; {code}; assert 'torch' not in sys.modules, 'torch imported'"], repo)
+        run([sys.executable, "-c", f"import sys; {code}{check}"], repo)
     finally:
         moved.rename(repo / "cache/model.pt")
 
 
+DETECT = ("from stages import detect; detect.run('{params}', 'cache/features.zarr', 'cache/detectors', 'm.json', "
+          "'t.csv', 'figs', 'a.json')")
+
+
 def test_detect_never_loads_the_network(repo, first_run):
-    # every method scores from the store: without the checkpoint, and without even importing torch
-    without_checkpoint(repo, "from stages import detect; detect.run('params.yaml', 'cache/features.zarr', "
-                             "'cache/detectors', 'm.json', 't.csv', 'figs', 'a.json')")
+    # every post-hoc method scores from the store: without the checkpoint, and without even importing torch
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    del params["detect"]["methods"]["heatmap"]
+    (repo / "posthoc.yaml").write_text(yaml.safe_dump(params))
+    without_checkpoint(repo, DETECT.format(params="posthoc.yaml"))
     assert json.loads((repo / "m.json").read_text())["methods"]["scale"]["score"]["far"]["auroc"] > 0.5
-    for name in ("m.json", "t.csv", "a.json"):
+    # the heatmap decoder is a torch module, but not the classifier: it too scores without the checkpoint
+    without_checkpoint(repo, DETECT.format(params="params.yaml"), torch=True)
+    assert json.loads((repo / "m.json").read_text())["methods"]["heatmap"]["score"]["far"]["auroc"] > 0.5
+    for name in ("m.json", "t.csv", "a.json", "posthoc.yaml"):
         (repo / name).unlink()
     shutil.rmtree(repo / "figs")
 
@@ -185,9 +200,25 @@ def test_detect_param_reruns_only_detect(repo, first_run):
     assert ran_stages(run(["dvc", "repro"], repo)) == {"detect"}
 
 
+def test_guard_is_calibrated_from_the_store_and_reports_its_achieved_tpr(repo, first_run):
+    report = json.loads((repo / "reports/guard.json").read_text())
+    assert report["target_tpr"] == 0.95 and report["val_tpr"] >= 0.95 and 0 < report["id_test_tpr"] <= 1
+    assert 0 < report["far"]["flops_saved"] < 1 and set(report["sets"]) >= {"digits89", "textures"}
+    edit_params(repo, "calibrate", "target_tpr", 0.9)  # new thresholds: no re-inference, no refit
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"calibrate", "guard"}
+    assert json.loads((repo / "reports/guard.json").read_text())["target_tpr"] == 0.9
+
+
 def test_fit_param_reruns_fit_and_detect_not_extract(repo, first_run):
     edit_params(repo, "fit", "detectors", {**FAST["fit"]["detectors"], "knn": {"n_neighbors": 3}})
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect"}
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect", "calibrate", "guard"}
+
+
+def test_heatmap_param_retrains_the_decoder_from_the_store_not_extract(repo, first_run):
+    edit_params(repo, "fit", "heatmap", {**FAST["fit"]["heatmap"], "fw_layers": 1})
+    assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect", "calibrate", "guard"}
+    decoder = json.loads((repo / "cache/detectors/methods/heatmap/heatmap.json").read_text())
+    assert decoder["skip_layers"] == ["layer3"]
 
 
 def test_killed_extract_resumes_under_dvc_repro(repo, first_run):
@@ -201,7 +232,8 @@ def test_killed_extract_resumes_under_dvc_repro(repo, first_run):
     proc.wait()
     assert count_shards(progress) >= 5 and not (repo / "cache/features.zarr").exists()
     out = run(["dvc", "repro"], repo)
-    assert ran_stages(out) == {"extract", "fit", "detect", "search"} and "resuming staged store" in out
+    assert ran_stages(out) == {"extract", "fit", "detect", "search", "calibrate", "guard"}
+    assert "resuming staged store" in out
     assert json.loads((repo / "cache/features.zarr/zarr.json").read_text())["attributes"]["layerscope"]["complete"]
 
 

@@ -51,6 +51,13 @@ def _user_checkpoint(tmp_path, params, n_classes):
     return path
 
 
+def test_seed_002_presets_name_tinyimages_as_auxiliary_outliers():
+    for name in ("cifar10-wrn40-2", "cifar10-resnet18"):
+        gen = load_section("generate", yaml.safe_load(render_params(name, (), CONFIGS)))
+        assert gen.aux["tinyimages"].source == "imagefolder" and gen.aux["tinyimages"].path == "tinyimages300k"
+        assert not any(gen.aux["tinyimages"].overlaps(spec, gen.root) for _, spec in gen.ood_sets.values())
+
+
 def test_presets_exist_for_every_seed_setup():
     assert {"digits", "cifar10-resnet18", "cifar100-resnet18", "cifar10-vgg16", "cifar10-resnet34",
             "cifar10-densenet100", "cifar10-wrn40-2", "cifar10-resnet18-energy", "imagenet-resnet50",
@@ -65,7 +72,7 @@ def test_default_params_are_the_digits_preset():
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_is_valid_params(name):
     params = yaml.safe_load(render_params(name, (), CONFIGS))
-    assert set(params) == {"generate", "train", "extract", "fit", "detect", "search", "compute"}
+    assert set(params) == {"generate", "train", "extract", "fit", "detect", "search", "calibrate", "compute"}
 
 
 @pytest.mark.parametrize("name", SOURCE_PRESETS)
@@ -87,8 +94,13 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
     store_path = tmp_path / "features.zarr"
     extract.run(params, data, model, store_path)
     store = open_store(store_path)
-    expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ("val", "test"))}
+    expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ("val", "test")),
+                *(f"{s}_aux" for s in gen.aux)}
     assert set(store.splits) == expected
+    for aux_set in gen.aux:  # auxiliary outliers are extracted like every split
+        split = f"{aux_set}_aux"
+        assert store.split_attrs(split)["role"] == "aux"
+        assert store.to_numpy(split, store.layers[-1]).shape[0] == manifest["splits"][split]["n_samples"] > 0
     assert store.provenance["model_origin"]["sha256"] == file_sha256(user)
     cfg = load_section("extract", params)
     if not any(layer.startswith("type:") for layer in cfg.layers):

@@ -188,6 +188,96 @@ def test_removing_a_set_leaves_the_others_samples_alone(data_root):
     _same_samples(before, after)
 
 
+# ------------------------------------------------------------------ auxiliary outliers (generate.aux)
+
+AUX = {"tinyimages": {"source": "imagefolder", "path": "tinyimages300k"}}
+N_AUX = 16  # images in the fake tinyimages300k folder: more than BASE's max_ood = 6
+
+
+@pytest.fixture
+def aux_root(data_root, rng):
+    """data_root plus a TinyImages-like folder of N_AUX PNGs in two class folders."""
+    fakedata.write_imagefolder(data_root / "tinyimages300k", rng, per_class=N_AUX // 2)
+    return data_root
+
+
+def test_an_aux_set_is_one_uncut_split_after_the_ood_sets(aux_root):
+    splits = make_source_benchmark(_cfg(aux_root, aux=AUX))
+    assert [s.name for s in splits][-3:] == ["colours_val", "colours_test", "tinyimages_aux"]
+    aux = splits[-1]
+    assert (aux.attrs["role"], aux.attrs["set"], aux.attrs["part"]) == ("aux", "tinyimages", "aux")
+    assert aux.attrs["n_samples"] == len(aux.indices) == len(aux.labels) == 6  # max_ood caps it, uncut
+    assert (aux.labels == -1).all() and aux.labels.dtype == np.int64 and "classes" not in aux.attrs
+    assert (np.diff(aux.indices) > 0).all() and aux.indices.max() < N_AUX
+    assert aux.attrs["loader"]["path"] == "tinyimages300k" and aux.attrs["source"].startswith("imagefolder")
+    assert not {"tinyimages_val", "tinyimages_test"} & {s.name for s in splits}
+
+
+def _aux_indices(root, seed=0, **spec):
+    aux = {"tinyimages": {**AUX["tinyimages"], **spec}}
+    return _by_name(make_source_benchmark(_cfg(root, seed=seed, aux=aux)))["tinyimages_aux"].indices
+
+
+def test_aux_caps_are_its_own_n_or_max_ood_seeded_and_not_the_first_samples(aux_root):
+    capped = _aux_indices(aux_root, n=9)
+    assert len(capped) == 9 and len(np.unique(capped)) == 9  # its own n overrides max_ood
+    assert len(_aux_indices(aux_root, n=100)) == N_AUX  # a cap above the set's size takes it whole
+    np.testing.assert_array_equal(capped, _aux_indices(aux_root, n=9))
+    assert not np.array_equal(capped, _aux_indices(aux_root, seed=1, n=9))
+    assert not np.array_equal(capped, np.arange(9))
+
+
+def test_an_aux_set_has_its_own_stream_and_leaves_the_other_splits_alone(aux_root, rng):
+    before = _by_name(make_source_benchmark(_cfg(aux_root)))
+    after = _by_name(make_source_benchmark(_cfg(aux_root, aux=AUX)))
+    assert set(after) == set(before) | {"tinyimages_aux"}
+    _same_samples(before, after)
+    assert [after[n].fingerprint() for n in before] == [before[n].fingerprint() for n in before]
+    # a second aux set of the same size: its own stream (not a copy of the first's choice), and the first is unchanged
+    fakedata.write_imagefolder(aux_root / "more", rng, per_class=N_AUX // 2)
+    both = _by_name(make_source_benchmark(_cfg(aux_root, aux={"more": {"source": "imagefolder", "path": "more"},
+                                                              **AUX})))
+    _same_samples(after, both)
+    assert len(both["more_aux"].indices) == 6
+    assert not np.array_equal(both["more_aux"].indices, both["tinyimages_aux"].indices)
+
+
+def test_constant_colours_serve_as_aux_when_no_test_set_uses_them(aux_root):
+    far = {"svhn": {"source": "svhn"}, "texture": {"source": "imagefolder", "path": "texture"}}
+    splits = _by_name(make_source_benchmark(_cfg(aux_root, far=far, aux={"colours": {"source": "constant",
+                                                                                          "n": 8}})))
+    assert len(splits["colours_aux"].indices) == 6 and splits["colours_aux"].attrs["role"] == "aux"
+
+
+def test_aux_split_is_extracted_like_every_split_but_never_reported(aux_root, tmp_path):
+    from pipeline.models import init_model, load_checkpoint, save_checkpoint
+    from pipeline.report import ood_sets
+    from pipeline.store import open_store
+    from stages import extract
+
+    directory = write_benchmark(make_source_benchmark(_cfg(aux_root, aux=AUX)), tmp_path / "bench")
+    spec = {"arch": "cifar_resnet", "num_classes": 10, "in_channels": 3, "widths": [4, 8], "blocks": [1, 1]}
+    save_checkpoint(init_model(spec, seed=0).eval(), spec, tmp_path / "m.pt")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"extract": {"layers": ["layer1", "fc"], "device": "cpu"}}))
+    extract.run(tmp_path / "p.yaml", directory, tmp_path / "m.pt", tmp_path / "s.zarr")
+
+    store = open_store(tmp_path / "s.zarr")
+    aux = open_benchmark(directory, ["tinyimages_aux"])["tinyimages_aux"]
+    assert "tinyimages_aux" in store.splits
+    assert {k: store.split_attrs("tinyimages_aux")[k] for k in ("role", "set", "part", "n_samples")} == {
+        "role": "aux", "set": "tinyimages", "part": "aux", "n_samples": 6}
+    assert store.split_attrs("tinyimages_aux")["fingerprint"] == aux.fingerprint
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    with torch.inference_mode():
+        logits = model(torch.stack([aux.dataset[i][0] for i in range(len(aux.dataset))]))
+    np.testing.assert_allclose(store.to_numpy("tinyimages_aux", "logits"), logits.numpy(), rtol=1e-5, atol=1e-5)
+    assert (store.to_numpy("tinyimages_aux", "label") == -1).all()
+    for part in ("val", "test"):
+        sets = ood_sets(store, part)
+        assert set(sets) == set(OOD_SETS) and "tinyimages" not in sets
+        assert all(s["split"] == f"{name}_{part}" for name, s in sets.items())
+
+
 # ------------------------------------------------------------------ write and open back
 
 @pytest.fixture

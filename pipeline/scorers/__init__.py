@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError, invalid_param
 from pipeline.scorers.ash import AshScorer
 from pipeline.scorers.base import BaseScorer, Features
 from pipeline.scorers.energy import EnergyScorer
+from pipeline.scorers.heatmap import HeatmapScorer
 from pipeline.scorers.maxlogit import MaxLogitScorer
 from pipeline.scorers.msp import MSPScorer
 from pipeline.scorers.nac import NACScorer
@@ -32,6 +33,7 @@ SCORERS = {
     "react": (ReActScorer, {}),
     "vim": (ViMScorer, {}),
     "nac_ue": (NACScorer, {}),
+    "heatmap": (HeatmapScorer, {}),
 }
 
 
@@ -39,8 +41,8 @@ def available_scorers() -> list[str]:
     return sorted(SCORERS)
 
 
-def make_scorer(name: str, params=None) -> BaseScorer:
-    """Build the scorer registered as ``name`` with ``params`` (checked by name)."""
+def make_scorer(name: str, params=None, *, where="detect.methods") -> BaseScorer:
+    """Build the scorer registered as ``name`` with ``params`` (checked by name; ``where`` names the section)."""
     if name not in SCORERS:
         raise invalid_param("detect.methods", "detect", f"one of {available_scorers()}", name,
                             hint="per-layer detectors (knn, ecod, ...) go under fit.detectors.")
@@ -49,7 +51,7 @@ def make_scorer(name: str, params=None) -> BaseScorer:
     accepted = sorted(p for p in inspect.signature(cls).parameters if p not in fixed)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ConfigError(f"Unknown parameter {unknown[0]!r} for method '{name}' in detect.methods. "
+        raise ConfigError(f"Unknown parameter {unknown[0]!r} for method '{name}' in {where}. "
                           f"Accepted parameters are {accepted}.")
     return cls(**fixed, **params)
 

@@ -43,7 +43,14 @@ class Features:
         H * W of each layer's map (1 for vectors): the pooled mean times this
         is the sum over H, W.
     labels : ndarray of shape (n_samples,), optional
-        Class labels (ID splits); -1 for OOD.
+        Class labels (ID splits); -1 for OOD and auxiliary outliers.
+    pred : ndarray of shape (n_samples,), optional
+        The classifier's predicted class.
+    maps : dict of str -> ndarray of shape (n_samples, C, H, W)
+        Unpooled feature maps (``extract.maps``), float32. Read only for
+        scorers that ask for them (``reads_maps``).
+    images : ndarray of shape (n_samples, C, S, S), optional
+        The input images as the classifier saw them (``extract.images``), float32.
     """
 
     logits: np.ndarray | None = None
@@ -54,6 +61,9 @@ class Features:
     grads: dict = field(default_factory=dict)
     spatial_size: dict = field(default_factory=dict)
     labels: np.ndarray | None = None
+    pred: np.ndarray | None = None
+    maps: dict = field(default_factory=dict)
+    images: np.ndarray | None = None
 
     def require(self, *names, owner="scorer"):
         """Raise a one-line DataError unless every named field is present."""
@@ -61,8 +71,29 @@ class Features:
                                                                      and not getattr(self, n))]
         if missing:
             raise DataError(f"{owner} needs {missing} from the feature store, which it does not hold. "
-                            "Hint: check extract.head / extract.grad_layers in params.yaml and rerun extract.")
+                            "Hint: check extract.head / extract.grad_layers / extract.maps / extract.images in "
+                            "params.yaml and rerun extract.")
         return tuple(getattr(self, n) for n in names)
+
+    def concat(self, other: Features) -> Features:
+        """The rows of ``self`` then those of ``other`` (the head is shared, so ``self``'s is kept).
+
+        Fields present in only one of the two are dropped: the result holds
+        what both hold.
+        """
+        def join(a, b):
+            return None if a is None or b is None else np.concatenate([a, b])
+
+        def join_dict(a, b):
+            return {k: np.concatenate([a[k], b[k]]) for k in a if k in b}
+
+        return Features(
+            logits=join(self.logits, other.logits), penultimate=join(self.penultimate, other.penultimate),
+            head_weight=self.head_weight, head_bias=self.head_bias, layers=join_dict(self.layers, other.layers),
+            grads=join_dict(self.grads, other.grads), spatial_size=dict(self.spatial_size),
+            labels=join(self.labels, other.labels), pred=join(self.pred, other.pred),
+            maps=join_dict(self.maps, other.maps), images=join(self.images, other.images),
+        )
 
 
 class BaseScorer(BaseEstimator):
@@ -72,6 +103,10 @@ class BaseScorer(BaseEstimator):
     refit_free_params: tuple = ()
     #: Whether ``fit`` learns from ID-train features; when no configured scorer does, none are read.
     learns = False
+    #: Whether the scorer reads unpooled maps and input images (large: read only when asked for).
+    reads_maps = False
+    #: Whether ``fit`` is a training run (the ``fit`` stage's job, saved with :meth:`save`), not a statistic.
+    trained = False
 
     def set_refit_free(self, **params):
         """Change refit-free params of a fitted scorer in place; returns self."""
@@ -80,6 +115,21 @@ class BaseScorer(BaseEstimator):
     def fit_rows(self, labels):
         """ID-train rows ``fit`` reads, given ID-train's labels (n,): None means all of them."""
         return None
+
+    def check_params(self, prefix=""):
+        """Raise ``ConfigError`` on a bad hyperparameter (named after ``prefix``) before any work; returns self.
+
+        Most scorers check theirs when fitting or scoring, where the data's size is known.
+        """
+        return self
+
+    def outlier_sets(self) -> tuple:
+        """Auxiliary-outlier sets ``fit`` also learns from (their rows come with label -1); none by default."""
+        return ()
+
+    def outlier_rows(self, sizes: dict) -> dict:
+        """Rows of each outlier set ``fit`` reads, given ``set -> n_rows``: all of them by default."""
+        return {name: np.arange(n) for name, n in sizes.items()}
 
     def fit(self, features: Features, y=None):
         """Learn from ID-train features. The default learns nothing."""

@@ -1,0 +1,236 @@
+"""Deploy what the pipeline selected: calibrate the early-exit guard from the store, evaluate it, load it.
+
+* :func:`calibrate_guard` scores ID-val's cached features with the fitted
+  per-layer detectors and calibrates the cascade's thresholds
+  (:func:`pipeline.cascade.calibrate`): no re-inference.
+* :func:`evaluate_guard` runs the cascade's decisions on the cached **test**
+  splits: AUROC and FPR@95 of its continuous score, the achieved ID TPR next
+  to the target, where inputs stop, and the FLOPs not spent.
+* :func:`load_guard` builds a :class:`~pipeline.guard.Guard` from the
+  checkpoint, the fitted detectors and the thresholds file.
+
+The thresholds file (``calibrate``'s output) is JSON: detector, layers,
+thresholds, budgets, scales, target and achieved val TPR, and the checkpoint's
+sha256, so a guard refuses thresholds calibrated for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cascade import Calibration, calibrate, cascade_score, exit_layers
+from pipeline.errors import DataError, ModelError, invalid_param
+from pipeline.metrics import METRIC_NAMES, ood_metrics
+from pipeline.report import group_sets, ood_sets
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def guard_detectors(fitted, detector, layers) -> dict:
+    """``layer -> fitted detector`` for the guarded layers; one-line errors naming what is missing."""
+    if detector not in fitted.names:
+        raise invalid_param("calibrate.detector", "calibrate", f"one of the fitted detectors {fitted.names}",
+                            detector, hint="add it to fit.detectors, or pick a fitted one.")
+    unknown = [layer for layer in layers if layer not in fitted.layers]
+    if unknown:
+        raise invalid_param("calibrate.layers", "calibrate", f"layers of the store {fitted.layers}", unknown[0],
+                            hint="guard layers that extract.layers lists.")
+    ordered = [layer for layer in fitted.layers if layer in layers]  # network order
+    return {layer: fitted.detectors[detector, layer] for layer in ordered}
+
+
+def layer_scores(store, split, detectors: dict) -> np.ndarray:
+    """Scores of ``split``'s cached features, one column per guarded layer: shape (n_samples, n_layers)."""
+    n = int(store.split_attrs(split)["n_samples"])
+    out = np.empty((n, len(detectors)))
+    for j, (layer, det) in enumerate(detectors.items()):
+        for start, block in store.iter_blocks(split, layer):
+            out[start:start + len(block), j] = det.score(block.astype(np.float64))
+    return out
+
+
+def calibrate_guard(store, fitted, cfg) -> dict:
+    """Calibrate the cascade on ID-val; returns the thresholds file's content.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    fitted : FittedDetectors
+    cfg : CalibrateConfig
+    """
+    fitted.check_compatible(store)
+    detectors = guard_detectors(fitted, cfg.detector, cfg.layers)
+    layers = list(detectors)
+    weights = None if cfg.weights is None else [cfg.weights[list(cfg.layers).index(layer)] for layer in layers]
+    cal = calibrate(layer_scores(store, "id_val", detectors), cfg.target_tpr, weights)
+    log.info("guard: %s on %s; ID-val TPR %.4f (target %.2f)", cfg.detector, layers, cal.val_tpr, cfg.target_tpr)
+    return {
+        "format": FORMAT, "detector": cfg.detector, "layers": layers, "target_tpr": cfg.target_tpr,
+        "val_tpr": cal.val_tpr, "thresholds": dict(zip(layers, cal.thresholds.tolist())),
+        "budgets": dict(zip(layers, cal.budgets.tolist())), "scales": dict(zip(layers, cal.scales.tolist())),
+        "input_shape": store.provenance.get("input_shape"),
+        "checkpoint_sha256": store.provenance.get("checkpoint_sha256"),
+    }
+
+
+def save_thresholds(content: dict, path) -> Path:
+    """Write the thresholds file atomically (a half-written file never looks complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_thresholds(path) -> dict:
+    """Read the thresholds file; one-line error if it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Guard thresholds '{path}' do not exist. Hint: run `layerscope calibrate` "
+                        "(or `dvc repro calibrate`).")
+    content = json.loads(path.read_text())
+    if content.get("format") != FORMAT or "thresholds" not in content:
+        raise DataError(f"'{path}' is not a layerscope guard thresholds file (format {FORMAT}). "
+                        "Hint: rerun `layerscope calibrate`.")
+    return content
+
+
+def calibration_of(content: dict) -> Calibration:
+    """The :class:`Calibration` a thresholds file holds."""
+    layers = content["layers"]
+    return Calibration(np.array([content["thresholds"][k] for k in layers], dtype=np.float64),
+                       np.array([content["budgets"][k] for k in layers], dtype=np.float64),
+                       np.array([content["scales"][k] for k in layers], dtype=np.float64), content["val_tpr"])
+
+
+def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.95) -> dict:
+    """The cascade on the cached test splits: detection metrics, achieved ID TPR and compute saved.
+
+    Parameters
+    ----------
+    store : FeatureStore
+    fitted : FittedDetectors
+    content : dict
+        The thresholds file (:func:`calibrate_guard`).
+    cumulative_flops : array-like of shape (n_layers + 1,)
+        FLOPs of one input up to each guarded layer, then the whole network's
+        (:meth:`pipeline.guard.Guard.block_flops`).
+    recall : float, default=0.95
+        OOD recall of the FPR (FPR@95).
+
+    Returns
+    -------
+    dict
+        ``id_test`` (TPR, exits, FLOPs saved), ``sets`` (per OOD test set: metrics,
+        detection rate, exits, FLOPs saved), ``near``/``far`` means, and the set-up.
+    """
+    fitted.check_compatible(store)
+    if content.get("checkpoint_sha256") != store.provenance.get("checkpoint_sha256"):
+        raise DataError("The guard thresholds were calibrated on features of another checkpoint than store "
+                        f"'{store.path}'. Hint: rerun `layerscope calibrate` (or `dvc repro`).")
+    detectors = guard_detectors(fitted, content["detector"], content["layers"])
+    cal = calibration_of(content)
+    flops = np.asarray(cumulative_flops, dtype=np.float64)
+    id_scores = layer_scores(store, "id_test", detectors)
+    id_result = _decisions(id_scores, cal, flops, list(detectors))
+    sets = ood_sets(store, "test")
+    per_set = {}
+    for name, s in sets.items():
+        scores = layer_scores(store, s["split"], detectors)
+        metrics = ood_metrics(cascade_score(id_scores, cal), cascade_score(scores, cal), recall=recall)
+        per_set[name] = {**{m: round(v, 6) for m, v in metrics.items()}, "role": s["role"],
+                         **_decisions(scores, cal, flops, list(detectors))}
+    out = {"detector": content["detector"], "layers": content["layers"], "target_tpr": content["target_tpr"],
+           "val_tpr": round(content["val_tpr"], 6), "id_test_tpr": round(1.0 - id_result["flagged"], 6),
+           "flops_per_input": {"full": float(flops[-1]), **dict(zip(content["layers"], flops[:-1].tolist()))},
+           "id_test": id_result, "sets": per_set}
+    for group, names in group_sets(sets).items():
+        if names:
+            keys = [*METRIC_NAMES, "flagged", "flops_saved"]
+            out[group] = {k: round(float(np.mean([per_set[n][k] for n in names])), 6) for k in keys}
+    return out
+
+
+def _decisions(scores, cal, flops, layers) -> dict:
+    """Fraction flagged, where inputs stop, and the fraction of FLOPs not spent."""
+    exits = exit_layers(scores, cal.thresholds)
+    spent = np.where(exits >= 0, flops[np.maximum(exits, 0)], flops[-1])
+    counts = {layer: round(float(np.mean(exits == j)), 6) for j, layer in enumerate(layers)}
+    return {"flagged": round(float(np.mean(exits >= 0)), 6), "exits": {**counts, "none": round(float(np.mean(
+        exits < 0)), 6)}, "flops_saved": round(float(1.0 - spent.mean() / flops[-1]), 6)}
+
+
+def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
+    """A :class:`~pipeline.guard.Guard` from the pipeline's files, refusing thresholds of another checkpoint."""
+    from pipeline.guard import Guard
+    from pipeline.models import file_sha256, load_checkpoint
+    from pipeline.scoring import load_detectors
+
+    content = load_thresholds(thresholds_path)
+    if file_sha256(model_path) != content.get("checkpoint_sha256"):
+        raise ModelError(f"The guard thresholds '{thresholds_path}' were calibrated for another checkpoint than "
+                         f"'{model_path}'. Hint: rerun `layerscope calibrate` (or `dvc repro`).")
+    model, _ = load_checkpoint(model_path, device)
+    detectors = guard_detectors(load_detectors(detectors_dir), content["detector"], content["layers"])
+    return Guard(model, detectors, content["thresholds"], content["input_shape"], device=device)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def read_inputs(path, input_shape) -> tuple[list[str], "torch.Tensor"]:
+    """Inputs for ``guard predict``: a folder of images, or a saved tensor/array file.
+
+    Images (any of ``IMAGE_SUFFIXES``, found recursively, sorted) are converted to
+    the model's channels, resized to its ``(H, W)`` and scaled to [0, 1], as the
+    benchmark's images are. A ``.pt``/``.pth`` tensor or ``.npy`` array must be
+    ``(n, C, H, W)`` or ``(C, H, W)`` already.
+
+    Returns
+    -------
+    names : list of str
+        One per input: the image's path relative to ``path``, or the row index.
+    x : Tensor of shape (n, C, H, W), float32
+    """
+    import torch
+
+    path, shape = Path(path), tuple(input_shape)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"No images in '{path}' (looked for {', '.join(IMAGE_SUFFIXES)}). Hint: pass a folder of "
+                            "images or a .pt/.npy file of shape (n, C, H, W).")
+        return [str(p.relative_to(path)) for p in files], torch.stack([_read_image(p, shape) for p in files])
+    if path.suffix in (".pt", ".pth"):
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".npy":
+        x = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        raise DataError(f"Cannot read inputs from '{path}': expected a folder of images, a .pt/.pth tensor or a .npy "
+                        "array. Hint: save a tensor with torch.save(x, 'inputs.pt').")
+    x = torch.as_tensor(x).float()
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        expected = ", ".join(map(str, shape))
+        raise DataError(f"Inputs in '{path}' have shape {tuple(x.shape)}; the model expects (n, {expected}). "
+                        "Hint: resize them, or pass a folder of images (resized for you).")
+    return [str(i) for i in range(len(x))], x
+
+
+def _read_image(path, shape):
+    import torch
+    from PIL import Image
+
+    channels, height, width = shape
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.reshape(height, width, -1).transpose(2, 0, 1).copy())

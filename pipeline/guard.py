@@ -1,0 +1,318 @@
+"""Early-exit OOD detection at inference time: a model run block by block, stopped at the first flag.
+
+Seed 000's argument, deployed: an intermediate layer can reject an
+out-of-distribution input before the rest of the network is paid for.
+:class:`Guard` wraps a classifier and the per-layer detectors ``fit`` produced.
+It runs the model one block at a time. As soon as a guarded layer's output is
+computed, it pools it the way extraction did and scores it with that layer's
+detector. Inputs whose score is above the layer's threshold stop there; the
+others go on. A forward pass through the classifier belongs here (and in
+:mod:`pipeline.extract`) and nowhere else: detectors only see pooled arrays.
+
+How the model is split: ``torch.fx`` traces it with every module that holds
+no guarded layer kept whole (a leaf), so only the containers on the way to a
+guarded layer are traced. The traced graph runs node by node; after a guarded
+node, rows that stopped are dropped from every batch-shaped value still
+needed. A model that cannot be traced, or whose values do not keep the batch
+first, fails a self-check at construction with a :class:`~pipeline.errors.ModelError`,
+never a silent full pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from pipeline.errors import ModelError, invalid_param
+from pipeline.extract import _first_tensor, pool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuardResult:
+    """What the guarded model says about each input.
+
+    Attributes
+    ----------
+    pred : ndarray of shape (n,), int64
+        Predicted class, or -1 for an input flagged OOD.
+    exit_layer : ndarray of shape (n,), int64
+        Index into ``layers`` of the layer that flagged the input, -1 if none did.
+    scores : ndarray of shape (n, n_layers), float64
+        Each evaluated layer's score (higher = more OOD); NaN where the input
+        had stopped before that layer.
+    layers : list of str
+        Guarded layers, in execution order.
+    logits : ndarray of shape (n, n_classes), float32
+        NaN rows for flagged inputs.
+    """
+
+    pred: np.ndarray
+    exit_layer: np.ndarray
+    scores: np.ndarray
+    layers: list
+    logits: np.ndarray = field(repr=False, default=None)
+
+    @property
+    def ood(self) -> np.ndarray:
+        """(n,) bool: flagged by some layer."""
+        return self.exit_layer >= 0
+
+    @property
+    def layers_computed(self) -> np.ndarray:
+        """(n,) int: guarded layers each input reached (``n_layers`` + 1 for a full pass to the output)."""
+        return np.where(self.ood, self.exit_layer + 1, len(self.layers) + 1)
+
+    def records(self) -> list[dict]:
+        """One JSON-ready dict per input: prediction or "OOD at layer k", scores of the layers evaluated."""
+        out = []
+        for i in range(len(self.pred)):
+            k = int(self.exit_layer[i])
+            out.append({"prediction": None if k >= 0 else int(self.pred[i]),
+                        "ood_at_layer": self.layers[k] if k >= 0 else None,
+                        "scores": {layer: float(self.scores[i, j]) for j, layer in enumerate(self.layers)
+                                   if not np.isnan(self.scores[i, j])},
+                        "layers_computed": int(self.layers_computed[i])})
+        return out
+
+
+class Guard:
+    """A classifier run block by block that stops at the first guarded layer that flags an input.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier; put in eval mode (batch norm must not mix inputs).
+    detectors : dict of str -> detector
+        Guarded layer name -> a fitted per-layer detector (``score(X (n, C)) ->
+        (n,)``, higher = more OOD), fitted on pooled activations as extracted.
+    thresholds : dict of str -> float
+        Guarded layer name -> threshold; an input stops where ``score > threshold``.
+    input_shape : tuple of int
+        ``(C, H, W)`` of one input, for the self-check and FLOP counts.
+    device : str or torch.device, default="cpu"
+
+    Raises
+    ------
+    ModelError
+        When the model cannot be split at the guarded layers (see the module docstring).
+    """
+
+    def __init__(self, model, detectors, thresholds, input_shape, device="cpu"):
+        missing = sorted(set(detectors) ^ set(thresholds))
+        if missing or not detectors:
+            raise invalid_param("thresholds", "Guard", "one threshold per guarded layer, for at least one layer",
+                                missing or thresholds)
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.input_shape = tuple(input_shape)
+        self.graph, guard_nodes = split_at(model, list(detectors))
+        self.layers = [name for name, _ in sorted(guard_nodes.items(), key=lambda kv: self._position(kv[1]))]
+        self._guard_at = {node: self.layers.index(name) for name, node in guard_nodes.items()}
+        self.detectors = [detectors[layer] for layer in self.layers]
+        self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
+        self._batched = _batch_dependent(self.graph.graph)
+        self._last_use = _last_uses(self.graph.graph)
+        self._self_check()
+
+    def _position(self, node):
+        return list(self.graph.graph.nodes).index(node)
+
+    @torch.inference_mode()
+    def __call__(self, x) -> GuardResult:
+        """Run ``x`` (n, C, H, W) through the guarded model."""
+        return self._run(torch.as_tensor(x), thresholds=self.thresholds)
+
+    def _run(self, x, thresholds, force=None, counter=None, boundaries=None):
+        """The guarded pass. ``force`` (layer index -> rows to drop) serves the self-check;
+        ``counter``/``boundaries`` record cumulative FLOPs at each guard."""
+        x = x.to(self.device, torch.float32)
+        n = len(x)
+        alive = np.arange(n)
+        scores = np.full((n, len(self.layers)), np.nan)
+        exit_layer = np.full(n, -1, dtype=np.int64)
+        env, output = {}, None
+        for node in self.graph.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "output":
+                output = _first_tensor(fx.node.map_arg(node.args[0], env.__getitem__))
+                break
+            else:
+                env[node] = self._execute(node, env)
+            for dead in self._last_use.get(node, ()):
+                env.pop(dead, None)
+            k = self._guard_at.get(node)
+            if k is None:
+                continue
+            if boundaries is not None:
+                boundaries.append(counter.get_total_flops())
+            stop = self._score(k, env[node], alive, scores, thresholds)
+            if force is not None:
+                stop |= np.isin(alive, force.get(k, []))
+            if stop.any():
+                exit_layer[alive[stop]] = k
+                alive = alive[~stop]
+                env = self._keep(env, torch.as_tensor(~stop, device=self.device))
+            if len(alive) == 0:
+                break
+        logits = np.full((n, _n_out(output)), np.nan, dtype=np.float32)
+        if len(alive):
+            logits[alive] = output.float().cpu().numpy()
+        pred = np.where(exit_layer >= 0, -1, np.nan_to_num(logits).argmax(axis=1)).astype(np.int64)
+        return GuardResult(pred, exit_layer, scores, list(self.layers), logits)
+
+    def _execute(self, node, env):
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_module":
+            return self.graph.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            return _fetch_attr(self.graph, node.target)
+        raise ModelError(f"Guard cannot run fx node op {node.op!r}")  # pragma: no cover - fx has no other ops
+
+    def _score(self, k, value, alive, scores, thresholds):
+        """Score layer ``k`` for the rows still running; returns (n_alive,) bool: stop here."""
+        pooled = pool(_first_tensor(value)).float().cpu().numpy().astype(np.float64)
+        s = np.asarray(self.detectors[k].score(pooled), dtype=np.float64)
+        scores[alive, k] = s
+        return s > thresholds[k]
+
+    def _keep(self, env, keep):
+        """Drop stopped rows from every batch-shaped value still needed."""
+        return {node: _index_rows(value, keep) if node in self._batched else value for node, value in env.items()}
+
+    @torch.inference_mode()
+    def _self_check(self):
+        """Guarded rows must give the full model's logits; otherwise the split is wrong: refuse it."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand((3, *self.input_shape), generator=gen).to(self.device)
+        try:
+            full = _first_tensor(self.model(x)).float().cpu().numpy()
+            for k in range(len(self.layers)):
+                got = self._run(x, np.full(len(self.layers), np.inf), force={k: [0]}).logits[1:]
+                if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
+                    raise ModelError(f"Guard cannot split this model at '{self.layers[k]}': the rows that go on do "
+                                     "not give the full model's logits (a value computed before that layer is used "
+                                     "after it, or keeps the batch off the first dimension). Hint: guard other "
+                                     "layers, e.g. the blocks `layerscope layers` lists at the top level.")
+        except ModelError:
+            raise
+        except Exception as err:  # the model's own code failed on the split graph: say so in one line
+            raise ModelError(f"Guard cannot run this model split at {self.layers}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}. Hint: guard other layers.") from err
+
+    @torch.inference_mode()
+    def block_flops(self) -> np.ndarray:
+        """FLOPs per input up to each guarded layer and to the output, from ``torch.utils.flop_counter``.
+
+        Returns
+        -------
+        cumulative : ndarray of shape (n_layers + 1,)
+            FLOPs of one input up to and including guarded layer k; the last
+            entry is the whole network's.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0)).to(self.device)
+        boundaries = []
+        with FlopCounterMode(display=False) as counter:
+            self._run(x, np.full(len(self.layers), np.inf), counter=counter, boundaries=boundaries)
+            total = counter.get_total_flops()
+        return np.array([*boundaries, total], dtype=np.float64)
+
+
+def split_at(model, layers) -> tuple[fx.GraphModule, dict]:
+    """Trace ``model`` so that every guarded layer is one node; returns the graph and ``layer -> node``.
+
+    Modules that hold no guarded layer stay whole (leaves). A guarded layer that
+    holds another guarded layer must be an ``nn.Sequential``: its output is then
+    its last child's.
+
+    Raises
+    ------
+    ModelError
+        When a layer is not a module of the model, or tracing fails.
+    """
+    modules = dict(model.named_modules())
+    unknown = [layer for layer in layers if layer not in modules or not layer]
+    if unknown:
+        raise invalid_param("layers", "Guard", "modules of the model (see `layerscope layers`)", unknown[0])
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return not any(g.startswith(qualname + ".") for g in layers) if qualname else False
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:
+        raise ModelError(f"Guard cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). Hint: guard top-level blocks, or "
+                         "make the model's forward free of data-dependent control flow.") from err
+    gm = fx.GraphModule(model, graph)
+    by_target = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            by_target.setdefault(node.target, []).append(node)
+    return gm, {layer: _node_of(layer, modules, by_target) for layer in layers}
+
+
+def _node_of(layer, modules, by_target):
+    """The one node whose output is ``layer``'s (its last child's, for a traced-through Sequential)."""
+    name = layer
+    while name not in by_target and isinstance(modules[name], nn.Sequential) and len(modules[name]):
+        name = f"{name}.{len(modules[name]) - 1}"
+    nodes = by_target.get(name, [])
+    if len(nodes) != 1:
+        why = "is not called" if not nodes else f"is called {len(nodes)} times"
+        raise ModelError(f"Guard cannot split the model at '{layer}': module '{name}' {why} in the traced forward. "
+                         "Hint: guard a module that runs exactly once per input (see `layerscope layers`).")
+    return nodes[0]
+
+
+def _batch_dependent(graph) -> set:
+    """Nodes whose value derives from the input (the only ones with rows to drop)."""
+    out = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(arg in out for arg in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _last_uses(graph) -> dict:
+    """``node -> nodes whose last use it is``: values are freed as soon as nothing needs them."""
+    last = {}
+    for node in graph.nodes:
+        for arg in node.all_input_nodes:
+            last[arg] = node
+    out = {}
+    for value, user in last.items():
+        out.setdefault(user, []).append(value)
+    return out
+
+
+def _index_rows(value, keep):
+    if isinstance(value, torch.Tensor):
+        return value[keep] if value.dim() and value.shape[0] == len(keep) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index_rows(v, keep) for v in value)
+    return value
+
+
+def _fetch_attr(module, target):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _n_out(output):
+    return int(output.shape[1]) if output is not None and output.dim() == 2 else 1

@@ -1,0 +1,173 @@
+"""Deploying the guard from the pipeline's files: calibrate from the store, evaluate, load, predict (CLI too)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_SPEC
+from pipeline.cli import app
+from pipeline.config import CalibrateConfig
+from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.deploy import (calibrate_guard, evaluate_guard, layer_scores, load_guard, load_thresholds, read_inputs,
+                             save_thresholds)
+from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.extract import extract_to_store, resolve_plan
+from pipeline.models import file_sha256, save_checkpoint
+from pipeline.scoring import fit_detectors, save_detectors
+from pipeline.store import StoreWriter, open_store
+
+runner = CliRunner()
+CFG = CalibrateConfig(detector="mahalanobis", layers=("layer2", "layer1"), target_tpr=0.8)
+
+
+@pytest.fixture
+def project(tiny_model, tiny_splits, tmp_path, rng):
+    """The pipeline's files for the tiny model: checkpoint, store (with ID-test), fitted detectors."""
+    ckpt = save_checkpoint(tiny_model, TINY_SPEC, tmp_path / "model.pt")
+    extra = {"id_test": ImageSplit("id_test", rng.random((15, 1, 8, 8), dtype=np.float32),
+                                   rng.integers(0, 3, 15).astype(np.int64), {"role": "id", "set": "id", "part": "test"})}
+    splits = {**tiny_splits, **extra}
+    plan = resolve_plan(tiny_model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(tmp_path / "features.zarr", "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in splits.items()}, plan, writer,
+                         batch_size=5)
+        writer.finalize({"checkpoint_sha256": file_sha256(ckpt), "input_shape": [1, 8, 8]}, list(plan.layers))
+    store = open_store(tmp_path / "features.zarr")
+    fitted = fit_detectors(store, {"mahalanobis": {}})
+    save_detectors(fitted, tmp_path / "detectors")
+    return {"root": tmp_path, "model": ckpt, "store": store, "fitted": fitted, "splits": splits}
+
+
+def test_calibration_reads_id_val_from_the_store_and_keeps_the_target(project):
+    content = calibrate_guard(project["store"], project["fitted"], CFG)
+    assert content["layers"] == ["layer1", "layer2"]  # network order, whatever the params' order
+    assert content["val_tpr"] >= 0.8 and content["input_shape"] == [1, 8, 8]
+    scores = layer_scores(project["store"], "id_val", {k: project["fitted"].detectors["mahalanobis", k]
+                                                       for k in content["layers"]})
+    flagged = (scores > np.array([content["thresholds"][k] for k in content["layers"]])).any(axis=1)
+    assert 1 - flagged.mean() == pytest.approx(content["val_tpr"])
+    path = save_thresholds(content, project["root"] / "guard.json")
+    assert load_thresholds(path) == json.loads(json.dumps(content))
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (CalibrateConfig(detector="knn"), r"'calibrate.detector' parameter of calibrate must be one of the fitted "
+                                      r"detectors \['mahalanobis'\]. Got 'knn'.*Hint: add it to fit.detectors"),
+    (CalibrateConfig(detector="mahalanobis", layers=("layer3",)), r"'calibrate.layers' parameter of calibrate must "
+                                                                   r"be layers of the store .* Got 'layer3'"),
+])
+def test_calibration_names_what_fit_did_not_produce(project, cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        calibrate_guard(project["store"], project["fitted"], cfg)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"target_tpr": 1.0}, r"'calibrate.target_tpr' parameter of calibrate must be a float in \(0, 1\)"),
+    ({"layers": []}, r"'calibrate.layers' parameter of calibrate must be a non-empty list of distinct layers"),
+    ({"layers": ["a", "a"]}, r"'calibrate.layers' parameter of calibrate must be a non-empty list of distinct"),
+    ({"layers": ["a", "b"], "weights": [1.0]}, r"'calibrate.weights' parameter of calibrate must be 2 non-negative"),
+])
+def test_calibrate_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        CalibrateConfig(**values)
+
+
+def test_evaluation_reports_metrics_tpr_exits_and_flops_saved(project):
+    content = calibrate_guard(project["store"], project["fitted"], CFG)
+    flops = [10.0, 60.0, 100.0]
+    r = evaluate_guard(project["store"], project["fitted"], content, flops)
+    assert r["target_tpr"] == 0.8 and 0.0 <= r["id_test_tpr"] <= 1.0
+    noise = r["sets"]["noise"]
+    assert {"auroc", "fpr95", "flagged", "exits", "flops_saved", "role"} <= set(noise)
+    exits = noise["exits"]
+    assert sum(exits.values()) == pytest.approx(1.0)
+    # saved = 1 - mean(spent) / full, spent = 10 at layer1, 60 at layer2, 100 through
+    expected = 1 - (exits["layer1"] * 10 + exits["layer2"] * 60 + exits["none"] * 100) / 100
+    assert noise["flops_saved"] == pytest.approx(expected, abs=1e-5)
+    assert r["far"]["flops_saved"] == noise["flops_saved"] and r["flops_per_input"]["full"] == 100.0
+
+
+def test_evaluation_refuses_thresholds_of_another_checkpoint(project):
+    content = {**calibrate_guard(project["store"], project["fitted"], CFG), "checkpoint_sha256": "other"}
+    with pytest.raises(DataError, match=r"calibrated on features of another checkpoint .* Hint: rerun"):
+        evaluate_guard(project["store"], project["fitted"], content, [1.0, 2.0, 3.0])
+
+
+def test_load_guard_matches_the_cached_decisions(project):
+    root = project["root"]
+    save_thresholds(calibrate_guard(project["store"], project["fitted"], CFG), root / "guard.json")
+    guard = load_guard(project["model"], root / "detectors", root / "guard.json")
+    result = guard(torch.from_numpy(project["splits"]["id_test"].images))
+    content = load_thresholds(root / "guard.json")
+    scores = layer_scores(project["store"], "id_test", {k: project["fitted"].detectors["mahalanobis", k]
+                                                        for k in content["layers"]})
+    thresholds = np.array([content["thresholds"][k] for k in content["layers"]])
+    assert np.array_equal(result.ood, (scores > thresholds).any(axis=1))
+    other = save_checkpoint(torch.nn.Linear(1, 1), TINY_SPEC, root / "other.pt")
+    with pytest.raises(ModelError, match=r"calibrated for another checkpoint than .*other.pt"):
+        load_guard(other, root / "detectors", root / "guard.json")
+    with pytest.raises(DataError, match=r"Guard thresholds .*missing.json' do not exist. Hint: run `layerscope "
+                                        r"calibrate`"):
+        load_thresholds(root / "missing.json")
+
+
+def test_read_inputs_from_images_tensors_and_arrays(tmp_path, rng):
+    images = rng.integers(0, 256, (3, 10, 12), dtype=np.uint8)
+    (tmp_path / "imgs/sub").mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).convert("RGB").save(tmp_path / f"imgs/{'sub/' if i == 2 else ''}{i}.png")
+    names, x = read_inputs(tmp_path / "imgs", (1, 8, 8))
+    assert names == ["0.png", "1.png", "sub/2.png"] and x.shape == (3, 1, 8, 8) and 0 <= x.min() <= x.max() <= 1
+    torch.save(torch.rand(1, 8, 8), tmp_path / "one.pt")
+    assert read_inputs(tmp_path / "one.pt", (1, 8, 8))[1].shape == (1, 1, 8, 8)
+    np.save(tmp_path / "two.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
+    assert read_inputs(tmp_path / "two.npy", (1, 8, 8))[0] == ["0", "1"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: (p / "empty").mkdir() or p / "empty", r"No images in .*empty.* Hint: pass a folder of images"),
+    (lambda p: np.save(p / "bad.npy", np.zeros((2, 3, 8, 8))) or p / "bad.npy",
+     r"have shape \(2, 3, 8, 8\); the model expects \(n, 1, 8, 8\). Hint: resize them"),
+    (lambda p: (p / "x.csv").write_text("1") and p / "x.csv", r"Cannot read inputs from .*x.csv.*expected a folder"),
+])
+def test_read_inputs_errors(tmp_path, make, message):
+    with pytest.raises(DataError, match=message):
+        read_inputs(make(tmp_path), (1, 8, 8))
+
+
+def test_cli_calibrate_evaluate_and_predict(project, tmp_path):
+    root = project["root"]
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"calibrate": {"detector": "mahalanobis", "layers": ["layer1", "layer2"],
+                                                    "target_tpr": 0.8}}))
+    common = ["--features", str(root / "features.zarr"), "--detectors", str(root / "detectors")]
+    result = runner.invoke(app, ["calibrate", "--params", str(params), *common, "--out", str(root / "guard.json")],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "ID-val TPR" in result.output and "layer2" in result.output
+    result = runner.invoke(app, ["guard", "evaluate", *common, "--thresholds", str(root / "guard.json"), "--model",
+                                 str(project["model"]), "--out", str(root / "guard_report.json")], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "guard_report.json").read_text())
+    assert report["flops_per_input"]["layer1"] < report["flops_per_input"]["full"] and "noise" in result.output
+    torch.save(torch.from_numpy(project["splits"]["noise_test"].images), root / "inputs.pt")
+    args = ["guard", "predict", str(root / "inputs.pt"), "--model", str(project["model"]), "--detectors",
+            str(root / "detectors"), "--thresholds", str(root / "guard.json"), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--out", str(root / "pred.json")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((root / "pred.json").read_text())
+    assert len(records) == 9 and {"input", "prediction", "ood_at_layer", "scores", "layers_computed"} <= set(records[0])
+    shown = runner.invoke(app, args, terminal_width=250)
+    assert shown.exit_code == 0 and ("OOD at layer" in shown.output or "class" in shown.output)
+
+
+def test_cli_guard_errors_are_one_line(project):
+    result = runner.invoke(app, ["guard", "predict", str(project["root"]), "--thresholds",
+                                 str(project["root"] / "nope.json"), "--model", str(project["model"])])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Guard thresholds" in result.output and "Hint: run `layerscope calibrate`" in result.output

@@ -1,0 +1,172 @@
+"""The early-exit guard: a model run block by block, stopped at the first layer that flags an input."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.backbones import BACKBONES, DEFAULT_LAYERS
+from pipeline.cascade import exit_layers
+from pipeline.datasets import SplitDataset
+from pipeline.deploy import guard_detectors, layer_scores
+from pipeline.detectors import make_detector
+from pipeline.errors import ConfigError, ModelError
+from pipeline.extract import extract_to_store, pool, resolve_plan
+from pipeline.guard import Guard
+from pipeline.scoring import fit_detectors
+from pipeline.store import StoreWriter, open_store
+
+LAYERS = ["layer1", "layer2"]
+
+
+@pytest.fixture
+def cached(tiny_model, tiny_splits, store_path):
+    """The tiny model's store (layer1, layer2, fc) and Mahalanobis fitted on it: what `fit` would produce."""
+    plan = resolve_plan(tiny_model, [*LAYERS, "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
+                         batch_size=5)
+        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
+    store = open_store(store_path)
+    fitted = fit_detectors(store, {"mahalanobis": {}})
+    return store, guard_detectors(fitted, "mahalanobis", LAYERS)
+
+
+def test_with_no_threshold_reached_the_guard_is_the_plain_model(tiny_model, tiny_splits, cached):
+    store, detectors = cached
+    guard = Guard(tiny_model, detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    result = guard(x)
+    with torch.inference_mode():
+        logits = tiny_model(x).numpy()
+    assert not result.ood.any() and np.array_equal(result.pred, logits.argmax(axis=1))
+    np.testing.assert_allclose(result.logits, logits, rtol=1e-5, atol=1e-6)
+    # the live scores are the cached ones: calibration on the store holds for the deployed guard
+    np.testing.assert_allclose(result.scores, layer_scores(store, "noise_test", detectors), rtol=1e-4)
+    assert result.layers_computed.tolist() == [3] * len(x)
+
+
+def test_live_decisions_are_the_cached_decisions_and_passed_inputs_keep_their_prediction(tiny_model, tiny_splits,
+                                                                                          cached):
+    store, detectors = cached
+    thresholds = np.median(layer_scores(store, "noise_test", detectors), axis=0)  # about half stop somewhere
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, thresholds)), (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    result = guard(x)
+    expected = exit_layers(layer_scores(store, "noise_test", detectors), thresholds)
+    assert np.array_equal(result.exit_layer, expected) and 0 < result.ood.sum() < len(x)
+    with torch.inference_mode():
+        full = tiny_model(x).argmax(dim=1).numpy()
+    passed = ~result.ood
+    assert np.array_equal(result.pred[passed], full[passed]) and (result.pred[result.ood] == -1).all()
+    stopped_first = result.exit_layer == 0
+    assert np.isnan(result.scores[stopped_first, 1]).all() and not np.isnan(result.scores[:, 0]).any()
+    rec = result.records()[int(np.flatnonzero(stopped_first)[0])] if stopped_first.any() else None
+    if rec is not None:
+        assert rec["prediction"] is None and rec["ood_at_layer"] == "layer1" and list(rec["scores"]) == ["layer1"]
+
+
+def _random_detectors(model, layers, input_shape, rng):
+    """KNN (L2) per layer, fitted on pooled activations of random inputs: real detectors for any backbone."""
+    modules = dict(model.named_modules())
+    pooled = {}
+    hooks = [modules[layer].register_forward_hook(lambda m, i, o, layer=layer: pooled.__setitem__(layer, pool(o)))
+             for layer in layers]
+    with torch.inference_mode():
+        model(torch.from_numpy(rng.random((12, *input_shape), dtype=np.float32)))
+    for hook in hooks:
+        hook.remove()
+    return {layer: make_detector("knn_l2", {"k": 3}).fit(pooled[layer].numpy().astype(np.float64))
+            for layer in layers}
+
+
+@pytest.mark.parametrize("arch, size", [("resnet18_cifar", 16), ("vgg16_bn_cifar", 32), ("densenet100_cifar", 16),
+                                        ("wrn40_2_cifar", 16), ("resnet50_imagenet", 64)])
+def test_every_cnn_backbone_splits_and_agrees_with_the_full_network(arch, size, rng):
+    torch.manual_seed(0)
+    model = BACKBONES[arch](10).eval()
+    layers = DEFAULT_LAYERS[arch]
+    detectors = _random_detectors(model, layers, (3, size, size), rng)
+    x = torch.from_numpy(rng.random((8, 3, size, size), dtype=np.float32))
+    probe = Guard(model, detectors, {layer: np.inf for layer in layers}, (3, size, size))(x)
+    thresholds = dict(zip(probe.layers, np.median(probe.scores, axis=0)))  # mixed exits
+    result = Guard(model, detectors, thresholds, (3, size, size))(x)
+    with torch.inference_mode():
+        full = model(x).argmax(dim=1).numpy()
+    assert result.ood.any() and np.array_equal(result.pred[~result.ood], full[~result.ood])
+    assert probe.layers == layers  # network order
+
+
+def test_block_flops_accumulate_to_the_whole_network(tiny_model, cached):
+    _, detectors = cached
+    flops = Guard(tiny_model, detectors, {layer: 0.0 for layer in LAYERS}, (1, 8, 8)).block_flops()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        tiny_model(torch.zeros(1, 1, 8, 8))
+    assert flops.shape == (3,) and flops[-1] == counter.get_total_flops()
+    assert 0 < flops[0] < flops[1] <= flops[2]
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1, self.block2, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.block1(x)
+        if h.sum() > 0:
+            h = -h
+        return self.fc(self.block2(h).mean(dim=(2, 3)))
+
+
+class _StaleBatch(_Branchy):
+    """Reads the batch size before block1 and uses it after: dropping rows would break it."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.block2(self.block1(x))
+        return self.fc(h.reshape(n, 2, -1).mean(dim=2))
+
+
+class _Twice(_Branchy):
+    def forward(self, x):
+        return self.fc(self.block2(self.block2(self.block1(x))).mean(dim=(2, 3)))
+
+
+def _guard(model, layers, rng):
+    detectors = _random_detectors(model, layers, (1, 8, 8), rng)
+    return Guard(model, detectors, {layer: np.inf for layer in layers}, (1, 8, 8))
+
+
+def test_a_model_fx_cannot_trace_is_refused(rng):
+    with pytest.raises(ModelError, match=r"Guard cannot trace _Branchy with torch.fx .* Hint: guard top-level"):
+        _guard(_Branchy().eval(), ["block1"], rng)
+
+
+def test_a_model_whose_split_changes_its_output_is_refused(rng):
+    with pytest.raises(ModelError, match=r"Guard cannot (run this model split at \['block1'\]|split this model at "
+                                         r"'block1').*Hint: guard other layers"):
+        _guard(_StaleBatch().eval(), ["block1"], rng)
+
+
+def test_a_module_run_twice_is_refused(rng):
+    model = _Twice().eval()
+    with pytest.raises(ModelError, match=r"cannot split the model at 'block2': module 'block2' is called 2 times"):
+        Guard(model, {"block2": make_detector("knn_l2", {"k": 1}).fit(np.ones((3, 2)))}, {"block2": 0.0},
+              (1, 8, 8))
+
+
+def test_unknown_layers_and_missing_thresholds_are_named(tiny_model, cached):
+    _, detectors = cached
+    with pytest.raises(ConfigError, match=r"'layers' parameter of Guard must be modules of the model .* Got 'layer9'"):
+        Guard(tiny_model, {"layer9": detectors["layer1"]}, {"layer9": 0.0}, (1, 8, 8))
+    with pytest.raises(ConfigError, match=r"'thresholds' parameter of Guard must be one threshold per guarded layer"):
+        Guard(tiny_model, detectors, {"layer1": 0.0}, (1, 8, 8))
+
+
+def test_the_guard_puts_the_model_in_eval_mode(tiny_model, cached):
+    _, detectors = cached
+    guard = Guard(tiny_model.train(), detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    assert not guard.model.training
