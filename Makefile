@@ -24,6 +24,8 @@ bench: install
 	python benchmarks/bench_extract.py
 	python benchmarks/bench_search.py
 	python benchmarks/bench_scale.py
+	dvc repro calibrate  # the guard's files: model, detectors, thresholds
+	python benchmarks/bench_guard.py
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: install

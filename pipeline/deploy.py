@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from pipeline.cascade import Calibration, calibrate, cascade_score, exit_layers
 from pipeline.errors import DataError, ModelError, invalid_param
 from pipeline.metrics import METRIC_NAMES, ood_metrics
 from pipeline.report import group_sets, ood_sets
+
+if TYPE_CHECKING:  # torch is imported where it is used: calibration and evaluation run without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +190,7 @@ def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def read_inputs(path, input_shape) -> tuple[list[str], "torch.Tensor"]:
+def read_inputs(path, input_shape) -> tuple[list[str], torch.Tensor]:
     """Inputs for ``guard predict``: a folder of images, or a saved tensor/array file.
 
     Images (any of ``IMAGE_SUFFIXES``, found recursively, sorted) are converted to

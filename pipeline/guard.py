@@ -161,7 +161,7 @@ class Guard:
                 env = self._keep(env, torch.as_tensor(~stop, device=self.device))
             if len(alive) == 0:
                 break
-        logits = np.full((n, _n_out(output)), np.nan, dtype=np.float32)
+        logits = np.full((n, self.n_classes), np.nan, dtype=np.float32)
         if len(alive):
             logits[alive] = output.float().cpu().numpy()
         pred = np.where(exit_layer >= 0, -1, np.nan_to_num(logits).argmax(axis=1)).astype(np.int64)
@@ -198,6 +198,7 @@ class Guard:
         x = torch.rand((3, *self.input_shape), generator=gen).to(self.device)
         try:
             full = _first_tensor(self.model(x)).float().cpu().numpy()
+            self.n_classes = full.shape[1] if full.ndim == 2 else 1  # known even when every row stops early
             for k in range(len(self.layers)):
                 got = self._run(x, np.full(len(self.layers), np.inf), force={k: [0]}).logits[1:]
                 if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
@@ -313,6 +314,3 @@ def _fetch_attr(module, target):
         module = getattr(module, part)
     return module
 
-
-def _n_out(output):
-    return int(output.shape[1]) if output is not None and output.dim() == 2 else 1

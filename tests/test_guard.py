@@ -62,6 +62,8 @@ def test_live_decisions_are_the_cached_decisions_and_passed_inputs_keep_their_pr
     assert np.array_equal(result.pred[passed], full[passed]) and (result.pred[result.ood] == -1).all()
     stopped_first = result.exit_layer == 0
     assert np.isnan(result.scores[stopped_first, 1]).all() and not np.isnan(result.scores[:, 0]).any()
+    everything = Guard(tiny_model, detectors, {layer: -np.inf for layer in LAYERS}, (1, 8, 8))(x)
+    assert (everything.exit_layer == 0).all() and everything.logits.shape == (len(x), 3)  # width kept when all stop
     rec = result.records()[int(np.flatnonzero(stopped_first)[0])] if stopped_first.any() else None
     if rec is not None:
         assert rec["prediction"] is None and rec["ood_at_layer"] == "layer1" and list(rec["scores"]) == ["layer1"]

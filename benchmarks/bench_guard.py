@@ -1,0 +1,444 @@
+"""Benchmark of the early-exit guard (``layerscope guard``): wall time per image and FLOPs saved.
+
+Run from the repository root (see ``benchmarks/README.md``)::
+
+    .venv/bin/python benchmarks/bench_guard.py            # full run, writes benchmarks/results/bench_guard.json
+    .venv/bin/python benchmarks/bench_guard.py --quick    # smoke run, a few seconds, writes nothing unless --out
+
+Inputs: the default DVC outputs (the ``paths`` of ``dvc.yaml``, read with
+``pipeline.config.project_paths()``): the checkpoint ``cache/model.pt``, the
+fitted detectors ``cache/detectors``, the thresholds ``cache/guard.json`` (the
+``calibrate`` stage) and the data ``data/benchmark``; ``cache/features.zarr``
+only for a cross-check. ``--model``, ``--detectors``, ``--guard``, ``--data``
+and ``--features`` point elsewhere. The guard is built with
+``pipeline.deploy.load_guard`` on the CPU, as a deployment would build it.
+
+For every test split (``id_test`` and the ``<set>_test`` split of each OOD set),
+its images stacked into one tensor:
+
+1. Wall time per image of the plain model (``guard.model(x)`` under
+   ``torch.inference_mode()``) and of the guarded model (``guard(x)``), at batch
+   ``--batch-size`` (256) and at batch 1 (latency of one image, where the early
+   exit matters most). Two reference paths say where the guard's own time
+   goes: ``guard_no_exit``, the same guard with every threshold at +inf, so
+   that no input stops (node-by-node executor, pooling and detectors, no
+   saving), and ``executor``, the same with detectors that cost nothing (the
+   executor and pooling alone). Every path runs ``--repeats`` times,
+   interleaved, after two untimed warm-up passes; one timed pass loops over the
+   split for about ``--min-seconds``; the figure is the median.
+   ``torch.set_num_threads(--threads)`` is fixed and recorded, and so are the
+   BLAS thread pools (capped with ``--blas-threads``).
+2. The guard's own decisions on the whole split: fraction flagged, exits per
+   guarded layer, and the FLOP fraction saved, ``1 - mean(spent) / full``, where
+   ``spent`` is ``Guard.block_flops()`` up to the exit layer (the full network for
+   inputs that pass). FLOPs are the network's (``torch.utils.flop_counter``);
+   the detectors' own arithmetic on pooled vectors is not counted.
+3. Honesty: every input the guard lets through gets the plain model's argmax
+   (asserted, at both batch sizes), and the decisions at batch 1 equal those at
+   the large batch. With ``cache/features.zarr`` of the same checkpoint, the live
+   decisions are also compared with the cascade run on the cached features (what
+   the ``guard`` stage reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from threadpoolctl import threadpool_info, threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_extract import CLEAN_SHARE, machine_info, other_cpu_share  # noqa: E402
+
+from pipeline.cascade import exit_layers  # noqa: E402
+from pipeline.config import project_paths  # noqa: E402
+from pipeline.deploy import layer_scores, load_guard, load_thresholds  # noqa: E402
+from pipeline.errors import LayerscopeError  # noqa: E402
+from pipeline.guard import Guard, GuardResult  # noqa: E402
+from pipeline.store import open_store  # noqa: E402
+from pipeline.userdata import open_benchmark  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_guard.json"
+PATHS = ("plain", "guard", "guard_no_exit", "executor")
+ROLE_ORDER = {"id": 0, "near": 1, "far": 2}
+QUICK_LATENCY_N = 16  # images per split timed at batch 1 in a --quick run
+
+log = logging.getLogger("bench_guard")
+
+
+def dvc_paths() -> dict:
+    """``vars.paths`` of ``dvc.yaml`` (``project_paths``), as absolute paths."""
+    return {k: REPO / v for k, v in project_paths(REPO / "dvc.yaml").items()}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_splits(data_dir) -> dict:
+    """``split -> {"x": (n, C, H, W) float32, "role", "set"}`` for ID-test and every OOD test split.
+
+    Ordered ID first, then near, then far sets, by name within a role.
+    """
+    bench = open_benchmark(data_dir)
+    tests = {name: s for name, s in bench.items() if s.attrs.get("part") == "test"}
+    out = {}
+    for name in sorted(tests, key=lambda n: (ROLE_ORDER.get(tests[n].attrs.get("role"), 9), n)):
+        ds = tests[name].dataset
+        x = torch.stack([torch.as_tensor(ds[i][0]) for i in range(len(ds))]).float().contiguous()
+        out[name] = {"x": x, "role": tests[name].attrs.get("role"), "set": tests[name].attrs.get("set")}
+    return out
+
+
+def no_exit_guard(guard, detectors=None) -> Guard:
+    """The same model and detectors with every threshold at +inf: nothing stops, everything is scored.
+
+    With ``detectors`` (layer -> detector), those replace the guard's own.
+    """
+    detectors = detectors or dict(zip(guard.layers, guard.detectors))
+    return Guard(guard.model, detectors, {layer: float("inf") for layer in guard.layers}, guard.input_shape)
+
+
+class ZeroDetector:
+    """A stand-in detector that scores every row 0 at no cost: isolates the executor from the detectors."""
+
+    def score(self, X):
+        return np.zeros(len(X))
+
+
+def executor_only(guard) -> Guard:
+    """The guard's node-by-node executor and pooling, with free detectors and nothing stopping."""
+    return no_exit_guard(guard, {layer: ZeroDetector() for layer in guard.layers})
+
+
+# --------------------------------------------------------------------------- the timed paths
+
+
+def run_plain(model, batches):
+    """The plain classifier, batch after batch."""
+    with torch.inference_mode():
+        for xb in batches:
+            model(xb)
+
+
+def run_guard(guard, batches):
+    """The guarded classifier, batch after batch (``Guard.__call__`` enters inference mode itself)."""
+    for xb in batches:
+        guard(xb)
+
+
+def timed_paths(guard, reference, executor, x, batch_size, latency_n) -> dict:
+    """``(batch, path) -> (zero-argument callable, images it runs)`` for both batch sizes and every path."""
+    big = list(x.split(batch_size))
+    one = list(x[:latency_n].split(1))
+    out = {}
+    for bs, batches in ((batch_size, big), (1, one)):
+        n = sum(len(b) for b in batches)
+        out[bs, "plain"] = (lambda b=batches: run_plain(guard.model, b), n)
+        out[bs, "guard"] = (lambda b=batches: run_guard(guard, b), n)
+        out[bs, "guard_no_exit"] = (lambda b=batches: run_guard(reference, b), n)
+        out[bs, "executor"] = (lambda b=batches: run_guard(executor, b), n)
+    return out
+
+
+def measure_times(guard, reference, executor, splits, batch_size, latency_n, repeats, min_seconds) -> dict:
+    """Seconds of every (split, batch, path), ``repeats`` interleaved rounds after two warm-up passes each.
+
+    A split is small (100 to 289 images), so one timed pass runs a path's
+    batches ``loops`` times, enough for about ``min_seconds`` (from the second
+    warm-up pass): long enough for the timer and for the ``/proc/stat``
+    contention gauge, whose ticks are 10 ms.
+
+    Returns
+    -------
+    dict
+        ``split -> batch -> path -> summary`` (see :func:`summarise`), plus the
+        speed-up of the guard (plain / guard, medians) per split and batch.
+    """
+    log.info("warm-up: two untimed passes of every path on every split")
+    paths = {}
+    for name, s in splits.items():
+        paths[name] = {}
+        for key, (fn, n) in timed_paths(guard, reference, executor, s["x"], batch_size, latency_n).items():
+            fn()
+            seconds, _ = other_cpu_share(fn)
+            loops = max(1, math.ceil(min_seconds / seconds)) if min_seconds > 0 else 1
+            paths[name][key] = (lambda fn=fn, loops=loops: [fn() for _ in range(loops)], n, loops)
+    runs = {name: {key: [] for key in by_path} for name, by_path in paths.items()}
+    for r in range(repeats):
+        log.info("round %d/%d", r + 1, repeats)
+        for name, by_path in paths.items():
+            for key, (fn, _n, _loops) in by_path.items():
+                runs[name][key].append(other_cpu_share(fn))
+    out = {}
+    for name, by_path in paths.items():
+        per_batch = {}
+        for (bs, path), (_fn, n, loops) in by_path.items():
+            per_batch.setdefault(str(bs), {})[path] = summarise(runs[name][bs, path], n, loops)
+        for timing in per_batch.values():
+            timing["speedup"] = round(timing["plain"]["median_ms"] / timing["guard"]["median_ms"], 3)
+            timing["speedup_no_exit"] = round(timing["plain"]["median_ms"] / timing["guard_no_exit"]["median_ms"], 3)
+        out[name] = per_batch
+    return out
+
+
+def summarise(passes, n, loops=1) -> dict:
+    """``passes`` is a list of ``(seconds, other_cpu_share)``, each over ``n`` images ``loops`` times; ms per image."""
+    seconds = [s / loops for s, _ in passes]
+    clean = [s for s, other in passes if other < CLEAN_SHARE]
+    return {"images": n, "loops": loops, "seconds": [round(s, 5) for s in seconds],
+            "other_cpu_share": [round(o, 3) for _, o in passes],
+            "median_ms": round(1e3 * statistics.median(seconds) / n, 4), "best_ms": round(1e3 * min(seconds) / n, 4),
+            "clean_median_ms": round(1e3 * statistics.median(clean) / n, 4) if clean else None,
+            "clean_passes": len(clean)}
+
+
+# --------------------------------------------------------------------------- decisions, FLOPs, honesty
+
+
+def guard_over(guard, x, batch_size) -> GuardResult:
+    """The guard's result on all of ``x``, run in batches of ``batch_size`` and put back together."""
+    parts = [guard(xb) for xb in x.split(batch_size)]
+    return GuardResult(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("pred", "exit_layer", "scores")),
+                       list(guard.layers), np.concatenate([p.logits for p in parts]))
+
+
+def plain_logits(model, x, batch_size) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([model(xb).float() for xb in x.split(batch_size)]).numpy()
+
+
+def decisions(guard, x, batch_size, flops, latency_n=None) -> dict:
+    """Flagged, exits per layer and FLOPs saved on all of ``x``, with the honesty checks.
+
+    The batch-1 checks run on the images the batch-1 timing runs (the first
+    ``latency_n``, or all of them).
+
+    Raises
+    ------
+    AssertionError
+        When an input the guard let through gets another class than the plain model's argmax.
+    """
+    res = guard_over(guard, x, batch_size)
+    res1 = guard_over(guard, x[:latency_n], 1)
+    logits = plain_logits(guard.model, x, batch_size)
+    plain_pred = logits.argmax(axis=1)
+    passed = ~res.ood
+    for r, bs in ((res, batch_size), (res1, 1)):
+        bad = np.flatnonzero(~r.ood & (r.pred != plain_pred[:len(r.pred)]))
+        assert not len(bad), f"guard pred != plain argmax at batch {bs} for inputs {bad[:10].tolist()}"
+    spent = np.where(res.ood, flops[np.maximum(res.exit_layer, 0)], flops[-1])
+    exits = {layer: round(float(np.mean(res.exit_layer == k)), 6) for k, layer in enumerate(guard.layers)}
+    exits["none"] = round(float(np.mean(~res.ood)), 6)
+    diff = np.abs(res.logits[passed] - logits[passed])
+    return {"n": len(x), "flagged": round(float(res.ood.mean()), 6), "exits": exits,
+            "flops_saved": round(float(1.0 - spent.mean() / flops[-1]), 6),
+            "mean_flops_spent": round(float(spent.mean()), 1),
+            "honesty": {"passed": int(passed.sum()), "pred_equals_plain_argmax": True,
+                        "max_abs_logit_diff": round(float(diff.max()), 8) if diff.size else 0.0},
+            "batch1_decisions_differ": int((res1.exit_layer != res.exit_layer[:len(res1.exit_layer)]).sum()),
+            "exit_layer": res.exit_layer}
+
+
+def cached_agreement(guard, store_path, thresholds_content, splits, live) -> dict:
+    """Inputs whose live exit layer differs from the cascade run on the cached features, per split.
+
+    Skipped (``{"skipped": reason}``) when the store is missing or holds features of another checkpoint.
+    """
+    if store_path is None or not Path(store_path).exists():
+        return {"skipped": f"no store at {store_path}"}
+    store = open_store(store_path)
+    if store.provenance.get("checkpoint_sha256") != thresholds_content.get("checkpoint_sha256"):
+        return {"skipped": f"store {store_path} holds features of another checkpoint"}
+    detectors = dict(zip(guard.layers, guard.detectors))
+    out = {}
+    for name in splits:
+        if name not in store.splits:
+            out[name] = None
+            continue
+        cached = exit_layers(layer_scores(store, name, detectors), guard.thresholds)
+        out[name] = int((cached != live[name]).sum())
+    return {"store": str(store_path), "differ": out}
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_benchmark(args) -> dict:
+    """Decisions, FLOPs and timings of every test split, with the configuration and machine they ran on.
+
+    ``--blas-threads`` caps the BLAS thread pools (numpy's and scipy's OpenBLAS,
+    which the detectors use) for the whole run; the pools in effect are recorded.
+    """
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+        return _run(args)
+
+
+def _run(args) -> dict:
+    machine = machine_info()
+    machine["threadpools"] = [{k: pool.get(k) for k in ("user_api", "internal_api", "prefix", "num_threads")}
+                              for pool in threadpool_info()]
+    content = load_thresholds(args.guard)
+    log.info("loading the guard: %s, %s, %s", args.model, args.detectors, args.guard)
+    guard = load_guard(args.model, args.detectors, args.guard, device="cpu")
+    reference = no_exit_guard(guard)
+    flops = guard.block_flops()
+    splits = test_splits(args.data)
+    if args.quick:
+        splits = dict(list(splits.items())[:2]) | dict(list(splits.items())[-1:])
+    log.info("test splits: %s", ", ".join(f"{k} ({len(s['x'])})" for k, s in splits.items()))
+    per_split = {}
+    for name, s in splits.items():
+        d = decisions(guard, s["x"], args.batch_size, flops, args.latency_n)
+        per_split[name] = {"role": s["role"], "set": s["set"], **d}
+        log.info("%s: flagged %.3f, FLOPs saved %.3f", name, d["flagged"], d["flops_saved"])
+    live = {name: p.pop("exit_layer") for name, p in per_split.items()}
+    agreement = cached_agreement(guard, args.features, content, splits, live)
+    timing = measure_times(guard, reference, executor_only(guard), splits, args.batch_size, args.latency_n,
+                           args.repeats, args.min_seconds)
+    for name, entry in per_split.items():
+        entry["timing"] = timing[name]
+    machine["loadavg_end"] = os.getloadavg()
+    config = {"paths": {k: _rel(getattr(args, k)) for k in ("model", "detectors", "guard", "data", "features")},
+              "batch_size": args.batch_size, "latency_n": args.latency_n, "repeats": args.repeats,
+              "min_seconds": args.min_seconds, "threads": args.threads, "blas_threads": args.blas_threads,
+              "quick": args.quick, "device": "cpu", "detector": content["detector"], "layers": list(guard.layers),
+              "thresholds": dict(zip(guard.layers, guard.thresholds.tolist())),
+              "target_tpr": content["target_tpr"], "val_tpr": content["val_tpr"],
+              "input_shape": list(guard.input_shape)}
+    flops_per_input = {"full": float(flops[-1]), **dict(zip(guard.layers, flops[:-1].tolist()))}
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "config": config,
+            "flops_per_input": flops_per_input, "splits": per_split, "cached_agreement": agreement,
+            "ood_mean": _ood_mean(per_split)}
+
+
+def _ood_mean(per_split) -> dict:
+    """Means over the OOD test sets of flagged, FLOPs saved and the speed-ups."""
+    ood = [p for p in per_split.values() if p["role"] != "id"]
+    if not ood:
+        return {}
+    out = {k: round(float(np.mean([p[k] for p in ood])), 6) for k in ("flagged", "flops_saved")}
+    for bs in ood[0]["timing"]:
+        out[f"speedup_batch_{bs}"] = round(float(np.mean([p["timing"][bs]["speedup"] for p in ood])), 3)
+    return out
+
+
+def _rel(path):
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_report(res, console):
+    """One rich table: per split, decisions, FLOPs saved and ms per image of each path at both batch sizes."""
+    m, c = res["machine"], res["config"]
+    blas = sorted({p["num_threads"] for p in m["threadpools"] if p["user_api"] == "blas"})
+    console.print(f"[bold]guard benchmark[/] {res['date']}  cpus={m['cpu_count']} torch threads={m['torch_threads']}"
+                  f"  BLAS threads={'/'.join(map(str, blas))}  torch {m['torch']}  load avg {m['loadavg_start'][0]:.2f}"
+                  f" -> {m['loadavg_end'][0]:.2f}")
+    big = str(c["batch_size"])
+    table = Table(title=f"Guard ({c['detector']} on {', '.join(c['layers'])}) vs plain model: ms per image, "
+                        f"median of {c['repeats']} interleaved rounds")
+    cols = ("split", "role", "n", "flagged", "exits", "FLOPs saved",
+            f"plain@{big}", f"guard@{big}", "x", "plain@1", "guard@1", "x", "no-exit@1", "executor@1",
+            "other CPU")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, p in res["splits"].items():
+        t_big, t_one = p["timing"][big], p["timing"]["1"]
+        other = max(max(t[path]["other_cpu_share"]) for t in (t_big, t_one) for path in PATHS)
+        table.add_row(name, p["role"], str(p["n"]), f"{p['flagged']:.1%}",
+                      "/".join(f"{v:.0%}" for v in p["exits"].values()), f"{p['flops_saved']:.1%}",
+                      f"{t_big['plain']['median_ms']:.3f}", f"{t_big['guard']['median_ms']:.3f}",
+                      f"{t_big['speedup']:.2f}", f"{t_one['plain']['median_ms']:.3f}",
+                      f"{t_one['guard']['median_ms']:.3f}", f"{t_one['speedup']:.2f}",
+                      f"{t_one['guard_no_exit']['median_ms']:.3f}", f"{t_one['executor']['median_ms']:.3f}",
+                      f"{other:.0%}")
+    agree = res["cached_agreement"]
+    agree_text = (agree["skipped"] if "skipped" in agree else
+                  "live exits vs cached-feature cascade, inputs that differ: "
+                  + ", ".join(f"{k} {v}" for k, v in agree["differ"].items()))
+    fl = res["flops_per_input"]
+    images = f"the first {c['latency_n']}" if c["latency_n"] else "all"
+    lines = [f"exits: share of inputs stopped at {', '.join(c['layers'])}, and passed. x = speed-up (plain / guard). "
+             f"Batch 1 over {images} images of a split.",
+             "no-exit = the guard with every threshold at +inf (executor + detectors, nothing stops); "
+             "executor = the same with free detectors (node-by-node run + pooling only).",
+             "FLOPs per input: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fl.items())
+             + f". Honesty: every passed input's guard pred == plain argmax (batch {big} and 1): ok.",
+             agree_text]
+    table.caption = "\n".join(lines)
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None):
+    """CLI flags; ``--quick``: 3 splits, 16 images at batch 1, one round, no loops; JSON only with ``--out``."""
+    paths = dvc_paths()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=paths["model"], help="checkpoint (default: dvc.yaml's)")
+    parser.add_argument("--detectors", type=Path, default=paths["detectors"],
+                        help="fitted detectors (default: dvc.yaml's)")
+    parser.add_argument("--guard", type=Path, default=paths["guard"], help="thresholds file (default: dvc.yaml's)")
+    parser.add_argument("--data", type=Path, default=paths["data"], help="benchmark data (default: dvc.yaml's)")
+    parser.add_argument("--features", type=Path, default=paths["features"],
+                        help="feature store for the cross-check, skipped if absent (default: dvc.yaml's)")
+    parser.add_argument("--batch-size", type=int, default=256, help="the large batch (default 256)")
+    parser.add_argument("--latency-n", type=int, default=None,
+                        help="images per split timed at batch 1 (default: all of them)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5)")
+    parser.add_argument("--min-seconds", type=float, default=0.5,
+                        help="run a split's batches in a loop for about this long per timed pass (default 0.5)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch.set_num_threads (default {torch.get_num_threads()}, torch's default here)")
+    parser.add_argument("--blas-threads", type=int, default=None,
+                        help="cap the BLAS thread pools the detectors use (default: leave them as they are)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 splits, 16 images at batch 1, one round, no JSON unless --out")
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.latency_n, args.min_seconds = 1, args.latency_n or QUICK_LATENCY_N, 0.0
+    if args.out is None and not args.quick:
+        args.out = DEFAULT_OUT
+    return args
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    missing = [str(getattr(args, k)) for k in ("model", "detectors", "guard", "data") if not getattr(args, k).exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run `dvc repro` first (or pass --model/--detectors/--guard/--data)")
+    try:
+        result = run_benchmark(args)
+    except LayerscopeError as err:  # e.g. thresholds of another checkpoint: the pipeline's one-line message and hint
+        sys.exit(str(err))
+    print_report(result, Console(width=180))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
