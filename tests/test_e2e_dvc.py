@@ -209,16 +209,13 @@ def test_guard_is_calibrated_from_the_store_and_reports_its_achieved_tpr(repo, f
     assert json.loads((repo / "reports/guard.json").read_text())["target_tpr"] == 0.9
 
 
-def test_fit_param_reruns_fit_and_detect_not_extract(repo, first_run):
+def test_fit_params_rerun_fit_and_what_follows_not_extract(repo, first_run):
+    """A detector's param and the heatmap decoder's both live in fit: retrained from the store, never re-extracted."""
     edit_params(repo, "fit", "detectors", {**FAST["fit"]["detectors"], "knn": {"n_neighbors": 3}})
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect", "calibrate", "guard"}
-
-
-def test_heatmap_param_retrains_the_decoder_from_the_store_not_extract(repo, first_run):
     edit_params(repo, "fit", "heatmap", {**FAST["fit"]["heatmap"], "fw_layers": 1})
     assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect", "calibrate", "guard"}
     decoder = json.loads((repo / "cache/detectors/methods/heatmap/heatmap.json").read_text())
-    assert decoder["skip_layers"] == ["layer3"]
+    assert decoder["skip_layers"] == ["layer3"] and decoder["params"]["fw_layers"] == 1
 
 
 def test_killed_extract_resumes_under_dvc_repro(repo, first_run):
