@@ -83,14 +83,15 @@ def _random_detectors(model, layers, input_shape, rng):
             for layer in layers}
 
 
-@pytest.mark.parametrize("arch, size", [("resnet18_cifar", 16), ("vgg16_bn_cifar", 32), ("densenet100_cifar", 16),
-                                        ("wrn40_2_cifar", 16), ("resnet50_imagenet", 64)])
-def test_every_cnn_backbone_splits_and_agrees_with_the_full_network(arch, size, rng):
+@pytest.mark.parametrize("arch, size, n", [("resnet18_cifar", 16, 8), ("vgg16_bn_cifar", 32, 8),
+                                           ("densenet100_cifar", 16, 8), ("wrn40_2_cifar", 16, 8),
+                                           ("resnet50_imagenet", 64, 8), ("vit_b16_imagenet", 224, 4)])
+def test_every_backbone_splits_and_agrees_with_the_full_network(arch, size, n, rng):
     torch.manual_seed(0)
     model = BACKBONES[arch](10).eval()
     layers = DEFAULT_LAYERS[arch]
     detectors = _random_detectors(model, layers, (3, size, size), rng)
-    x = torch.from_numpy(rng.random((8, 3, size, size), dtype=np.float32))
+    x = torch.from_numpy(rng.random((n, 3, size, size), dtype=np.float32))
     probe = Guard(model, detectors, {layer: np.inf for layer in layers}, (3, size, size))(x)
     thresholds = dict(zip(probe.layers, np.median(probe.scores, axis=0)))  # mixed exits
     result = Guard(model, detectors, thresholds, (3, size, size))(x)

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.models import file_sha256, init_model, model_spec
 from pipeline.presets import list_presets, parse_override, render_params
 from pipeline.store import open_store
-from stages import extract, generate, train
+from stages import calibrate, detect, extract, fit, generate, guard, train
 from tests import fakedata
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -108,6 +108,30 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
     assert store.to_numpy("id_test", store.layers[-1]).shape[0] == manifest["splits"]["id_test"]["n_samples"]
     for split in store.splits:
         assert np.isfinite(store.to_numpy(split, store.layers[0])).all()
+
+
+def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(tmp_path, rng, no_md5):
+    """cifar10-wrn40-2 past extract: the decoder on block3/block2 maps with TinyImages outliers, then the guard."""
+    name = "cifar10-wrn40-2"
+    params = _params(tmp_path, name)
+    fakedata.write_sources(load_section("generate", params), rng, n=10)
+    generate.run(params, tmp_path / "data")
+    n_classes = len(yaml.safe_load((tmp_path / "data/manifest.json").read_text())["splits"]["id_train"]["classes"])
+    user = _user_checkpoint(tmp_path, params, n_classes)
+    params = _params(tmp_path, name, [f"train.checkpoint={user}", "train.weights=null", "fit.detectors={mahalanobis: {}}",
+                                      "fit.heatmap.epochs=1", "fit.heatmap.n_aux=8",
+                                      "detect.methods={msp: {}, heatmap: {}}"])
+    train.run(params, tmp_path / "data", tmp_path / "model.pt", tmp_path / "train.json")
+    store, det = tmp_path / "features.zarr", tmp_path / "detectors"
+    extract.run(params, tmp_path / "data", tmp_path / "model.pt", store)
+    fit.run(params, store, det)
+    decoder = yaml.safe_load((det / "methods/heatmap/heatmap.json").read_text())
+    assert decoder["skip_layers"] == ["block3", "block2"] and decoder["n_outliers"] == 8
+    detect.run(params, store, det, tmp_path / "m.json", tmp_path / "t.csv", tmp_path / "figs", tmp_path / "a.json")
+    assert "far" in yaml.safe_load((tmp_path / "m.json").read_text())["methods"]["heatmap"]["score"]
+    calibrate.run(params, store, det, tmp_path / "guard.json")
+    report = guard.run(store, det, tmp_path / "guard.json", tmp_path / "model.pt", tmp_path / "guard_report.json")
+    assert report["layers"] == ["block1", "block2", "block3"] and 0 < report["flops_per_input"]["block1"]
 
 
 def test_preset_trains_from_scratch_with_augmentation(tmp_path, rng, no_md5):
