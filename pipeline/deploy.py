@@ -173,17 +173,25 @@ def _decisions(scores, cal, flops, layers) -> dict:
 
 
 def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
-    """A :class:`~pipeline.guard.Guard` from the pipeline's files, refusing thresholds of another checkpoint."""
-    from pipeline.guard import Guard
-    from pipeline.models import file_sha256, load_checkpoint
+    """A :class:`~pipeline.guard.Guard` from the pipeline's files (see :func:`build_guard`)."""
     from pipeline.scoring import load_detectors
 
-    content = load_thresholds(thresholds_path)
+    return build_guard(model_path, load_detectors(detectors_dir), load_thresholds(thresholds_path), device)
+
+
+def build_guard(model_path, fitted, content: dict, device="cpu"):
+    """A :class:`~pipeline.guard.Guard` of the checkpoint, the fitted detectors and a thresholds file's content.
+
+    Refuses thresholds calibrated for another checkpoint.
+    """
+    from pipeline.guard import Guard
+    from pipeline.models import file_sha256, load_checkpoint
+
     if file_sha256(model_path) != content.get("checkpoint_sha256"):
-        raise ModelError(f"The guard thresholds '{thresholds_path}' were calibrated for another checkpoint than "
-                         f"'{model_path}'. Hint: rerun `layerscope calibrate` (or `dvc repro`).")
+        raise ModelError(f"The guard thresholds were calibrated for another checkpoint than '{model_path}'. "
+                         "Hint: rerun `layerscope calibrate` (or `dvc repro`).")
     model, _ = load_checkpoint(model_path, device)
-    detectors = guard_detectors(load_detectors(detectors_dir), content["detector"], content["layers"])
+    detectors = guard_detectors(fitted, content["detector"], content["layers"])
     return Guard(model, detectors, content["thresholds"], content["input_shape"], device=device)
 
 

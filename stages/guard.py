@@ -6,7 +6,7 @@ each block's FLOPs (one probe input), never to run the data.
 
 import logging
 
-from pipeline.deploy import evaluate_guard, load_guard, load_thresholds
+from pipeline.deploy import build_guard, evaluate_guard, load_thresholds
 from pipeline.report import write_json
 from pipeline.scoring import load_detectors
 from pipeline.store import open_store
@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def run(features, detectors, thresholds, model, out, recall=0.95):
-    guard = load_guard(model, detectors, thresholds, device="cpu")  # FLOPs do not depend on the device
-    result = evaluate_guard(open_store(features), load_detectors(detectors), load_thresholds(thresholds),
-                            guard.block_flops(), recall=recall)
+    fitted, content = load_detectors(detectors), load_thresholds(thresholds)
+    guard = build_guard(model, fitted, content, device="cpu")  # FLOPs do not depend on the device
+    result = evaluate_guard(open_store(features), fitted, content, guard.block_flops(), recall=recall)
     write_json(result, out)
     log.info("guard: ID-test TPR %.4f (target %.2f)", result["id_test_tpr"], result["target_tpr"])
     return result
