@@ -176,7 +176,8 @@ def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
     """A :class:`~pipeline.guard.Guard` from the pipeline's files (see :func:`build_guard`)."""
     from pipeline.scoring import load_detectors
 
-    return build_guard(model_path, load_detectors(detectors_dir), load_thresholds(thresholds_path), device)
+    content = load_thresholds(thresholds_path)  # first: the thresholds name the detector and layers to load
+    return build_guard(model_path, load_detectors(detectors_dir), content, device)
 
 
 def build_guard(model_path, fitted, content: dict, device="cpu"):
