@@ -52,3 +52,11 @@ def invalid_param(name, owner, expected, got, hint=None):
 
 class ModelError(LayerscopeError):
     """A model cannot be used as asked (e.g. split into blocks at the guarded layers)."""
+
+
+class IntegrityError(LayerscopeError):
+    """An artifact on disk is incomplete or damaged: a file missing, truncated or altered since it was written."""
+
+
+class OutputError(LayerscopeError):
+    """An output path cannot be written as asked: it would destroy something, or it is not writable."""

@@ -10,7 +10,6 @@ guard) sees the same preprocessing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from pipeline.artifacts import file_sha256  # noqa: F401  (re-exported: checkpoints are hashed by it)
 from pipeline.errors import ConfigError, DataError, invalid_param
 
 log = logging.getLogger(__name__)
@@ -328,12 +328,3 @@ def load_checkpoint(path, device="cpu"):
     model = build_model(ckpt["spec"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt["spec"]
-
-
-def file_sha256(path, block_size=1 << 20) -> str:
-    """sha256 hex digest of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(block_size), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -285,6 +285,11 @@ class FeatureStore:
         return dict(self._meta["provenance"])
 
     @property
+    def key(self) -> str:
+        """Fingerprint of everything that determined the content (see :class:`StoreWriter`): its identity."""
+        return str(self._meta["key"])
+
+    @property
     def grad_layers(self) -> list[str]:
         """Layers whose NAC-UE gradients were stored."""
         return list(self._meta["provenance"].get("grad_layers", []))
