@@ -148,7 +148,7 @@ def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
     """Search hyperparameters on the cached store: select on val, report winners on test."""
     from stages import search as stage
 
-    rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid)
+    rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid, logs=_path(None, "logs"))
     table = Table("method", "column", "params", f"val {cfg.metric}", "val near", "val far", "test near",
                   "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} (selected on val)")
     for row in rows[:cfg.top]:

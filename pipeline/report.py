@@ -8,12 +8,14 @@ are standardised on ID-val only. Metric definitions live in :mod:`pipeline.metri
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import atomic_write
 from pipeline.aggregate import AGGREGATIONS, aggregate, argmax_layer_counts
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.plots import plot_layer_auroc
@@ -97,20 +99,17 @@ def table_rows(results: dict, layers) -> list[dict]:
 
 
 def write_json(obj, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    return path
+    """Write ``obj`` as indented JSON, atomically (a reader never sees half a file)."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_csv(rows: list[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Write ``rows`` (dicts with the same keys) as CSV, atomically."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, buffer.getvalue())
 
 
 def summary_rows(results: dict, *, all_columns=False) -> list[dict]:

@@ -1,7 +1,9 @@
 """Stage ``search``: a hyperparameter grid over the cached store, never the network.
 
 Writes the leaderboard (CSV and JSON) and the winners' params in a form that
-pastes back into ``params.yaml``.
+pastes back into ``params.yaml``. Seconds per configuration are a measurement,
+not a result: they go to an untracked log (``paths.logs``), so the leaderboard
+DVC tracks is the same bytes on every run of the same inputs.
 """
 
 import logging
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.artifacts import atomic_write
 from pipeline.compute import open_runner
 from pipeline.config import SearchConfig, build_config, load_section, read_params
 from pipeline.report import ood_sets, write_csv, write_json
@@ -18,7 +21,7 @@ from pipeline.store import open_store
 log = logging.getLogger(__name__)
 
 
-def run(params, features, out, grid=None):
+def run(params, features, out, grid=None, logs=None):
     cfg = load_section("search", params) if grid is None else _grid_config(grid)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)
@@ -28,9 +31,13 @@ def run(params, features, out, grid=None):
                             runner=runner if runner.distributed else None)
     rows = leaderboard(result)
     out = Path(out)
-    write_csv(rows, out / "leaderboard.csv")
-    write_json({"metric": result.metric, "rows": rows}, out / "leaderboard.json")
-    (out / "best_params.yaml").write_text(yaml.safe_dump(result.best_params(), sort_keys=False))
+    tracked = [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    write_csv(tracked, out / "leaderboard.csv")
+    write_json({"metric": result.metric, "rows": tracked}, out / "leaderboard.json")
+    atomic_write(out / "best_params.yaml", yaml.safe_dump(result.best_params(), sort_keys=False))
+    if logs is not None:
+        write_csv([{k: row[k] for k in ("method", "column", "params", "seconds")} for row in rows],
+                  Path(logs) / "search_seconds.csv")
     log.info("search: %d configurations; winners in %s", len(rows), out / "best_params.yaml")
     return rows, cfg
 
