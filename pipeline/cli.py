@@ -2,16 +2,30 @@
 
 Each pipeline stage is a command here, and ``dvc.yaml`` calls exactly these
 commands. Paths default to the ``paths`` in ``dvc.yaml``'s ``vars``, so they
-are written in one place. Mistakes in input (bad params, missing or incomplete
-files) are reported in one line without a traceback, exit code 2.
+are written in one place.
+
+One error boundary (:func:`user_errors`) wraps every command:
+
+* a :class:`~pipeline.errors.LayerscopeError` (raised where the cause is known:
+  a bad param, a missing, damaged or mismatched file) prints one ``error:`` line,
+  exit code 2;
+* the machine refusing a write (disk full, read-only file system) prints one
+  line naming the file, exit code 2;
+* anything else is a bug: one line saying so, the traceback saved to a file,
+  exit code 1.
+
+``--debug`` (or ``LAYERSCOPE_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -29,24 +43,63 @@ FeaturesOpt = typer.Option(None, help="Feature store: a path or an fsspec URL [p
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")):
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+         debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also LAYERSCOPE_DEBUG=1).")):
     """OOD detection from a classifier's intermediate layers (a DVC pipeline)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+DEBUG_ENV = "LAYERSCOPE_DEBUG"
+# errors of the machine, not of layerscope: a full disk, a quota, a read-only file system, no permission
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def user_errors(func):
-    """Report :class:`LayerscopeError` in one line (exit 2) instead of a traceback."""
+    """The error boundary: one ``error:`` line for what the user can fix, a bug report for the rest."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except LayerscopeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _fail(exc, str(exc), 2)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                _bug(exc)
+            where = f" '{exc.filename}'" if exc.filename else ""
+            _fail(exc, f"Cannot write{where}: {exc.strerror}. Hint: free some space, or fix the permissions, or "
+                       "choose another output path.", 2)
+        except KeyboardInterrupt:
+            _fail(None, "Interrupted. Nothing half-written was published; rerun the same command to resume.", 130)
+        except Exception as exc:  # not a user mistake: a bug, reported as one (with its traceback kept)
+            _bug(exc)
 
     return wrapper
+
+
+def _fail(exc, message: str, code: int):
+    if exc is not None and os.environ.get(DEBUG_ENV) == "1":
+        raise exc
+    err_console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _bug(exc: BaseException):
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise exc
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="layerscope-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(traceback.format_exception(exc)))
+    _fail(None, f"This is a bug in layerscope, please report it: {type(exc).__name__}: {exc}. "
+                f"Hint: attach the traceback saved in {path} (or rerun with --debug to see it).", 1)
 
 
 def _path(value, key):

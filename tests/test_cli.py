@@ -145,3 +145,56 @@ def test_layers_lists_a_preset_backbone(preset, expected):
     assert result.exit_code == 0, result.output
     for text in expected:
         assert text in result.output
+
+
+# ---------------------------------------------------------------- the error boundary
+
+def _boundary_app(exc_factory):
+    """A one-command app behind the same boundary as every layerscope command."""
+    import typer
+
+    from pipeline.cli import user_errors
+
+    probe = typer.Typer()
+
+    @probe.command()
+    @user_errors
+    def go():
+        exc_factory()
+
+    @probe.command()
+    def other():  # a second command keeps typer from folding `go` into the app itself
+        pass
+
+    return probe
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug_with_its_traceback_saved(monkeypatch):
+    monkeypatch.delenv("LAYERSCOPE_DEBUG", raising=False)
+    result = runner.invoke(_boundary_app(lambda: {}["missing"]), ["go"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: This is a bug in layerscope, please report it: KeyError: 'missing'.")
+    saved = Path(line.split("saved in ")[1].split(" (or rerun")[0])
+    assert "Traceback" in saved.read_text() and "KeyError: 'missing'" in saved.read_text()
+    saved.unlink()
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_DEBUG", "1")
+    result = runner.invoke(_boundary_app(lambda: {}["missing"]), ["go"])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+def test_a_full_disk_is_one_line(monkeypatch):
+    monkeypatch.delenv("LAYERSCOPE_DEBUG", raising=False)
+
+    def write_to_full_disk():
+        with open("/dev/full", "w") as fh:  # the kernel's always-full device: a real ENOSPC
+            fh.write("x" * 10)
+            fh.flush()
+
+    result = runner.invoke(_boundary_app(write_to_full_disk), ["go"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == ("error: Cannot write: No space left on device. Hint: free some space, "
+                                     "or fix the permissions, or choose another output path.")
