@@ -169,7 +169,7 @@ class StoreWriter:
         self.compressor = zarr.codecs.ZstdCodec(level=compression_level, checksum=True)
         self.staging = _control_dir(self.path)
         # a URL store is written in place (object stores cannot rename a tree): its
-        # "complete" flag is the commit point, and readers refuse it until then
+        # manifest, written last, is the commit point, and readers refuse it until then
         self.staged_store = self.path if is_url(self.path) else self.staging / "store.zarr"
         self._held = None
         self._published = False
@@ -290,7 +290,7 @@ class StoreWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the v3 spec yet
             zarr.consolidate_metadata(root.store)
-        if is_url(self.path):  # written in place; the flag above published it, the manifest seals it
+        if is_url(self.path):  # written in place: the manifest, written last, publishes it
             _url_seal(self.path)
             (self.staging / "progress.json").unlink(missing_ok=True)
             self._published = True
