@@ -21,6 +21,10 @@ the data ``data/benchmark`` and the checkpoint ``cache/model.pt``; settings from
    (what a tool holding features in memory pays), plus the same scoring.
 3. Ratio (2) / (1); the goal is >= 100.
 4. Wall time of the ``search.methods.nac_ue`` grid alone, n_jobs=-1 and n_jobs=1.
+5. Read cost of the store's integrity checks on the default store: open, and
+   open + read every array, through ``open_store`` (manifest check, Zstd
+   checksums) against the format-1 path (zarr alone, a copy without checksums);
+   see ``bench_extract.measure_read_cost``. ``--read-cost`` runs only this.
 
 Measurements run in interleaved rounds (1, 2, reference, 4 per round) so that drift hits all
 of them alike; the median over rounds is the figure. The very first search runs
@@ -48,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extract import _machine_busy_seconds, machine_info  # noqa: E402
+from bench_extract import _machine_busy_seconds, _read_cost_table, machine_info, measure_read_cost  # noqa: E402
 
 from pipeline.config import load_section  # noqa: E402
 from pipeline.datasets import SplitDataset, load_split, read_manifest  # noqa: E402
@@ -268,7 +272,8 @@ def run_benchmark(args) -> dict:
     n_samples = sum(len(d) for d, _ in inputs["datasets"].values())
     with tempfile.TemporaryDirectory() as workdir:
         runs = run_rounds(store, cfg, inputs, nac_params, args.repeats, workdir)
-    result = build_result(runs, cfg, nac_params, splits, n_samples)
+        read_cost = measure_read_cost(paths["features"], workdir, args.repeats)
+    result = {**build_result(runs, cfg, nac_params, splits, n_samples), "read_cost": read_cost}
     machine["loadavg_end"] = os.getloadavg()
     config = {"repeats": args.repeats, "store": str(paths["features"].relative_to(REPO)), "n_jobs": cfg.n_jobs,
               "metric": cfg.metric, "aggregations": list(cfg.aggregations), "methods": cfg.methods,
@@ -291,6 +296,7 @@ def print_report(res, console):
                   f"{m['loadavg_end'][0]:.2f}")
     console.print(_cost_table(res))
     console.print(_method_table(res["cached"]))
+    console.print(_read_cost_table(res["read_cost"], f"the default store ({res['config']['store']})"))
 
 
 def _cost_table(res):
@@ -338,10 +344,11 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke run: one round, no JSON unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--read-cost", action="store_true", help="only the read cost of the integrity checks, printed")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
-    if args.out is None and not args.quick:
+    if args.out is None and not (args.quick or args.read_cost):
         args.out = DEFAULT_OUT
     return args
 
@@ -351,6 +358,12 @@ def main(argv=None):
     missing = [str(p) for k, p in dvc_paths().items() if k in ("data", "model", "features") and not p.exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro extract` first")
+    if args.read_cost:
+        with tempfile.TemporaryDirectory() as workdir:
+            result = measure_read_cost(dvc_paths()["features"], workdir, args.repeats)
+        Console(width=140).print(_read_cost_table(result, "the default store"))
+        print(json.dumps(result))
+        return
     result = run_benchmark(args)
     print_report(result, Console(width=140))
     if args.out is not None:

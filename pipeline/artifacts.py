@@ -21,6 +21,10 @@ place:
   and a digest of the manifest itself. :func:`check_sealed` compares the
   files with it: names and sizes always (a ``stat`` per file), contents too
   when ``deep`` (:command:`layerscope verify`).
+* **Failpoints**, for fault-injection tests only: with the environment variable
+  ``LAYERSCOPE_FAILPOINT=<name>`` (or ``<name>@<n>``, the n-th time), the
+  process SIGKILLs itself at the :func:`failpoint` of that name, e.g.
+  ``publish:after-aside``. Unset, each point costs one dictionary lookup.
 
 The manifest lists relative paths only and no clock reading, so the same
 inputs give the same bytes (DVC's hashes stay put).
@@ -35,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +198,10 @@ def publish_dir(staged, path) -> Path:
         path.unlink()
     elif path.exists():
         os.replace(path, displaced)
+        failpoint("publish:after-aside")
     os.replace(staged, path)
     _fsync_dir(path.parent)
+    failpoint("publish:after-swap")
     _remove(displaced)
     return path
 
@@ -266,9 +273,32 @@ def seal(directory, kind: Kind, keep: Callable[[str], bool] | None = None) -> di
             (directory / rel).unlink()
             continue
         files[rel] = {"size": (directory / rel).stat().st_size, "sha256": file_sha256(directory / rel)}
+    manifest = manifest_for(kind, files)
+    failpoint("seal:before-manifest")
+    atomic_write(directory / SEAL, manifest_bytes(manifest))
+    return manifest
+
+
+def manifest_for(kind: Kind, files: dict) -> dict:
+    """The manifest of ``files`` (``relative path -> {"size", "sha256"}``), with its self-digest."""
     body = {"kind": kind.name, "format": SEAL_FORMAT, "files": files}
-    manifest = {**body, "digest": _digest(body)}
-    atomic_write(directory / SEAL, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return {**body, "digest": _digest(body)}
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """How a manifest is written: sorted keys, so the same files give the same bytes."""
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def parse_seal(data: bytes, where) -> dict:
+    """A manifest from its bytes, its digest checked; :class:`IntegrityError` naming ``where`` if damaged."""
+    try:
+        manifest = json.loads(data)
+        body = {k: manifest[k] for k in ("kind", "format", "files")}
+        if manifest.get("digest") != _digest(body) or not isinstance(body["files"], dict):
+            raise ValueError("its digest does not match its content")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"Manifest '{where}' is damaged ({_reason(exc)}).") from None
     return manifest
 
 
@@ -276,19 +306,19 @@ def read_seal(directory, *, missing_ok=False, damaged_ok=False) -> dict | None:
     """The manifest of ``directory``; None if absent and ``missing_ok``, or unreadable and ``damaged_ok``."""
     path = Path(directory) / SEAL
     try:
-        manifest = json.loads(path.read_bytes())
-        body = {k: manifest[k] for k in ("kind", "format", "files")}
-        if manifest.get("digest") != _digest(body) or not isinstance(body["files"], dict):
-            raise ValueError("its digest does not match its content")
+        return parse_seal(path.read_bytes(), path)
     except FileNotFoundError:
         if missing_ok:
             return None
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, IsADirectoryError) as exc:
+    except IsADirectoryError as exc:
         if damaged_ok:
             return None
         raise IntegrityError(f"Manifest '{path}' is damaged ({_reason(exc)}).") from None
-    return manifest
+    except IntegrityError:
+        if damaged_ok:
+            return None
+        raise
 
 
 def check_sealed(directory, kind: Kind, *, deep: bool = False) -> dict:
@@ -314,8 +344,9 @@ def check_sealed(directory, kind: Kind, *, deep: bool = False) -> dict:
         raise IntegrityError(f"The {kind.name} '{directory}' cannot be trusted: {exc} Hint: {kind.hint}") from None
     if manifest["kind"] != kind.name:
         raise IntegrityError(f"'{directory}' is a {manifest['kind']}, not a {kind.name}. Hint: {kind.hint}")
+    root = os.fspath(directory)
     for rel, entry in manifest["files"].items():
-        problem = _file_problem(directory / rel, entry, deep)
+        problem = _file_problem(os.path.join(root, rel), entry, deep)  # str paths: half the cost of pathlib
         if problem:
             raise IntegrityError(f"The {kind.name} '{directory}' is damaged: file '{rel}' {problem}. "
                                  f"Hint: {kind.hint}")
@@ -327,9 +358,9 @@ def check_sealed(directory, kind: Kind, *, deep: bool = False) -> dict:
     return manifest
 
 
-def _file_problem(path: Path, entry: dict, deep: bool) -> str | None:
+def _file_problem(path: str, entry: dict, deep: bool) -> str | None:
     try:
-        size = path.stat().st_size
+        size = os.stat(path).st_size
     except FileNotFoundError:
         return "is missing"
     if size != entry["size"]:
@@ -364,3 +395,29 @@ def _digest(body: dict) -> str:
 def _reason(exc) -> str:
     return str(exc) if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError) else (
         f"not valid JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------ fault injection (tests)
+
+FAILPOINT_ENV = "LAYERSCOPE_FAILPOINT"
+_failpoint_hits: dict = {}
+
+
+def failpoint(name: str):
+    """SIGKILL this process here if ``LAYERSCOPE_FAILPOINT`` names this point (fault-injection tests).
+
+    The value is ``<name>`` (the first time the point is reached) or
+    ``<name>@<n>`` (the n-th time). A SIGKILL, not an exception: no ``finally``
+    or ``__exit__`` runs, exactly as when the machine or the OOM killer stops
+    the process. Unset (always, outside tests), this is one dictionary lookup.
+    """
+    wanted = os.environ.get(FAILPOINT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if _failpoint_hits[name] == int(nth or 1):
+        log.warning("failpoint %s: killing process %d", wanted, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)

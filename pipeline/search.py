@@ -330,7 +330,7 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
     runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
     maps = reads_maps(methods)
-    job = SearchJob(str(store.path), str(store.provenance.get("created")), ood_val, tuple(aggregations), recall, maps)
+    job = SearchJob(str(store.path), store.key, ood_val, tuple(aggregations), recall, maps)
     # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
                                                                       unit="task", processes=True)}

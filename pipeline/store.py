@@ -2,7 +2,8 @@
 
 Layout (Zarr format 3, one group per split)::
 
-    features.zarr/                  root attrs["layerscope"] = {complete, provenance, splits, layers}
+    features.zarr/                  root attrs["layerscope"] = {format, complete, key, provenance, splits, layers}
+      layerscope.json               the manifest, written last: every other file's size and SHA-256
       id_train/                     group attrs: role, set, part, source, n_samples, fingerprint
         layer1        (n, C1)       dims ("sample", "feature_layer1")  pooled activations
         grad.layer1   (n, C1)       dims ("sample", "feature_layer1")  KL gradient summed over H,W (opt-in)
@@ -16,24 +17,54 @@ Layout (Zarr format 3, one group per split)::
 
 Every array is chunked along samples and **sharded**, so one array is a handful
 of files (DVC hashes every file of an output). Each array's second dimension has
-its own name, so ``xarray.open_zarr(path, group=split)`` opens a whole split.
+its own name, so ``xarray.open_zarr(path, group=split)`` opens a whole split
+(zarr and xarray ignore the manifest, which is not a zarr key).
 
 Writes happen in whole shards only: zarr-python 3 loses data when two writers
 touch parts of the same shard (zarr-python issue 3682), so the writer buffers a
 shard's rows before it writes them, and one shard has exactly one writer.
 
-A store is built in a *staging* directory beside the output
-(``<parent>/.staging/<name>``) and renamed into place only once complete. DVC
-deletes a stage's outputs before it runs the stage; the staging directory is not
-an output, so an interrupted extraction survives and the rerun resumes from its
+**Resumable.** A store is built in a *staging* directory beside the output
+(``<parent>/.staging/<name>/store.zarr``, with ``progress.json``). DVC deletes
+a stage's outputs before it runs the stage; the staging directory is not an
+output, so an interrupted extraction survives and the rerun resumes from its
 last complete shard, while the finished output stays an ordinary, cacheable DVC
 output (no ``persist``, so the run cache keeps working).
+
+**Trusted on read** (format 2). Chunks are Zstd frames with checksums and the
+shard index carries a crc32c, so a flipped byte fails the read. The store is
+sealed (:func:`pipeline.artifacts.seal`) before it is published with
+:func:`pipeline.artifacts.publish_dir` (old aside, new in, old deleted), and
+:func:`open_store` compares the files with the manifest (one ``stat`` each):
+a deleted, truncated or grown file, a half-deleted store or a missing manifest
+is refused at open, so a missing shard never reads back as zeros (which is what
+zarr does with a missing chunk; the check is at open, so a file deleted while a
+process holds the store open is not seen until the next open).
+:func:`verify_store` checks every byte. Every
+zarr, codec or JSON error while reading becomes one :class:`IntegrityError`
+naming the array and the store. Nothing in a store records a clock reading:
+the same inputs give the same bytes, resumed or not.
+
+**URL stores** (``s3://...``, ``file:///...``) cannot be renamed into place:
+they are written in place, and the manifest, written last through fsspec
+after the ``complete`` flag, is the commit point; it is checked on open the
+same way (names and sizes, from one listing). The limits: no lock across
+machines (the lock is local, under ``./.staging``); no atomic swap, so while a
+URL store is rewritten readers see it incomplete (and refuse it) rather than
+the old one; and no pruning of temporary files (fsspec writes none).
+
+**Fault injection.** ``LAYERSCOPE_FAILPOINT`` (see
+:func:`pipeline.artifacts.failpoint`) also knows ``write:after-partial``: the
+process kills itself inside zarr's write of a chunk file, once the
+``*.partial`` file is written and before it is renamed; and
+``finalize:after-attrs``, once the staged store is marked complete and before
+its metadata is consolidated.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import fcntl
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -45,16 +76,48 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.errors import StoreError
+from pipeline import artifacts
+from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 
 log = logging.getLogger(__name__)
 
 ATTRS_KEY = "layerscope"
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: Zstd frame checksums, a manifest (layerscope.json), no clock in the provenance
 RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head", "image")
 GRAD_PREFIX = "grad."  # `grad.<layer>`: NAC-UE's pooled KL gradient of that layer
 MAP_PREFIX = "map."  # `map.<layer>`: the unpooled (C, H, W) output of that layer (seed 002's decoder)
 RESUME_HINT = "rerun `layerscope extract` (or `dvc repro extract`) to resume it"
+REEXTRACT_HINT = "re-extract it: `dvc repro extract` (or `layerscope extract`)."
+# what reading a damaged store raises, from zarr (BaseZarrError is a ValueError), its codecs
+# (numcodecs' Zstd: RuntimeError on a checksum mismatch), JSON and the file system
+_DAMAGE = (ValueError, TypeError, KeyError, RuntimeError, OSError, EOFError)
+
+
+def _is_layerscope_zarr(path: Path) -> bool:
+    """A zarr group whose root attributes hold ours: a store written before manifests existed."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_bytes())
+        return isinstance(meta.get("attributes"), dict) and ATTRS_KEY in meta["attributes"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+FEATURE_STORE = artifacts.Kind("feature store", hint=REEXTRACT_HINT, marker=_is_layerscope_zarr)
+
+
+def is_zarr_file(rel: str) -> bool:
+    """Whether a store's file (relative posix path) is zarr's: metadata, or a chunk/shard under ``c/``.
+
+    Anything else is a leftover of an interrupted write, e.g. zarr's
+    ``c/0/0.<uuid>.partial``, and is never published.
+    """
+    parts = rel.split("/")
+    if parts[-1] == "zarr.json":
+        return True
+    if "c" not in parts:
+        return False
+    after = parts[len(parts) - 1 - parts[::-1].index("c") + 1:]
+    return bool(after) and all(part.isdigit() for part in after)
 
 
 @dataclass(frozen=True)
@@ -102,34 +165,37 @@ class StoreWriter:
         self.path = location(path)
         self.key = key
         self.chunk_rows, self.shard_rows = chunk_rows, shard_rows
-        self.compressor = zarr.codecs.ZstdCodec(level=compression_level)
+        # a checksum per Zstd frame (chunk): a flipped byte fails the read
+        self.compressor = zarr.codecs.ZstdCodec(level=compression_level, checksum=True)
         self.staging = _control_dir(self.path)
         # a URL store is written in place (object stores cannot rename a tree): its
-        # "complete" flag is the commit point, and readers refuse it until then
+        # manifest, written last, is the commit point, and readers refuse it until then
         self.staged_store = self.path if is_url(self.path) else self.staging / "store.zarr"
-        self._lock_fh = None
+        self._held = None
         self._published = False
         self.progress = {}
 
     def __enter__(self):
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(self.staging / "lock", "w")
+        if not is_url(self.path):
+            artifacts.check_output(self.path, FEATURE_STORE)
+        self._held = contextlib.ExitStack()
+        # the lock file sits beside the staging directory (.staging/<name>.lock), never in it
+        self._held.enter_context(artifacts.artifact_lock(self.staging.parent.parent / self.staging.name,
+                                                         "feature store"))
         try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.close()
-            raise StoreError(
-                f"Feature store '{self.path}' is being written by another process (lock held on "
-                f"'{self.staging / 'lock'}'). Hint: wait for it to finish; two writers would corrupt shards."
-            ) from None
-        self._load_or_reset()
+            self.staging.mkdir(parents=True, exist_ok=True)
+            self._load_or_reset()
+        except BaseException:
+            self._held.close()
+            raise
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-        self._lock_fh.close()
-        if self._published:  # nothing left to resume: drop the staging directory
-            shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            if self._published:  # nothing left to resume: drop the staging directory, still locked
+                shutil.rmtree(self.staging, ignore_errors=True)
+        finally:
+            self._held.close()
 
     def _load_or_reset(self):
         progress_file = self.staging / "progress.json"
@@ -140,13 +206,15 @@ class StoreWriter:
             return
         if _exists(self.staged_store):
             log.warning("discarding a staged store built from other inputs: %s", self.staged_store)
+        if is_url(self.staged_store):  # first the manifest: a reader must not trust the old files meanwhile
+            _url_remove(self.staged_store, artifacts.SEAL)
         _open_group(self.staged_store, mode="w", zarr_format=3)  # mode "w" deletes what was there
         self.progress = {}
         self._save_progress()
 
     def _save_progress(self):
         state = {"key": self.key, "splits": {k: sorted(v) for k, v in self.progress.items()}}
-        _atomic_write_text(self.staging / "progress.json", json.dumps(state))
+        artifacts.atomic_write(self.staging / "progress.json", json.dumps(state))
 
     def n_shards(self, n_samples: int) -> int:
         return -(-n_samples // self.shard_rows)
@@ -207,24 +275,29 @@ class StoreWriter:
         self._save_progress()
 
     def finalize(self, provenance: dict, layers: list[str]):
-        """Mark the staged store complete, consolidate metadata and move it into place."""
+        """Mark the staged store complete, consolidate its metadata, seal it, then swap it into place.
+
+        ``provenance`` must hold no clock reading: a store's bytes are a pure
+        function of its inputs (DVC's hashes, and a resumed store equal to an
+        uninterrupted one, depend on it).
+        """
         root = _open_group(self.staged_store, mode="r+")
         root.attrs[ATTRS_KEY] = _jsonable({
             "format": STORE_FORMAT, "complete": True, "key": self.key, "layers": list(layers),
-            "splits": sorted(self.progress), "provenance": {**provenance, "created": _now()},
+            "splits": sorted(self.progress), "provenance": provenance,
         })
+        artifacts.failpoint("finalize:after-attrs")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not in the v3 spec yet
             zarr.consolidate_metadata(root.store)
-        if is_url(self.path):  # written in place; the flag above published it
+        if is_url(self.path):  # written in place: the manifest, written last, publishes it
+            _url_seal(self.path)
             (self.staging / "progress.json").unlink(missing_ok=True)
             self._published = True
             log.info("feature store complete: %s", self.path)
             return self.path
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.staged_store, self.path)
+        artifacts.seal(self.staged_store, FEATURE_STORE, keep=is_zarr_file)
+        artifacts.publish_dir(self.staged_store, self.path)
         (self.staging / "progress.json").unlink(missing_ok=True)
         self._published = True
         log.info("feature store complete: %s", self.path)
@@ -245,6 +318,7 @@ def write_shard_data(store_path, split: str, index: int, shard_rows: int, data: 
     data : dict
         ``array name -> (rows, ...)`` where ``rows`` is the shard's row count.
     """
+    _chunk_failpoint()
     group = _open_group(store_path, mode="r+", path=split)
     n_samples = group.attrs["n_samples"]
     start, stop = index * shard_rows, min((index + 1) * shard_rows, n_samples)
@@ -263,7 +337,9 @@ class FeatureStore:
 
     Use :func:`open_store`. Arrays come as zarr arrays (:meth:`array`), dask arrays
     chunked by shard (:meth:`to_dask`) or numpy arrays (:meth:`to_numpy`), and
-    :meth:`iter_blocks` reads one shard at a time so memory stays bounded.
+    :meth:`iter_blocks` reads one shard at a time so memory stays bounded. Every
+    read that meets damaged data raises :class:`~pipeline.errors.IntegrityError`
+    naming the array (``split/name``) and the store.
     """
 
     def __init__(self, path, root):
@@ -296,10 +372,12 @@ class FeatureStore:
 
     def head(self) -> dict | None:
         """``{"weight": (K, D), "bias": (K,)}`` of the final linear layer, if stored."""
-        if "head" not in self._root:
-            return None
-        group = self._root["head"]
-        return {key: _read(group[key], slice(None), f"head/{key}", self.path) for key in ("weight", "bias")}
+        with _reading("group 'head'", self.path):
+            if "head" not in self._root:
+                return None
+            group = self._root["head"]
+            arrays = {key: group[key] for key in ("weight", "bias")}
+        return {key: _read(arr, slice(None), f"head/{key}", self.path) for key, arr in arrays.items()}
 
     def has(self, split: str, name: str) -> bool:
         return name in self._group(split)
@@ -309,7 +387,8 @@ class FeatureStore:
 
     def array_names(self, split: str) -> list[str]:
         """Arrays of a split: its layers in network order, then the others sorted."""
-        present = set(self._group(split).array_keys())
+        with _reading(f"split '{split}'", self.path):
+            present = set(self._group(split).array_keys())
         layers = [name for name in self.layers if name in present]
         return layers + sorted(present - set(layers))
 
@@ -318,7 +397,8 @@ class FeatureStore:
         if name not in group:
             raise StoreError(f"Split '{split}' of store '{self.path}' has no array '{name}'. "
                              f"It has {sorted(group.array_keys())}.")
-        return group[name]
+        with _reading(f"array '{split}/{name}'", self.path):
+            return group[name]
 
     def to_numpy(self, split: str, name: str) -> np.ndarray:
         """The whole array in memory, shape (n_samples,) or (n_samples, n_features)."""
@@ -326,11 +406,19 @@ class FeatureStore:
         return _read(arr, slice(None), f"{split}/{name}", self.path)
 
     def to_dask(self, split: str, name: str):
-        """A dask array chunked by shard (dask would otherwise chunk by inner chunk)."""
+        """A dask array chunked by shard (dask would otherwise chunk by inner chunk).
+
+        Its tasks read through the same check as :meth:`to_numpy`: damaged data
+        raises :class:`~pipeline.errors.IntegrityError` at compute time.
+        """
         import dask.array as da
+        from dask.base import tokenize
 
         arr = self.array(split, name)
-        return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
+        checked = CheckedArray(arr, f"{split}/{name}", str(self.path))
+        token = tokenize(str(self.path), self.key, split, name)
+        return da.from_array(checked, chunks=arr.shards or arr.chunks, name=f"layerscope-{split}/{name}-{token}",
+                             meta=np.empty((0,) * arr.ndim, dtype=arr.dtype), asarray=False)
 
     def block_ranges(self, split: str) -> list[tuple[int, int]]:
         """``(start, stop)`` of every shard of ``split``: the unit of out-of-core work."""
@@ -346,11 +434,8 @@ class FeatureStore:
         """The rows ``index`` (sorted ints) of one array, read without loading the others."""
         arr = self.array(split, name)
         selection = (index,) + (slice(None),) * (arr.ndim - 1)
-        try:
+        with _reading(f"array '{split}/{name}'", self.path):
             return arr.get_orthogonal_selection(selection)
-        except Exception as exc:
-            raise StoreError(f"Array '{split}/{name}' of store '{self.path}' could not be read "
-                             f"({type(exc).__name__}: {exc}).") from exc
 
     def iter_blocks(self, split: str, name: str):
         """Yield ``(start, block)`` one shard at a time."""
@@ -359,50 +444,245 @@ class FeatureStore:
         for start in range(0, arr.shape[0], step):
             yield start, _read(arr, slice(start, start + step), f"{split}/{name}", self.path)
 
+    def all_arrays(self) -> list[tuple[str, zarr.Array]]:
+        """``(path, array)`` of every array of the store (``split/name``, ``head/weight``), sorted."""
+        with _reading("its arrays", self.path):
+            members = self._root.members(max_depth=None)
+            return sorted((path, node) for path, node in members if isinstance(node, zarr.Array))
+
     def _group(self, split: str):
         if split not in self._meta["splits"]:
             raise StoreError(f"Store '{self.path}' has no split '{split}'. It has {self.splits}.")
-        return self._root[split]
+        with _reading(f"split '{split}'", self.path):
+            return self._root[split]
+
+
+@dataclass(frozen=True)
+class CheckedArray:
+    """A zarr array whose reads raise :class:`IntegrityError` on damage: what :meth:`FeatureStore.to_dask` wraps.
+
+    Small and picklable (the zarr array pickles as its location), so dask
+    workers read through the same check.
+    """
+
+    array: zarr.Array
+    name: str
+    store: str
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def ndim(self):
+        return self.array.ndim
+
+    def __getitem__(self, selection):
+        return _read(self.array, selection, self.name, self.store)
 
 
 def open_store(path) -> FeatureStore:
-    """Open a complete feature store (a local path or an fsspec URL); refuse a missing or incomplete one."""
+    """Open a complete feature store (a local path or an fsspec URL).
+
+    Checks, in this order: the store exists and is marked complete; it has this
+    version's format; its files match its manifest (names and sizes, one
+    ``stat`` each). Array data is checked as it is read (Zstd checksums, the
+    shard index's crc32c); :func:`verify_store` checks everything.
+
+    Raises
+    ------
+    StoreError
+        Missing, incomplete (an interrupted extraction) or of another format.
+    IntegrityError
+        Damaged: metadata that zarr cannot read, a file missing, truncated or
+        grown, a manifest missing or damaged.
+    """
     path = location(path)
     if is_url(path):
         return _open_url_store(path)
-    staged = path.parent / ".staging" / path.name / "store.zarr"
     if not (path / "zarr.json").is_file():
+        if (path / artifacts.SEAL).is_file():
+            artifacts.check_sealed(path, FEATURE_STORE)  # half deleted: names a missing file
+        staged = _control_dir(path) / "store.zarr"
         if staged.is_dir():
             raise StoreError(f"Feature store '{path}' is incomplete: an interrupted extraction is staged at "
                              f"'{staged}'. Hint: {RESUME_HINT}.")
+        if path.exists():
+            raise StoreError(f"'{path}' is not a feature store (it has no zarr.json). Hint: run `layerscope "
+                             "extract` (or `dvc repro extract`), or name a store written by it.")
         raise StoreError(f"Feature store '{path}' does not exist. Hint: run `layerscope extract` "
                          "(or `dvc repro extract`).")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        root = zarr.open_group(path, mode="r", use_consolidated=None)
-    meta = root.attrs.get(ATTRS_KEY, {})
-    if not meta.get("complete"):
-        raise StoreError(f"Feature store '{path}' is incomplete (not marked complete). Hint: {RESUME_HINT}.")
+    root = _open_root(path)
+    artifacts.check_sealed(path, FEATURE_STORE)
     return FeatureStore(path, root)
 
 
 def _open_url_store(url: str) -> FeatureStore:
     if not _exists(url):
         raise StoreError(f"Feature store '{url}' does not exist. Hint: run `layerscope extract --out {url}`.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        root = _open_group(url, mode="r", use_consolidated=None)
-    if not root.attrs.get(ATTRS_KEY, {}).get("complete"):
-        raise StoreError(f"Feature store '{url}' is incomplete (not marked complete). Hint: {RESUME_HINT}.")
+    root = _open_root(url)
+    _url_check_sealed(url)
     return FeatureStore(url, root)
 
 
-def _read(arr, rows, name, path):
+def _open_root(path):
+    """The root group, refused if it is damaged, incomplete or of another format."""
+    with _reading("its root metadata (zarr.json)", path), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        root = _open_group(path, mode="r", use_consolidated=None)
+        meta = root.attrs.get(ATTRS_KEY, {})
+        if not isinstance(meta, dict):
+            raise TypeError(f"attribute '{ATTRS_KEY}' is a {type(meta).__name__}, not a mapping")
+    if not meta.get("complete"):
+        raise StoreError(f"Feature store '{path}' is incomplete (not marked complete). Hint: {RESUME_HINT}.")
+    found = meta.get("format")
+    if found != STORE_FORMAT:
+        newer = isinstance(found, int) and found > STORE_FORMAT
+        raise StoreError(f"Feature store '{path}' has format {found}; this layerscope reads format "
+                         f"{STORE_FORMAT} only (checksummed chunks, a manifest). Hint: "
+                         + ("upgrade layerscope, or re-extract the store with this one: `dvc repro extract` (or "
+                            "`layerscope extract`)." if newer else REEXTRACT_HINT))
+    return root
+
+
+def verify_store(path) -> dict:
+    """Check every byte of a store: what ``layerscope verify`` runs.
+
+    Beyond :func:`open_store`'s checks: every file's SHA-256 against the
+    manifest, no file the manifest does not list, and every chunk of every
+    array decoded (so the Zstd checksums and shard-index crc32c run), one
+    shard at a time.
+
+    Parameters
+    ----------
+    path : path-like or str
+        A store, local or an fsspec URL.
+
+    Returns
+    -------
+    dict
+        ``{"path", "arrays", "files", "bytes"}``: arrays decoded, files and
+        bytes checked against the manifest.
+
+    Raises
+    ------
+    StoreError, IntegrityError
+        At the first problem found, naming it.
+    """
+    store = open_store(path)
+    if is_url(store.path):
+        manifest = _url_check_sealed(store.path, deep=True)
+    else:
+        manifest = artifacts.check_sealed(store.path, FEATURE_STORE, deep=True)
+    arrays = store.all_arrays()
+    for name, arr in arrays:
+        if arr.ndim == 0:
+            _read(arr, (), name, store.path)
+            continue
+        step = (arr.shards or arr.chunks)[0]
+        for start in range(0, arr.shape[0], step):
+            _read(arr, slice(start, start + step), name, store.path)
+    files = manifest["files"]
+    return {"path": str(store.path), "arrays": len(arrays), "files": len(files),
+            "bytes": sum(entry["size"] for entry in files.values())}
+
+
+@contextlib.contextmanager
+def _reading(what: str, path):
+    """Turn what zarr, its codecs or JSON raise on damaged data into one :class:`IntegrityError` line."""
     try:
+        yield
+    except _DAMAGE as exc:
+        if isinstance(exc, LayerscopeError):  # ConfigError and DataError are ValueErrors too
+            raise
+        raise IntegrityError(f"Feature store '{path}': {what} could not be read, the store is damaged "
+                             f"({_one_line(exc)}). Hint: {REEXTRACT_HINT}") from exc
+
+
+def _read(arr, rows, name, path):
+    with _reading(f"array '{name}'", path):
         return arr[rows]
-    except Exception as exc:  # zarr/codec errors on truncated or garbled shards
-        raise StoreError(f"Array '{name}' of store '{path}' could not be read ({type(exc).__name__}: {exc}). "
-                         "Hint: the store is corrupt; delete it and rerun `dvc repro extract`.") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- URL stores: the manifest via fsspec
+
+
+def _url_fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _url_listing(url: str) -> dict[str, int]:
+    """Every file of a URL store: relative posix path -> size, from one listing."""
+    fs, root = _url_fs(url)
+    root = root.rstrip("/")
+    return {full[len(root) + 1:]: int(info["size"]) for full, info in fs.find(root, detail=True).items()
+            if info.get("type", "file") == "file"}
+
+
+def _url_sha256(url: str, rel: str) -> str:
+    fs, root = _url_fs(url)
+    digest = hashlib.sha256()
+    with fs.open(f"{root.rstrip('/')}/{rel}", "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _url_remove(url: str, rel: str):
+    fs, root = _url_fs(url)
+    target = f"{root.rstrip('/')}/{rel}"
+    if fs.exists(target):
+        fs.rm(target)
+
+
+def _url_seal(url: str) -> dict:
+    """:func:`pipeline.artifacts.seal` for a store written in place at a URL (no temporary files to prune there)."""
+    files = {rel: {"size": size, "sha256": _url_sha256(url, rel)}
+             for rel, size in sorted(_url_listing(url).items()) if rel != artifacts.SEAL}
+    manifest = artifacts.manifest_for(FEATURE_STORE, files)
+    fs, root = _url_fs(url)
+    fs.pipe_file(f"{root.rstrip('/')}/{artifacts.SEAL}", artifacts.manifest_bytes(manifest))
+    return manifest
+
+
+def _url_check_sealed(url: str, deep: bool = False) -> dict:
+    """:func:`pipeline.artifacts.check_sealed` for a URL store: names and sizes from one listing (SHA-256 if deep)."""
+    listing = _url_listing(url)
+    hint = FEATURE_STORE.hint
+    if artifacts.SEAL not in listing:
+        raise IntegrityError(f"The feature store '{url}' has no {artifacts.SEAL}: it was never completely "
+                             f"published. Hint: {hint}")
+    fs, root = _url_fs(url)
+    try:
+        manifest = artifacts.parse_seal(fs.cat_file(f"{root.rstrip('/')}/{artifacts.SEAL}"),
+                                        f"{url}/{artifacts.SEAL}")
+    except IntegrityError as exc:
+        raise IntegrityError(f"The feature store '{url}' cannot be trusted: {exc} Hint: {hint}") from None
+    if manifest["kind"] != FEATURE_STORE.name:
+        raise IntegrityError(f"'{url}' is a {manifest['kind']}, not a feature store. Hint: {hint}")
+    for rel, entry in manifest["files"].items():
+        problem = ("is missing" if rel not in listing else
+                   f"has {listing[rel]} bytes, expected {entry['size']}" if listing[rel] != entry["size"] else
+                   "has been altered (its SHA-256 differs from the manifest's)"
+                   if deep and _url_sha256(url, rel) != entry["sha256"] else None)
+        if problem:
+            raise IntegrityError(f"The feature store '{url}' is damaged: file '{rel}' {problem}. Hint: {hint}")
+    extra = sorted(set(listing) - set(manifest["files"]) - {artifacts.SEAL})
+    if deep and extra:
+        raise IntegrityError(f"The feature store '{url}' holds {len(extra)} file(s) it was not published with, "
+                             f"e.g. '{extra[0]}'. Hint: {hint}")
+    return manifest
 
 
 # --------------------------------------------------------------------------- helpers
@@ -441,25 +721,15 @@ def _exists(where) -> bool:
 
 
 def _control_dir(path) -> Path:
-    """Local directory for the lock and progress of a store being written.
+    """Local directory for the progress (and staged copy) of a store being written.
 
     Beside a local store (``<parent>/.staging/<name>``); for a URL store, under
-    ``.staging/`` in the working directory, named by the URL's hash.
+    ``.staging/`` in the working directory, named by the URL's hash. The lock
+    is the file beside it, ``<that>.lock``.
     """
     if is_url(path):
-        import hashlib
-
         return Path(".staging") / ("url-" + hashlib.sha256(str(path).encode()).hexdigest()[:16])
-    return path.parent / ".staging" / path.name
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return artifacts.control_dir(path) / path.name
 
 
 def _jsonable(obj):
@@ -467,6 +737,34 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+# --------------------------------------------------------------------------- fault injection (tests only)
 
+
+_chunk_failpoint_installed = False
+
+
+def _chunk_failpoint():
+    """``write:after-partial``: SIGKILL inside zarr's atomic write of a chunk file, before its rename.
+
+    zarr's local store writes ``<key>.<uuid>.partial`` and renames it; this
+    wraps that step (a private zarr function) so the kill lands between the
+    two, as a real kill can. Installed only when that failpoint is asked for
+    (checked once per shard written: one dictionary lookup).
+    """
+    global _chunk_failpoint_installed
+    if _chunk_failpoint_installed or not os.environ.get(artifacts.FAILPOINT_ENV, "").startswith("write:"):
+        return
+    from zarr.storage import _local
+
+    original = _local._atomic_write
+
+    @contextlib.contextmanager
+    def atomic_write(path, mode, exclusive=False):
+        with original(path, mode, exclusive) as fh:
+            yield fh
+            if path.name.isdigit():  # a chunk or shard file (metadata is zarr.json)
+                fh.flush()
+                artifacts.failpoint("write:after-partial")
+
+    _local._atomic_write = atomic_write
+    _chunk_failpoint_installed = True

@@ -1,7 +1,10 @@
 """Stage ``extract``: run every split through the model once, into the feature store.
 
 Resumable: an interrupted run leaves a staged store (see :mod:`pipeline.store`),
-which the next run continues from its last complete shard.
+which the next run continues from its last complete shard. The output path is
+checked first, before the model or the data is loaded: a path that is not a
+feature store (a user's folder, ``cache/`` itself, a file) is refused, and
+nothing is deleted.
 """
 
 import logging
@@ -10,17 +13,20 @@ import torch
 import zarr
 
 import pipeline
+from pipeline import artifacts
 from pipeline.config import load_section
 from pipeline.compute import open_runner
 from pipeline.extract import BenchmarkData, CheckpointModel, extract_to_store, resolve_plan, store_key
 from pipeline.models import file_sha256, load_checkpoint, resolve_device
-from pipeline.store import STORE_FORMAT, StoreWriter
+from pipeline.store import FEATURE_STORE, STORE_FORMAT, StoreWriter, is_url
 from pipeline.userdata import open_benchmark
 
 log = logging.getLogger(__name__)
 
 
 def run(params, data, checkpoint, out):
+    if not is_url(out):
+        artifacts.check_output(out, FEATURE_STORE)
     cfg = load_section("extract", params)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     device = resolve_device(cfg.device)

@@ -104,7 +104,7 @@ def test_extract_stage_records_provenance(tiny_model, tiny_splits, tmp_path):
     assert prov["data"] == {name: entry["fingerprint"] for name, entry in manifest["splits"].items()}
     assert prov["layers"] == ["layer1", "fc"] and "mean over H,W" in prov["pooling"]
     assert prov["versions"]["layerscope"] == pipeline.__version__ and {"torch", "zarr"} <= set(prov["versions"])
-    assert prov["created"].startswith("20")
+    assert "created" not in prov  # no clock in the store: same inputs, same bytes (issue 14)
     assert open_store(tmp_path / "s.zarr").split_attrs("id_val")["fingerprint"] == manifest["splits"]["id_val"]["fingerprint"]
 
 

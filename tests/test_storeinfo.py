@@ -72,7 +72,7 @@ def test_summary_describes_every_array_without_reading_data(store, store_path, n
     assert info["shape"] == [10, 4] and info["dtype"] == "float32"
     assert info["chunks"] == [2, 4] and info["shards"] == [4, 4]
     assert info["dimension_names"] == ["sample", "feature_layer1"]
-    assert info["compressors"] == ["zstd(level=3)"]
+    assert info["compressors"] == ["zstd(level=3, checksum=True)"]
     assert info["raw_bytes"] == 10 * 4 * 4
     assert summary["splits"]["id_train"]["arrays"]["label"]["shards"] == [4]
     json.dumps(summary, allow_nan=False)  # plain JSON types only

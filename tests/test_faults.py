@@ -1,0 +1,170 @@
+"""SIGKILL `layerscope extract` many times at random points; no reader ever accepts a partial store (issue 14).
+
+One seeded campaign of kills on a tiny benchmark with many small shards, each
+run resuming what the previous ones left: kills after a random delay, after a
+random number of recorded shards, and at failpoints inside a chunk write, the
+finalize, the seal and the publish (old store aside; new store in, old not yet
+deleted). After every kill, the store at ``--out`` is either refused by
+:func:`~pipeline.store.open_store` or complete and byte-identical to an
+uninterrupted run; no ``*.partial`` file is ever published. At the end, a plain
+rerun (a real ``python -m pipeline extract``) resumes, and every file of the
+result is byte-identical to the uninterrupted run's.
+
+The harness (:mod:`tests.faults`) takes the command and the artifact path, so
+``layerscope fit`` can be given the same treatment.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.datasets import ImageSplit, write_benchmark
+from pipeline.errors import IntegrityError, StoreError
+from pipeline.models import init_model, save_checkpoint
+from pipeline.store import open_store, verify_store
+from tests.conftest import TINY_SPEC
+from tests.faults import Kill, Zygote, kill_campaign, run_once
+
+log = logging.getLogger(__name__)
+
+SEED = 14
+SPLITS = (("id_train", 96), ("a_test", 64), ("b_test", 40))
+SHARD_ROWS = 8
+N_SHARDS = sum(-(-n // SHARD_ROWS) for _, n in SPLITS)  # 25 shards, 8 arrays each
+EXTRACT = {"layers": ["layer1", "layer2", "fc"], "head": "fc", "batch_size": 8, "chunk_rows": 4,
+           "shard_rows": SHARD_ROWS, "device": "cpu"}
+N_KILLS = 18
+FAILPOINTS = ["write:after-partial@3", "write:after-partial@11", "finalize:after-attrs", "seal:before-manifest",
+              "publish:after-aside", "publish:after-swap"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(SEED)
+    splits = [ImageSplit(name, rng.random((n, 1, 8, 8), dtype=np.float32), np.full(n, -1, np.int64),
+                         {"role": "far", "set": name, "part": "test", "source": "uniform noise",
+                          "n_samples": n, "image_size": 8})
+              for name, n in SPLITS]
+    write_benchmark(splits, root / "data")
+    save_checkpoint(init_model(TINY_SPEC, seed=0), TINY_SPEC, root / "model.pt")
+    (root / "params.yaml").write_text(yaml.safe_dump({"extract": EXTRACT}))
+    return root
+
+
+def argv(project, out):
+    return ["extract", "--params", str(project / "params.yaml"), "--data", str(project / "data"),
+            "--model", str(project / "model.pt"), "--out", str(out)]
+
+
+def files(directory):
+    """Every file of a directory tree: relative path -> bytes."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def shards_done(out):
+    try:
+        state = json.loads((out.parent / ".staging" / out.name / "progress.json").read_text())
+        return sum(len(v) for v in state["splits"].values())
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def extract_phase():
+    """``phase(out)``: where a kill of `extract` landed, read from what it left on disk."""
+    seen_partials, last_done, last_publish = set(), [0], [None]
+
+    def phase(out):
+        staging = out.parent / ".staging" / out.name
+        staged, replaced = staging / "store.zarr", out.parent / ".staging" / f"{out.name}.replaced"
+        new_partials = set(staged.rglob("*.partial")) - seen_partials if staged.is_dir() else set()
+        seen_partials.update(new_partials)
+        before, last_done[0] = last_done[0], shards_done(out)
+        # a displaced store left by an earlier kill is not where this one landed
+        publish = (replaced.exists(), out.exists()) if replaced.exists() else None
+        publish_moved, last_publish[0] = publish is not None and publish != last_publish[0], publish
+        if publish_moved:
+            return "publish: new store in, old not deleted" if out.exists() else "publish: old store aside"
+        if not (staging / "progress.json").is_file():
+            return "startup (imports, model, data)"
+        if new_partials:
+            return "inside a chunk write (*.partial left)"
+        return _after_setup(last_done[0], before, staged)
+
+    return phase
+
+
+def _after_setup(done, before, staged):
+    if done < N_SHARDS:
+        return "extracting shards" if done > before else "setup (model, data, staged store), no new shard"
+    if staged.is_dir():
+        sealed = (staged / "layerscope.json").is_file()
+        return "finalize: sealed, before publish" if sealed else "finalize: before the manifest"
+    return "after publish (staging cleanup)"
+
+
+def checker(reference_files):
+    def check(out):
+        if out.exists():
+            assert not list(out.rglob("*.partial")), "a *.partial file was published"
+        for where in (out, out.parent / ".staging" / out.name / "store.zarr"):  # the output, and the staged build
+            try:
+                store = open_store(where)
+            except (StoreError, IntegrityError) as exc:
+                assert "\n" not in str(exc)
+                continue
+            assert files(where) == reference_files, f"{where} was accepted but differs from an uninterrupted run"
+            verify_store(where)
+            assert store.to_numpy("id_train", "layer1").shape == (SPLITS[0][1], 4)
+    return check
+
+
+def plan_kills(rng, run_seconds, n=28):
+    """Shuffled: each failpoint once, the rest half after a random delay, half after a random number of new shards.
+
+    Delays are drawn up to 70% of an uninterrupted run: resumed runs are shorter, and some end first.
+    More are planned than needed: the campaign stops once ``N_KILLS`` kills have landed.
+    """
+    n_random = n - len(FAILPOINTS)
+    kills = [Kill("timer", round(float(rng.uniform(0.05, 0.7 * run_seconds)), 3)) for _ in range(n_random // 2)]
+    kills += [Kill("progress", int(rng.integers(1, 8))) for _ in range(n_random - n_random // 2)]
+    kills = [kills[i] for i in rng.permutation(len(kills))]
+    for name in FAILPOINTS:  # among the first runs, so that each one runs before the campaign stops
+        kills.insert(int(rng.integers(0, 12)), Kill("failpoint", name))
+    return kills
+
+
+def test_kills_anywhere_never_expose_a_partial_store_and_resume_bit_identical(project, tmp_path):
+    rng = np.random.default_rng(SEED)
+    reference, out = project / "reference.zarr", project / "features.zarr"
+    with Zygote(project) as zygote:
+        start = time.monotonic()
+        assert run_once(zygote, argv(project, reference), tmp_path / "reference.log", Kill("none")) == 0
+        run_seconds = time.monotonic() - start
+        reference_files = files(reference)
+        shutil.copytree(reference, out)  # an earlier extraction: the publish kills have an old store to displace
+        campaign = kill_campaign(argv(project, out), out, plan_kills(rng, run_seconds), zygote=zygote,
+                                 logs=tmp_path / "logs", progress=lambda: shards_done(out), phase=extract_phase(),
+                                 check=checker(reference_files), n_kills=N_KILLS)
+    print(campaign.report())
+    log.warning("fault injection: %s", campaign.report())
+    landed = campaign.phases
+    assert sum(landed.values()) >= 15, campaign.report()
+    for name in FAILPOINTS:  # inside a chunk write, the finalize, the seal and both steps of the publish
+        assert landed[f"failpoint {name.partition('@')[0]}"] >= 1, campaign.report()
+    assert landed["extracting shards"] >= 3, campaign.report()
+
+    # a plain rerun, as a user would type it (a real interpreter, not a fork), resumes what the kills left
+    rerun = subprocess.run([sys.executable, "-m", "pipeline", *argv(project, out)], capture_output=True, text=True,
+                           cwd=project, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert files(out) == reference_files, "the resumed store differs from an uninterrupted run"
+    assert not (project / ".staging" / out.name).exists() and not (project / ".staging" / "features.zarr.replaced").exists()
+    verify_store(out)
