@@ -281,7 +281,7 @@ class SearchJob:
     """Run one search task in whichever process gets it; the val features are read once per process."""
 
     store: str
-    created: str  # the store's creation time: a store rewritten at the same path is read again
+    store_key: str  # the store's identity: a different store rewritten at the same path is read again
     ood_val: dict
     aggregations: tuple
     recall: float
@@ -291,7 +291,7 @@ class SearchJob:
         from pipeline.store import open_store
 
         index, task = item
-        key = (self.store, self.created, json.dumps(self.ood_val, sort_keys=True), self.maps)
+        key = (self.store, self.store_key, json.dumps(self.ood_val, sort_keys=True), self.maps)
         with _LOAD_LOCK:
             if key not in _SPLIT_SETS:
                 _SPLIT_SETS.clear()
