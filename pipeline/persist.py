@@ -9,6 +9,13 @@ code on ``layerscope detect``. A skops file (:mod:`skops.io`) is a zip of
 the caller's allowlist, naming the file and the type; ``trusted=True`` is never
 used.
 
+Trusting ``sklearn.tree._tree.Tree`` (an isolation forest's trees) or a
+neighbours index is trusting their arrays: skops warns that a crafted tree
+with out-of-range node indices loads, and then reads out of bounds when
+scoring (a crash, not code execution). Files are sealed
+(:mod:`pipeline.artifacts`), so only a file rewritten together with its seal
+gets that far.
+
 Why canonicalise: skops output is not a function of the estimator alone.
 
 * zip entries carry the wall-clock time of the dump;
@@ -48,6 +55,7 @@ SCHEMA = "schema.json"
 SUFFIX = ".skops"
 #: The earliest time a zip entry can hold: no clock reading in the file.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_STRUCTURED = b"'descr': ["  # how an .npy header starts the description of a structured dtype
 _DEFAULT_HINT = "it was not written by layerscope; rerun the stage that writes it."
 
 
@@ -97,23 +105,24 @@ def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
         a type outside ``allowlist``: one line naming the file (and the type).
     """
     import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
 
     path = Path(path)
     data = path.read_bytes()
     try:
-        untrusted = skops.io.get_untrusted_types(data=data)  # audits the node tree: imports and builds nothing
+        # skops audits the whole node tree against the allowlist before it imports or builds anything
+        return skops.io.loads(data, trusted=sorted(allowlist))
     except zipfile.BadZipFile:
         raise IntegrityError(f"Refusing to load '{path}': it is not a skops file (pickles and joblib files are never "
                              f"loaded: they can run code). Hint: {hint}") from None
-    except (KeyError, ValueError, TypeError) as exc:  # a malformed schema, a member it names missing
-        raise IntegrityError(f"Refusing to load '{path}': not a valid skops file ({type(exc).__name__}: "
-                             f"{_one_line(exc)}). Hint: {hint}") from None
-    refused = sorted(set(untrusted) - set(allowlist))
-    if refused:
+    except UntrustedTypesFoundException:
+        refused = sorted(set(skops.io.get_untrusted_types(data=data)) - set(allowlist))
         raise IntegrityError(f"Refusing to load '{path}': it declares type '{refused[0]}'"
                              f"{f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''}, which is not a type "
-                             f"layerscope trusts there. Hint: {hint}")
-    return skops.io.loads(data, trusted=sorted(untrusted))
+                             f"layerscope trusts there. Hint: {hint}") from None
+    except (KeyError, ValueError, TypeError) as exc:  # a malformed schema, a member it names missing, bad arrays
+        raise IntegrityError(f"Refusing to load '{path}': not a valid skops file ({type(exc).__name__}: "
+                             f"{_one_line(exc)}). Hint: {hint}") from None
 
 
 # ------------------------------------------------------------------ canonical form
@@ -125,13 +134,13 @@ def canonicalise(raw: bytes) -> bytes:
         schema = json.loads(src.read(SCHEMA))
         members = {name for name in src.namelist() if name != SCHEMA}
         renamer = _Renamer(members)
-        schema = renamer.walk(_sorted_sets(schema))
+        schema = renamer.walk(schema)
         orphans = members - set(renamer.files)
         if orphans:  # skops wrote a member its schema does not name: this code does not know the format
             raise RuntimeError(f"skops wrote members its schema does not name: {sorted(orphans)}")
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-            _write(dst, SCHEMA, json.dumps(schema, indent=2).encode())
+            _write(dst, SCHEMA, json.dumps(schema, separators=(",", ":")).encode())  # compact: 3x smaller, faster
             for old, new in renamer.files.items():  # in walk order
                 data = src.read(old)
                 _write(dst, new, _zero_padding(data) if new.endswith(".npy") else data)
@@ -142,6 +151,8 @@ def _zero_padding(data: bytes) -> bytes:
     """An ``.npy`` file with the padding bytes of its structured records set to zero (header untouched)."""
     import numpy as np
 
+    if _STRUCTURED not in data[:4096]:  # the header of a plain array (a false hit only costs the parse below)
+        return data
     buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -175,7 +186,11 @@ def _covered(dtype) -> "np.ndarray":
 
 
 class _Renamer:
-    """Depth-first walk of a skops schema: ``__id__`` -> 1, 2, ...; member files -> 0.npy, 1.npy, ..."""
+    """Depth-first walk of a skops schema: ``__id__`` -> 1, 2, ...; member files -> 0.npy, 1.npy, ...
+
+    A set's elements are put in an order of their content first (not of the
+    process's hash seed), so the numbering that follows is fixed too.
+    """
 
     def __init__(self, members):
         self.members = members
@@ -187,27 +202,19 @@ class _Renamer:
             return [self.walk(v) for v in value]
         if not isinstance(value, dict):
             return value
+        node = "__loader__" in value
+        if node and value["__loader__"] == "SetNode" and isinstance(value.get("content"), list):
+            value = {**value, "content": sorted(value["content"],
+                                                key=lambda item: json.dumps(_without_ids(item), sort_keys=True))}
         out = {}
         for key, item in value.items():
-            if key == "__id__" and isinstance(item, int) and "__loader__" in value:
+            if node and key == "__id__" and isinstance(item, int):
                 out[key] = self.ids.setdefault(item, len(self.ids) + 1)
-            elif key == "file" and "__loader__" in value and item in self.members:
+            elif node and key == "file" and item in self.members:
                 out[key] = self.files.setdefault(item, f"{len(self.files)}{Path(item).suffix}")
             else:
                 out[key] = self.walk(item)
         return out
-
-
-def _sorted_sets(value):
-    """The schema with every set's elements in an order of their content (not of the process's hash seed)."""
-    if isinstance(value, list):
-        return [_sorted_sets(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    out = {key: _sorted_sets(item) for key, item in value.items()}
-    if out.get("__loader__") == "SetNode" and isinstance(out.get("content"), list):
-        out["content"] = sorted(out["content"], key=lambda node: json.dumps(_without_ids(node), sort_keys=True))
-    return out
 
 
 def _without_ids(value):
