@@ -57,8 +57,8 @@ def _is_detectors_manifest(path: Path, *, legacy=False) -> bool:
         return False
 
 
-DETECTORS = artifacts.Kind("detectors", hint="rerun `layerscope fit` (or `dvc repro -f -s fit`).",
-                           marker=_is_detectors_manifest)
+DETECTORS = artifacts.Kind("detectors directory", marker=_is_detectors_manifest,
+                           hint="rerun `layerscope fit` (or `dvc repro -f -s fit`).")
 
 
 @dataclass

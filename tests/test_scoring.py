@@ -140,7 +140,8 @@ def saved(tmp_path, blobs):
 ])
 def test_damaged_detectors_are_refused_naming_the_file(saved, damage, message):
     damage(saved)
-    with pytest.raises(IntegrityError, match=rf"^The detectors '.*det' .*{message}.* Hint: rerun `layerscope fit`"):
+    with pytest.raises(IntegrityError, match=rf"^The detectors directory '.*det' .*{message}.* Hint: rerun "
+                                             r"`layerscope fit`"):
         load_detectors(saved)
     with pytest.raises(IntegrityError, match=message):
         verify_detectors(saved)
@@ -179,7 +180,8 @@ def test_old_joblib_detectors_are_refused_with_a_hint_and_replaced_by_fit(tmp_pa
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: (p / "mine").mkdir() or (p / "mine/thesis.tex").write_text("x") and p / "mine",
-     r"Refusing to replace '.*mine' \(--out\): it is a non-empty directory that is not a detectors written by"),
+     r"Refusing to replace '.*mine' \(--out\): it is a non-empty directory that is not a detectors directory "
+     r"written by"),
     (lambda p: (p / "cache").mkdir() or (p / "cache/model.pt").write_text("x") and p / "cache",
      r"Refusing to replace '.*cache' \(--out\)"),
     (lambda p: (p / "file").write_text("x") and p / "file", r"--out '.*file' is an existing file"),
