@@ -42,14 +42,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import zipfile
 from pathlib import Path
 
 from pipeline.artifacts import atomic_write
 from pipeline.errors import IntegrityError
-
-log = logging.getLogger(__name__)
 
 SCHEMA = "schema.json"
 SUFFIX = ".skops"

@@ -23,14 +23,11 @@ Nothing here imports torch: a model is identified by the SHA-256 of its file.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import file_sha256
 from pipeline.errors import DataError, StoreError
-
-log = logging.getLogger(__name__)
 
 REFIT = "rerun `layerscope fit` on this store (or `dvc repro`)."
 RECALIBRATE = "rerun `layerscope calibrate` with these detectors (or `dvc repro`)."
