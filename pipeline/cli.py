@@ -113,6 +113,31 @@ def _path(value, key):
     return location(value) if value is not None else Path(project_paths()[key])
 
 
+def _model_to_check(value):
+    """The checkpoint a stage checks the store against: an explicit --model (which must exist), else
+    paths.model if it exists.
+
+    None (no check) when there is no default checkpoint (a store copied without its model, or every
+    other path given outside a project): scoring never needs the network.
+    """
+    from pipeline.errors import ConfigError
+
+    if value is not None:
+        return value
+    try:
+        default = _path(None, "model")
+    except ConfigError:  # no dvc.yaml here: the other paths were all given as options
+        return None
+    if default.is_file():
+        return default
+    logging.getLogger(__name__).info("no checkpoint at %s: the store is not checked against a model", default)
+    return None
+
+
+ModelCheckOpt = typer.Option(None, "--model", help="The checkpoint the store must have been extracted with "
+                             "(its SHA-256 is compared) [paths.model; not checked if absent].")
+
+
 @app.command()
 @user_errors
 def init(preset: str = typer.Option(None, "--preset", "-p", help="A preset in configs/ (see --list)."),
@@ -171,11 +196,12 @@ def extract(params: Path = ParamsOpt, data: Path = typer.Option(None, help="[pat
 @app.command()
 @user_errors
 def fit(params: Path = ParamsOpt, features: str = FeaturesOpt,
-        out: Path = typer.Option(None, help="Fitted detectors [paths.detectors].")):
+        out: Path = typer.Option(None, help="Fitted detectors [paths.detectors]."),
+        model: Path = ModelCheckOpt):
     """Fit the configured detectors on every layer's ID-train features."""
     from stages import fit as stage
 
-    stage.run(params, _path(features, "features"), _path(out, "detectors"))
+    stage.run(params, _path(features, "features"), _path(out, "detectors"), model=_model_to_check(model))
 
 
 @app.command()
@@ -185,12 +211,14 @@ def detect(params: Path = ParamsOpt, features: str = FeaturesOpt,
            metrics: Path = typer.Option(None, help="[paths.metrics]"),
            table: Path = typer.Option(None, help="[paths.per_layer]"),
            figures: Path = typer.Option(None, help="[paths.figures]"),
-           argmax: Path = typer.Option(None, help="Per-layer argmax counts [paths.layer_argmax].")):
+           argmax: Path = typer.Option(None, help="Per-layer argmax counts [paths.layer_argmax]."),
+           model: Path = ModelCheckOpt):
     """Score ID-test and every OOD test set; write metrics, the per-layer table and figures."""
     from stages import detect as stage
 
     stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(metrics, "metrics"),
-              _path(table, "per_layer"), _path(figures, "figures"), _path(argmax, "layer_argmax"))
+              _path(table, "per_layer"), _path(figures, "figures"), _path(argmax, "layer_argmax"),
+              model=_model_to_check(model))
 
 
 @app.command()
@@ -220,11 +248,13 @@ def _fmt(value):
 @user_errors
 def calibrate(params: Path = ParamsOpt, features: str = FeaturesOpt,
               detectors: Path = typer.Option(None, help="[paths.detectors]"),
-              out: Path = typer.Option(None, help="Thresholds file [paths.guard].")):
+              out: Path = typer.Option(None, help="Thresholds file [paths.guard]."),
+              model: Path = ModelCheckOpt):
     """Calibrate the early-exit guard's per-layer thresholds on cached ID-val scores (no re-inference)."""
     from stages import calibrate as stage
 
-    content = stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(out, "guard"))
+    content = stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(out, "guard"),
+                        model=_model_to_check(model))
     table = Table("layer", "threshold", "ID false-alarm budget",
                   title=f"guard: {content['detector']}, ID-val TPR {content['val_tpr']:.4f} "
                         f"(target {content['target_tpr']})")

@@ -10,22 +10,25 @@
   checkpoint, the fitted detectors and the thresholds file.
 
 The thresholds file (``calibrate``'s output) is JSON: detector, layers,
-thresholds, budgets, scales, target and achieved val TPR, and the checkpoint's
-sha256, so a guard refuses thresholds calibrated for another model.
+thresholds, budgets, scales, target and achieved val TPR, and what they were
+calibrated with: the detectors' seal digest, the store's key and the
+checkpoint's SHA-256. Evaluating or loading a guard refuses thresholds of
+other detectors or another model, naming both hashes (:mod:`pipeline.provenance`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline import provenance
+from pipeline.artifacts import atomic_write
 from pipeline.cascade import Calibration, calibrate, cascade_score, exit_layers
-from pipeline.errors import DataError, ModelError, invalid_param
+from pipeline.errors import DataError, invalid_param
 from pipeline.metrics import METRIC_NAMES, ood_metrics
 from pipeline.report import group_sets, ood_sets
 
@@ -34,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: calibration and evaluat
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 1: without the detectors' digest (refused: it cannot be checked against the detectors)
 
 
 def guard_detectors(fitted, detector, layers) -> dict:
@@ -80,18 +83,14 @@ def calibrate_guard(store, fitted, cfg) -> dict:
         "val_tpr": cal.val_tpr, "thresholds": dict(zip(layers, cal.thresholds.tolist())),
         "budgets": dict(zip(layers, cal.budgets.tolist())), "scales": dict(zip(layers, cal.scales.tolist())),
         "input_shape": store.provenance.get("input_shape"),
+        "detectors_digest": fitted.digest, "store_key": store.key,
         "checkpoint_sha256": store.provenance.get("checkpoint_sha256"),
     }
 
 
 def save_thresholds(content: dict, path) -> Path:
-    """Write the thresholds file atomically (a half-written file never looks complete)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write the thresholds file atomically: the old file or the whole new one, never a ``*.tmp`` left behind."""
+    return atomic_write(path, json.dumps(content, indent=2, allow_nan=True) + "\n")
 
 
 def load_thresholds(path) -> dict:
@@ -100,8 +99,15 @@ def load_thresholds(path) -> dict:
     if not path.is_file():
         raise DataError(f"Guard thresholds '{path}' do not exist. Hint: run `layerscope calibrate` "
                         "(or `dvc repro calibrate`).")
-    content = json.loads(path.read_text())
-    if content.get("format") != FORMAT or "thresholds" not in content:
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"Guard thresholds '{path}' are not readable JSON ({type(exc).__name__}). Hint: rerun "
+                        "`layerscope calibrate`.") from None
+    if isinstance(content, dict) and content.get("format") == 1:
+        raise DataError(f"Guard thresholds '{path}' were written by an older layerscope (format 1: without the "
+                        "digest of the detectors they were calibrated with). Hint: rerun `layerscope calibrate`.")
+    if not isinstance(content, dict) or content.get("format") != FORMAT or "thresholds" not in content:
         raise DataError(f"'{path}' is not a layerscope guard thresholds file (format {FORMAT}). "
                         "Hint: rerun `layerscope calibrate`.")
     return content
@@ -115,7 +121,7 @@ def calibration_of(content: dict) -> Calibration:
                        np.array([content["scales"][k] for k in layers], dtype=np.float64), content["val_tpr"])
 
 
-def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.95) -> dict:
+def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.95, thresholds_path=None) -> dict:
     """The cascade on the cached test splits: detection metrics, achieved ID TPR and compute saved.
 
     Parameters
@@ -129,6 +135,8 @@ def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.9
         (:meth:`pipeline.guard.Guard.block_flops`).
     recall : float, default=0.95
         OOD recall of the FPR (FPR@95).
+    thresholds_path : path-like, optional
+        Where ``content`` came from, for messages.
 
     Returns
     -------
@@ -137,9 +145,8 @@ def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.9
         detection rate, exits, FLOPs saved), ``near``/``far`` means, and the set-up.
     """
     fitted.check_compatible(store)
-    if content.get("checkpoint_sha256") != store.provenance.get("checkpoint_sha256"):
-        raise DataError("The guard thresholds were calibrated on features of another checkpoint than store "
-                        f"'{store.path}'. Hint: rerun `layerscope calibrate` (or `dvc repro`).")
+    provenance.check_thresholds_detectors(content, fitted, thresholds_path)
+    provenance.check_thresholds_checkpoint(content, provenance.store_checkpoint(store), thresholds_path)
     detectors = guard_detectors(fitted, content["detector"], content["layers"])
     cal = calibration_of(content)
     flops = np.asarray(cumulative_flops, dtype=np.float64)
@@ -177,20 +184,24 @@ def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
     from pipeline.scoring import load_detectors
 
     content = load_thresholds(thresholds_path)  # first: the thresholds name the detector and layers to load
-    return build_guard(model_path, load_detectors(detectors_dir), content, device)
+    return build_guard(model_path, load_detectors(detectors_dir), content, device, thresholds_path=thresholds_path)
 
 
-def build_guard(model_path, fitted, content: dict, device="cpu"):
+def build_guard(model_path, fitted, content: dict, device="cpu", *, thresholds_path=None):
     """A :class:`~pipeline.guard.Guard` of the checkpoint, the fitted detectors and a thresholds file's content.
 
-    Refuses thresholds calibrated for another checkpoint.
+    Before loading the model, refuses detectors fitted on features of another
+    checkpoint, thresholds calibrated for another checkpoint, and thresholds
+    calibrated with other detectors (:mod:`pipeline.provenance`; both hashes named).
     """
     from pipeline.guard import Guard
-    from pipeline.models import file_sha256, load_checkpoint
+    from pipeline.models import load_checkpoint
 
-    if file_sha256(model_path) != content.get("checkpoint_sha256"):
-        raise ModelError(f"The guard thresholds were calibrated for another checkpoint than '{model_path}'. "
-                         "Hint: rerun `layerscope calibrate` (or `dvc repro`).")
+    model_sha = provenance.model_sha256(model_path)
+    provenance.check_detectors_model(fitted, model_path, model_sha)
+    provenance.check_thresholds_checkpoint(content, provenance.model_checkpoint(model_path, model_sha),
+                                           thresholds_path)
+    provenance.check_thresholds_detectors(content, fitted, thresholds_path)
     model, _ = load_checkpoint(model_path, device)
     detectors = guard_detectors(fitted, content["detector"], content["layers"])
     return Guard(model, detectors, content["thresholds"], content["input_shape"], device=device)

@@ -1,9 +1,16 @@
 """Fit per-layer detectors on cached ID-train features, score cached splits.
 
 Nothing here touches the classifier: detectors read ``(n_samples, n_features)``
-arrays from the feature store. A fitted set is saved with the provenance of
-the store it was fitted on, and refuses to score a store from another
-checkpoint.
+arrays from the feature store. A fitted set is saved with the identity of the
+store it was fitted on (its key and checkpoint), and refuses to score another
+store (:mod:`pipeline.provenance`).
+
+On disk (:func:`save_detectors`), a detectors directory is an artifact of
+:mod:`pipeline.artifacts`: built aside, sealed last (every file's size and
+SHA-256), published atomically. Each fitted detector is a skops file
+(:mod:`pipeline.persist`), never a pickle, loaded from an allowlist of the
+types our detectors are made of (:func:`trusted_types`). Every load checks
+every file's SHA-256 against the seal: the files are small.
 
 The per-layer energy (seed 000) needs no fitting: its scores are the store's
 ``energy`` array, one column per layer.
@@ -13,20 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import joblib
 import numpy as np
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
+from pipeline import artifacts, persist, provenance
 from pipeline.detectors import make_detector
-from pipeline.errors import DataError, StoreError, invalid_param
+from pipeline.errors import DataError, IntegrityError, invalid_param
 from pipeline.scorers import SCORERS, Features, make_scorer
 from pipeline.store import GRAD_PREFIX, MAP_PREFIX
 
@@ -34,7 +41,24 @@ log = logging.getLogger(__name__)
 
 ENERGY = "energy"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 1: joblib pickles, no seal (refused)
 SCORER_DIR = "methods"  # trained network-level methods, one folder each
+
+
+def _is_detectors_manifest(path: Path, *, legacy=False) -> bool:
+    """A ``manifest.json`` with a ``detectors`` key: a detectors directory, possibly from before seals.
+
+    With ``legacy``: one written before seals (no ``format``: joblib pickles).
+    """
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        return "detectors" in manifest and not (legacy and "format" in manifest)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+DETECTORS = artifacts.Kind("detectors directory", marker=_is_detectors_manifest,
+                           hint="rerun `layerscope fit` (or `dvc repro -f -s fit`).")
 
 
 @dataclass
@@ -43,6 +67,18 @@ class FittedDetectors:
 
     ``scorers`` holds the network-level methods that ``fit`` trains (``name ->
     scorer``, e.g. the heatmap decoder); ``detect`` scores with them as they are.
+
+    Attributes
+    ----------
+    provenance : dict
+        The store's provenance (its ``checkpoint_sha256`` among it).
+    store_key : str or None
+        The key of the store fitted on.
+    digest : str or None
+        The seal digest of the saved directory (its identity; thresholds
+        record it), once saved or loaded.
+    source : str or None
+        The directory it was saved to or loaded from, for messages.
     """
 
     detectors: dict = field(default_factory=dict)
@@ -50,16 +86,17 @@ class FittedDetectors:
     names: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     scorers: dict = field(default_factory=dict)
+    store_key: str | None = None
+    digest: str | None = None
+    source: str | None = None
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.provenance.get("checkpoint_sha256")
 
     def check_compatible(self, store):
-        """Refuse to score a store whose checkpoint differs from the one fitted on."""
-        fitted = self.provenance.get("checkpoint_sha256")
-        scoring = store.provenance.get("checkpoint_sha256")
-        if fitted != scoring:
-            raise StoreError(
-                f"The detectors were fitted on features from checkpoint {fitted}, but store '{store.path}' holds "
-                f"features from checkpoint {scoring}. Hint: rerun `layerscope fit` (or `dvc repro`)."
-            )
+        """Refuse to score a store other than the one fitted on (checkpoint, then key), naming both hashes."""
+        provenance.check_detectors_store(self, store)
 
 
 def train_features(store, layer, *, max_samples=None, seed=0):
@@ -98,7 +135,8 @@ def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples
     # build all detectors first, so a bad name or param fails before any work
     prototypes = {name: make_detector(name, params or {}, standardize=standardize)
                   for name, params in detector_params.items()}
-    fitted = FittedDetectors(layers=store.layers, names=list(prototypes), provenance=store.provenance)
+    fitted = FittedDetectors(layers=store.layers, names=list(prototypes), provenance=store.provenance,
+                             store_key=store.key)
     job = FitJob(str(store.path), prototypes, max_samples, seed)
     tasks = [(name, layer) for layer in store.layers for name in prototypes]
     for task, detector in (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1):
@@ -149,18 +187,25 @@ class ScoreJob:
 
     Returns ``(per-layer scores, method columns)``: :func:`score_split` and
     :func:`score_methods` of that split. The fitted detectors are loaded from
-    ``detectors`` once per process.
+    ``detectors`` once per process; with ``digest``, they must still be the
+    set the run started with (not republished by a ``fit`` meanwhile).
     """
 
     store: str
     detectors: str
     scorers: dict
+    digest: str | None = None
 
     def __call__(self, split):
         from pipeline.store import open_store
 
         store = open_store(self.store)
         fitted = _cached_detectors(self.detectors)
+        if self.digest is not None:
+            provenance.require_same(
+                provenance.Claim(f"the detectors '{self.detectors}'", "now have digest", fitted.digest),
+                provenance.Claim("the ones this run started with", "had digest", self.digest),
+                hint="they were replaced while scoring (a `layerscope fit` at the same time?); run detect again.")
         return score_split(store, split, fitted), score_methods(store, split, self.scorers)
 
 
@@ -168,19 +213,19 @@ _DETECTOR_CACHE: dict = {}
 
 
 def _cached_detectors(directory):
-    manifest = Path(directory) / MANIFEST
-    key = (str(Path(directory).resolve()), manifest.stat().st_mtime_ns)
+    sealed = artifacts.read_seal(directory, missing_ok=True, damaged_ok=True) or {}
+    key = (str(Path(directory).resolve()), sealed.get("digest"))  # a republished set has another digest
     if key not in _DETECTOR_CACHE:
         _DETECTOR_CACHE.clear()
         _DETECTOR_CACHE[key] = load_detectors(directory)
     return _DETECTOR_CACHE[key]
 
 
-def score_splits(store, detectors_dir, scorers: dict, splits, *, runner=None) -> dict:
+def score_splits(store, detectors_dir, scorers: dict, splits, *, runner=None, digest=None) -> dict:
     """``split -> (per-layer scores, method columns)`` for every split: one task per split (see :class:`ScoreJob`)."""
     from pipeline.compute import Runner
 
-    job = ScoreJob(str(store.path), str(detectors_dir), scorers)
+    job = ScoreJob(str(store.path), str(detectors_dir), scorers, digest)
     return dict((runner or Runner()).map_unordered(job, list(splits), desc="score", unit="split", threads=1))
 
 
@@ -346,41 +391,141 @@ def _n(store, split):
 
 
 def save_detectors(fitted: FittedDetectors, directory) -> Path:
-    """Write one joblib file per (detector, layer) plus a JSON manifest, atomically."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = {}
-    for (name, layer), det in fitted.detectors.items():
-        rel = f"{name}/{layer}.joblib"
-        (tmp / name).mkdir(exist_ok=True)
-        joblib.dump(det, tmp / rel)
-        files.setdefault(name, {})[layer] = rel
-    for name, scorer in fitted.scorers.items():
-        scorer.save(tmp / SCORER_DIR / name)
-    manifest = {"layers": fitted.layers, "detectors": fitted.names, "files": files, "provenance": fitted.provenance,
-                "scorers": {name: f"{SCORER_DIR}/{name}" for name in fitted.scorers}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    """Write one skops file per (detector, layer), the trained scorers and ``manifest.json``; seal; publish.
+
+    Built in a private staging directory and sealed last
+    (:func:`pipeline.artifacts.seal`), then swapped in atomically under the
+    artifact's lock: a reader sees the old set, the new one or none, never a
+    mixture. Refuses (before writing) a ``directory`` that is not a detectors
+    directory. The same fitted set always gives the same bytes (no clock, no
+    pickles; :mod:`pipeline.persist`). Sets ``fitted.digest`` and
+    ``fitted.source``: the identity the thresholds of ``calibrate`` record.
+    """
+    directory = artifacts.check_output(directory, DETECTORS)
+    with artifacts.artifact_lock(directory, DETECTORS.name):
+        staged = artifacts.staging_dir(directory)
+        try:
+            _write_detectors(fitted, staged)
+            sealed = artifacts.seal(staged, DETECTORS)
+            artifacts.publish_dir(staged, directory)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # gone (published) unless something failed
+    fitted.digest, fitted.source = sealed["digest"], str(directory)
+    log.info("saved %d fitted detectors to %s (digest %s)", len(fitted.detectors), directory, sealed["digest"])
     return directory
 
 
+def _write_detectors(fitted: FittedDetectors, directory: Path):
+    files = {}
+    for name in fitted.names:  # a fixed order, not the order the fits finished in
+        for layer in fitted.layers:
+            rel = f"{name}/{layer}{persist.SUFFIX}"
+            (directory / name).mkdir(exist_ok=True)
+            persist.dump(fitted.detectors[name, layer], directory / rel)
+            files.setdefault(name, {})[layer] = rel
+    for name, scorer in sorted(fitted.scorers.items()):
+        scorer.save(directory / SCORER_DIR / name)
+    manifest = {"format": MANIFEST_FORMAT, "layers": fitted.layers, "detectors": fitted.names, "files": files,
+                "store_key": fitted.store_key, "provenance": fitted.provenance,
+                "scorers": {name: f"{SCORER_DIR}/{name}" for name in sorted(fitted.scorers)}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+@functools.cache
+def trusted_types() -> frozenset[str]:
+    """The types a saved detector may contain beyond skops' defaults (builtins, numpy, sklearn estimators).
+
+    Built from the registry: our detector classes, the PyOD models of
+    ``PYOD_MODELS``, and the scikit-learn internals they hold (a tree's
+    ``Tree``; a neighbours index and its distance metric). Anything else in a
+    detector file is refused on load.
+    """
+    from sklearn.metrics._dist_metrics import METRIC_MAPPING64
+
+    from pipeline import detectors
+
+    ours = [cls for cls in vars(detectors).values()
+            if isinstance(cls, type) and issubclass(cls, detectors.BaseDetector) and cls is not detectors.BaseDetector]
+    pyod = [f"{module}.{name}" for module, name in detectors.PYOD_MODELS.values()]
+    metrics = {f"{cls.__module__}.{cls.__name__}" for cls in METRIC_MAPPING64.values()}
+    internals = ["sklearn.tree._tree.Tree", "sklearn.neighbors._kd_tree.KDTree",
+                 "sklearn.neighbors._ball_tree.BallTree"]
+    return frozenset([*(f"{cls.__module__}.{cls.__qualname__}" for cls in ours), *pyod, *metrics, *internals])
+
+
+def read_manifest(directory) -> tuple[dict, dict]:
+    """``(manifest.json, seal)`` of a detectors directory, after checking every file's SHA-256 against the seal.
+
+    Raises
+    ------
+    DataError
+        Nothing was fitted into ``directory``.
+    IntegrityError
+        Written by an older layerscope (joblib pickles: never loaded), or a
+        file missing, truncated or altered.
+    """
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file() and not (directory / artifacts.SEAL).is_file():
+        raise DataError(f"No fitted detectors in '{directory}' (missing {MANIFEST}). "
+                        "Hint: run `layerscope fit` (or `dvc repro fit`).")
+    if not (directory / artifacts.SEAL).exists() and _is_detectors_manifest(directory, legacy=True):
+        raise IntegrityError(f"The detectors '{directory}' were written by an older layerscope, as joblib pickles "
+                             "(which can run code when loaded): not loaded. Hint: " + DETECTORS.hint)
+    sealed = artifacts.check_sealed(directory, DETECTORS, deep=True)  # small files: hash them all
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    except (ValueError, AttributeError) as exc:
+        raise IntegrityError(f"The detectors '{directory}' have an unreadable {MANIFEST} ({exc}). "
+                             f"Hint: {DETECTORS.hint}") from None
+    return manifest, sealed
+
+
 def load_detectors(directory, scorers=()) -> FittedDetectors:
-    """Load what :func:`save_detectors` wrote; one-line error if it is missing.
+    """Load what :func:`save_detectors` wrote, after checking every file against the seal.
 
     Of the trained network-level methods, only those named in ``scorers`` that
     were saved are loaded (the heatmap decoder needs torch: nothing else does).
+
+    Raises
+    ------
+    DataError
+        Nothing was fitted into ``directory``.
+    IntegrityError
+        The directory is damaged, from an older layerscope, or holds a file
+        that is not a skops file of our detectors' types (one line naming it).
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"No fitted detectors in '{directory}' (missing {MANIFEST}). "
-                        "Hint: run `layerscope fit` (or `dvc repro fit`).")
-    manifest = json.loads(manifest_path.read_text())
-    detectors = {(name, layer): joblib.load(directory / rel)
+    manifest, sealed = read_manifest(directory)
+    detectors = {(name, layer): _load_one(directory / rel)
                  for name, per_layer in manifest["files"].items() for layer, rel in per_layer.items()}
-    scorers = {name: SCORERS[name][0].load(directory / rel) for name, rel in manifest.get("scorers", {}).items()
+    trained = {name: SCORERS[name][0].load(directory / rel) for name, rel in manifest["scorers"].items()
                if name in scorers}
-    return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"], scorers)
+    return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"], trained,
+                           store_key=manifest["store_key"], digest=sealed["digest"], source=str(directory))
+
+
+def _load_one(path):
+    return persist.load(path, trusted_types(), hint=f"this is not a detector `layerscope fit` wrote; "
+                                                    f"{DETECTORS.hint}")
+
+
+def verify_detectors(directory) -> dict:
+    """Check a detectors directory completely: every file's SHA-256, then load every detector and trained method.
+
+    For :command:`layerscope verify`. Raises what :func:`load_detectors`
+    raises; returns a summary.
+
+    Returns
+    -------
+    dict
+        ``kind``, ``path``, ``digest``, ``files`` (count), ``detectors``,
+        ``layers``, ``methods`` and the ``checkpoint_sha256`` and ``store_key``
+        fitted on.
+    """
+    fitted = load_detectors(directory, scorers=tuple(SCORERS))  # every file's SHA-256, every detector, every method
+    sealed = artifacts.read_seal(directory)
+    return {"kind": DETECTORS.name, "path": str(directory), "digest": fitted.digest, "files": len(sealed["files"]),
+            "detectors": fitted.names, "layers": fitted.layers, "methods": sorted(fitted.scorers),
+            "checkpoint_sha256": fitted.checkpoint_sha256, "store_key": fitted.store_key}

@@ -2,7 +2,8 @@
 
 Per-layer detectors come fitted from ``fit``; the network-level methods of
 ``detect.methods`` are fitted here on cached ID-train features, except the
-heatmap decoder, which ``fit`` trained. Nothing here loads the model.
+heatmap decoder, which ``fit`` trained. Nothing here loads the model (or
+imports torch): given ``model``, its file's SHA-256 must be the store's checkpoint.
 """
 
 import logging
@@ -10,6 +11,7 @@ import logging
 from pipeline.compute import open_runner
 from pipeline.config import load_section
 from pipeline.metrics import accuracy
+from pipeline.provenance import check_store_model
 from pipeline.report import (argmax_counts, evaluate, group_sets, ood_sets, table_rows, with_aggregations, write_csv,
                              write_figures, write_json)
 from pipeline.scoring import fit_scorers, load_detectors, score_splits
@@ -18,17 +20,18 @@ from pipeline.store import open_store
 log = logging.getLogger(__name__)
 
 
-def run(params, features, detectors, metrics_out, table_out, figures_out, argmax_out):
+def run(params, features, detectors, metrics_out, table_out, figures_out, argmax_out, model=None):
     cfg = load_section("detect", params)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)
+    check_store_model(store, model)
     fitted = load_detectors(detectors, scorers=list(cfg.methods))
     fitted.check_compatible(store)
     scorers = fit_scorers(store, cfg.methods, trained=fitted.scorers)
     sets = ood_sets(store, "test")
     splits = ["id_val", "id_test", *(s["split"] for s in sets.values())]
     with open_runner(compute) as runner:
-        scored = score_splits(store, detectors, scorers, splits, runner=runner)
+        scored = score_splits(store, detectors, scorers, splits, runner=runner, digest=fitted.digest)
     raw = {split: per_layer for split, (per_layer, _) in scored.items()}
     reference = raw.pop("id_val")
 

@@ -58,9 +58,10 @@ def test_unknown_layer_is_one_line_listing_valid_names(tmp_path, bad_params, tin
     assert "Got 'layer9'" in line and "'layer1.0.conv1'" in line and "layerscope layers" in line
 
 
-def test_unknown_detector_is_one_line_listing_available_ones(tmp_path, bad_params, blobs):
+def test_unknown_detector_is_one_line_listing_available_ones(tmp_path, bad_params, blobs, monkeypatch):
     from tests.test_scoring import write_store
 
+    monkeypatch.chdir(tmp_path)  # no project here: fit does not compare the store with a cache/model.pt
     write_store(tmp_path / "s.zarr", blobs)
     params = bad_params("fit", {"detectors": {"knm": {}}})
     result = runner.invoke(app, ["fit", "--params", params, "--features", str(tmp_path / "s.zarr"),

@@ -13,13 +13,15 @@ from tests.conftest import TINY_SPEC
 from pipeline.cli import app
 from pipeline.config import CalibrateConfig
 from pipeline.datasets import ImageSplit, SplitDataset
-from pipeline.deploy import (calibrate_guard, evaluate_guard, layer_scores, load_guard, load_thresholds, read_inputs,
-                             save_thresholds)
-from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.deploy import (build_guard, calibrate_guard, evaluate_guard, layer_scores, load_guard, load_thresholds,
+                             read_inputs, save_thresholds)
+from pipeline.errors import ConfigError, DataError, OutputError
 from pipeline.extract import extract_to_store, resolve_plan
 from pipeline.models import file_sha256, save_checkpoint
-from pipeline.scoring import fit_detectors, save_detectors
+from pipeline.provenance import ProvenanceError
+from pipeline.scoring import fit_detectors, load_detectors, save_detectors
 from pipeline.store import StoreWriter, open_store
+from stages import calibrate as calibrate_stage
 
 runner = CliRunner()
 CFG = CalibrateConfig(detector="mahalanobis", layers=("layer2", "layer1"), target_tpr=0.8)
@@ -94,8 +96,11 @@ def test_evaluation_reports_metrics_tpr_exits_and_flops_saved(project):
 
 def test_evaluation_refuses_thresholds_of_another_checkpoint(project):
     content = {**calibrate_guard(project["store"], project["fitted"], CFG), "checkpoint_sha256": "other"}
-    with pytest.raises(DataError, match=r"calibrated on features of another checkpoint .* Hint: rerun"):
-        evaluate_guard(project["store"], project["fitted"], content, [1.0, 2.0, 3.0])
+    sha = file_sha256(project["model"])
+    with pytest.raises(ProvenanceError, match=rf"^The guard thresholds 'g.json' were calibrated for checkpoint other, "
+                                              rf"but the feature store .* holds features of checkpoint {sha}. Hint: "
+                                              r"rerun `layerscope calibrate`"):
+        evaluate_guard(project["store"], project["fitted"], content, [1.0, 2.0, 3.0], thresholds_path="g.json")
 
 
 def test_load_guard_matches_the_cached_decisions(project):
@@ -109,7 +114,9 @@ def test_load_guard_matches_the_cached_decisions(project):
     thresholds = np.array([content["thresholds"][k] for k in content["layers"]])
     assert np.array_equal(result.ood, (scores > thresholds).any(axis=1))
     other = save_checkpoint(torch.nn.Linear(1, 1), TINY_SPEC, root / "other.pt")
-    with pytest.raises(ModelError, match=r"calibrated for another checkpoint than .*other.pt"):
+    with pytest.raises(ProvenanceError, match=rf"detectors '.*detectors' were fitted on features of checkpoint "
+                                              rf"{file_sha256(project['model'])}, but the model '.*other.pt' has "
+                                              rf"SHA-256 {file_sha256(other)}"):
         load_guard(other, root / "detectors", root / "guard.json")
     with pytest.raises(DataError, match=r"Guard thresholds .*missing.json' do not exist. Hint: run `layerscope "
                                         r"calibrate`"):
@@ -146,9 +153,10 @@ def test_cli_calibrate_evaluate_and_predict(project, tmp_path):
     params.write_text(yaml.safe_dump({"calibrate": {"detector": "mahalanobis", "layers": ["layer1", "layer2"],
                                                     "target_tpr": 0.8}}))
     common = ["--features", str(root / "features.zarr"), "--detectors", str(root / "detectors")]
-    result = runner.invoke(app, ["calibrate", "--params", str(params), *common, "--out", str(root / "guard.json")],
-                           terminal_width=200)
+    result = runner.invoke(app, ["calibrate", "--params", str(params), *common, "--model", str(project["model"]),
+                                 "--out", str(root / "guard.json")], terminal_width=200)
     assert result.exit_code == 0, result.output
+    assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
     assert "ID-val TPR" in result.output and "layer2" in result.output
     result = runner.invoke(app, ["guard", "evaluate", *common, "--thresholds", str(root / "guard.json"), "--model",
                                  str(project["model"]), "--out", str(root / "guard_report.json")], terminal_width=250)
@@ -171,3 +179,97 @@ def test_cli_guard_errors_are_one_line(project):
                                  str(project["root"] / "nope.json"), "--model", str(project["model"])])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "Guard thresholds" in result.output and "Hint: run `layerscope calibrate`" in result.output
+
+
+# ------------------------------------------------------------------ provenance: thresholds vs detectors vs model
+
+
+@pytest.fixture
+def other_checkpoint(project):
+    """The same architecture with other weights: its checkpoint, its store and detectors fitted on that store."""
+    from pipeline.models import init_model
+
+    root, model = project["root"] / "other", init_model(TINY_SPEC, seed=1).eval()
+    ckpt = save_checkpoint(model, TINY_SPEC, root / "model.pt")
+    plan = resolve_plan(model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(root / "features.zarr", "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(model, {n: (SplitDataset(s), s.attrs) for n, s in project["splits"].items()}, plan, writer,
+                         batch_size=5)
+        writer.finalize({"checkpoint_sha256": file_sha256(ckpt), "input_shape": [1, 8, 8]}, list(plan.layers))
+    store = open_store(root / "features.zarr")
+    save_detectors(fit_detectors(store, {"mahalanobis": {}}), root / "detectors")
+    return {"model": ckpt, "store": store, "detectors": root / "detectors"}
+
+
+def test_guard_refuses_detectors_fitted_on_another_checkpoints_features(project, other_checkpoint):
+    # issue 14: `guard predict` built this guard and flagged 200/200 ID images as OOD, exit 0
+    root = project["root"]
+    save_thresholds(calibrate_guard(project["store"], project["fitted"], CFG), root / "guard.json")
+    torch.save(torch.from_numpy(project["splits"]["id_test"].images), root / "inputs.pt")
+    result = runner.invoke(app, ["guard", "predict", str(root / "inputs.pt"), "--model", str(project["model"]),
+                                 "--detectors", str(other_checkpoint["detectors"]), "--thresholds",
+                                 str(root / "guard.json"), "--device", "cpu"], terminal_width=600)
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(result.output.splitlines()) == 1
+    ours, theirs = file_sha256(project["model"]), file_sha256(other_checkpoint["model"])
+    assert (f"were fitted on features of checkpoint {theirs}, but the model '{project['model']}' has SHA-256 {ours}"
+            in result.output)
+    # guard evaluate: the same detectors against our store
+    result = runner.invoke(app, ["guard", "evaluate", "--features", str(root / "features.zarr"), "--detectors",
+                                 str(other_checkpoint["detectors"]), "--thresholds", str(root / "guard.json"),
+                                 "--model", str(project["model"]), "--out", str(root / "r.json")], terminal_width=600)
+    assert result.exit_code == 2 and f"checkpoint {theirs}, but the feature store" in result.output
+    assert ours in result.output and not (root / "r.json").exists()
+
+
+def test_thresholds_of_other_detectors_are_refused_naming_both_digests(project):
+    root = project["root"]
+    content = calibrate_guard(project["store"], project["fitted"], CFG)
+    save_thresholds(content, root / "guard.json")
+    refit = fit_detectors(project["store"], {"mahalanobis": {}}, standardize=False)  # same store, other detectors
+    save_detectors(refit, root / "detectors")
+    message = (rf"^The guard thresholds '.*guard.json' were calibrated with the detectors of digest "
+               rf"{content['detectors_digest']}, but the detectors '.*detectors' have digest {refit.digest}. "
+               r"Hint: rerun `layerscope calibrate`")
+    with pytest.raises(ProvenanceError, match=message):
+        load_guard(project["model"], root / "detectors", root / "guard.json")
+    with pytest.raises(ProvenanceError, match=message):
+        evaluate_guard(project["store"], refit, content, [1.0, 2.0, 3.0], thresholds_path=root / "guard.json")
+
+
+def test_thresholds_for_another_model_are_refused_naming_both_hashes(project, other_checkpoint):
+    content = calibrate_guard(project["store"], project["fitted"], CFG)
+    theirs, ours = file_sha256(other_checkpoint["model"]), file_sha256(project["model"])
+    with pytest.raises(ProvenanceError, match=rf"thresholds were calibrated for checkpoint {ours}, but the model "
+                                              rf"'.*other/model.pt' has SHA-256 {theirs}"):
+        # the detectors belong to the model; the thresholds do not
+        build_guard(other_checkpoint["model"], load_detectors(other_checkpoint["detectors"]), content)
+
+
+def test_calibrate_records_what_it_was_calibrated_with_and_refuses_another_model(project, other_checkpoint):
+    root = project["root"]
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"calibrate": {"detector": "mahalanobis", "layers": ["layer1"]}}))
+    common = ["calibrate", "--params", str(params), "--features", str(root / "features.zarr"), "--detectors",
+              str(root / "detectors"), "--out", str(root / "guard.json")]
+    result = runner.invoke(app, [*common, "--model", str(other_checkpoint["model"])], terminal_width=600)
+    assert result.exit_code == 2 and file_sha256(other_checkpoint["model"]) in result.output
+    assert file_sha256(project["model"]) in result.output and not (root / "guard.json").exists()
+    assert runner.invoke(app, [*common, "--model", str(project["model"])]).exit_code == 0
+    content = load_thresholds(root / "guard.json")
+    assert content["detectors_digest"] == project["fitted"].digest and content["store_key"] == "k"
+    assert content["checkpoint_sha256"] == file_sha256(project["model"])
+
+
+def test_calibrate_refuses_a_directory_as_out_before_any_work(project, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError, match=r"--out '.*taken' is a directory; expected a file path for the guard "
+                                          r"thresholds"):
+        calibrate_stage.run({}, tmp_path / "missing.zarr", tmp_path / "missing", tmp_path / "taken")
+
+
+def test_old_thresholds_are_refused_with_a_hint(project):
+    path = project["root"] / "old.json"
+    path.write_text(json.dumps({"format": 1, "thresholds": {}}))
+    with pytest.raises(DataError, match=r"written by an older layerscope \(format 1: without the digest of the "
+                                        r"detectors .*Hint: rerun `layerscope calibrate`"):
+        load_thresholds(path)

@@ -128,6 +128,15 @@ def test_save_and_load_give_the_same_scores(heatmap_store, tmp_path):
         HeatmapScorer.load(tmp_path / "nothing")
 
 
+def test_saving_twice_gives_the_same_bytes_and_no_clock_reading(heatmap_store, tmp_path):
+    # issue 14: heatmap.json held fit_seconds, so identical runs differed
+    scorer = fitted(heatmap_store)
+    a, b = scorer.save(tmp_path / "a"), scorer.save(tmp_path / "b")
+    for name in ("decoder.pt", "heatmap.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert "seconds" not in (a / "heatmap.json").read_text()
+
+
 def test_detect_scores_with_the_decoder_fit_saved(heatmap_store, tmp_path):
     scorer = fitted(heatmap_store)
     saved = save_detectors(FittedDetectors(provenance={"checkpoint_sha256": "abc"}, scorers={"heatmap": scorer}),

@@ -71,7 +71,8 @@ class HeatmapScorer(BaseScorer):
     history_ : list of float
         Mean training loss per epoch.
     fit_seconds_ : float
-        Wall time of the training loop.
+        Wall time of the training loop (logged; not saved: a clock reading
+        would make the saved files differ between identical runs).
     n_train_, n_outliers_ : int
         ID-train and outlier rows trained on.
     """
@@ -190,7 +191,13 @@ class HeatmapScorer(BaseScorer):
                               device=resolve_device(self.device))
 
     def save(self, directory) -> Path:
-        """Write ``decoder.pt`` (the state_dict) and ``heatmap.json`` (params, shapes, loss history)."""
+        """Write ``decoder.pt`` (the state_dict) and ``heatmap.json`` (params, shapes, loss history).
+
+        No clock reading goes in (the training time is logged by :meth:`fit`):
+        saving the same decoder twice gives the same bytes in both files
+        (``torch.save`` of a state_dict is deterministic: fixed zip timestamps,
+        the archive named after the file).
+        """
         import torch
 
         self._check_fitted()
@@ -201,9 +208,9 @@ class HeatmapScorer(BaseScorer):
         meta = {"params": {**self.get_params(), "betas": list(self.betas), "aux_sets": list(self.aux_sets)},
                 "decoder": {"feature_dim": d.feature_dim, "n_classes": d.n_classes, "image_shape": list(d.image_shape),
                             "skip_shapes": [list(s) for s in d.skip_shapes], "width": d.width},
-                "skip_layers": self.skip_layers_, "history": self.history_, "fit_seconds": round(self.fit_seconds_, 3),
-                "n_train": self.n_train_, "n_outliers": self.n_outliers_}
-        (directory / META).write_text(json.dumps(meta, indent=2))
+                "skip_layers": self.skip_layers_, "history": self.history_, "n_train": self.n_train_,
+                "n_outliers": self.n_outliers_}
+        (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -223,7 +230,7 @@ class HeatmapScorer(BaseScorer):
         scorer.decoder_.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
         scorer.decoder_.eval()
         scorer.skip_layers_, scorer.n_classes_ = meta["skip_layers"], meta["decoder"]["n_classes"]
-        scorer.history_, scorer.fit_seconds_ = meta["history"], meta["fit_seconds"]
+        scorer.history_ = meta["history"]
         scorer.n_train_, scorer.n_outliers_ = meta["n_train"], meta["n_outliers"]
         return scorer
 

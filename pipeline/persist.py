@@ -1,0 +1,234 @@
+"""Fitted estimators on disk without pickles: skops files, byte-reproducible, loaded from an allowlist.
+
+Why not joblib/pickle: unpickling runs whatever the file says (``__reduce__``
+can name ``os.system``), so a crafted ``.joblib`` in a detectors directory runs
+code on ``layerscope detect``. A skops file (:mod:`skops.io`) is a zip of
+``schema.json`` (a tree of typed nodes) and ``.npy`` arrays (read with
+``allow_pickle=False``). :func:`load` audits the tree before anything is built
+(``skops.io.get_untrusted_types`` imports nothing) and refuses any type outside
+the caller's allowlist, naming the file and the type; ``trusted=True`` is never
+used.
+
+Trusting ``sklearn.tree._tree.Tree`` (an isolation forest's trees) or a
+neighbours index is trusting their arrays: skops warns that a crafted tree
+with out-of-range node indices loads, and then reads out of bounds when
+scoring (a crash, not code execution). Files are sealed
+(:mod:`pipeline.artifacts`), so only a file rewritten together with its seal
+gets that far.
+
+Why canonicalise: skops output is not a function of the estimator alone.
+
+* zip entries carry the wall-clock time of the dump;
+* the ``.npy`` members are named after Python ``id()``\\ s, and every node of
+  ``schema.json`` holds its object's ``id()`` as ``__id__`` (memory addresses:
+  they differ between processes, and often between two dumps in one);
+* a set is written in iteration order, which for strings depends on the hash
+  seed of the process;
+* the padding bytes of a structured array (a fitted tree's ``nodes``: 57
+  bytes of fields in a 64-byte record) are whatever memory held.
+
+:func:`dumps` therefore rewrites the archive: set elements in a content order,
+``__id__``\\ s renumbered 1, 2, ... and members renamed 0.npy, 1.npy, ... in a
+depth-first walk of the schema (in its own key order), entries in that order
+with a fixed timestamp and mode, no compression, and padding bytes zeroed (no
+field reads them). ``__id__`` only says which
+nodes are one object (skops memoises nodes by it on load), so a renumbering
+that is one-to-one keeps the meaning; ids start at 1 because skops ignores a
+falsy id. The same fitted estimator then gives the same bytes in any process,
+so DVC's hash of a fitted detector changes only when the detector does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+from pipeline.artifacts import atomic_write
+from pipeline.errors import IntegrityError
+
+SCHEMA = "schema.json"
+SUFFIX = ".skops"
+#: The earliest time a zip entry can hold: no clock reading in the file.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_STRUCTURED = b"'descr': ["  # how an .npy header starts the description of a structured dtype
+_DEFAULT_HINT = "it was not written by layerscope; rerun the stage that writes it."
+
+
+def dump(obj, path) -> Path:
+    """Write ``obj`` to ``path`` as a canonical skops file, atomically.
+
+    Parameters
+    ----------
+    obj : object
+        A fitted estimator (anything :func:`skops.io.dumps` supports).
+    path : path-like
+
+    Returns
+    -------
+    Path
+    """
+    return atomic_write(path, dumps(obj))
+
+
+def dumps(obj) -> bytes:
+    """The canonical skops bytes of ``obj``: the same object state always gives the same bytes."""
+    import skops.io
+
+    return canonicalise(skops.io.dumps(obj))
+
+
+def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
+    """Load a skops file, refusing any type outside ``allowlist`` before anything is built.
+
+    Parameters
+    ----------
+    path : path-like
+    allowlist : collection of str
+        Fully qualified type names (``"sklearn.tree._tree.Tree"``) trusted
+        beyond skops' own defaults (builtins, numpy, scikit-learn estimators).
+    hint : str
+        Ends the refusal: how to get a trustworthy file.
+
+    Returns
+    -------
+    object
+
+    Raises
+    ------
+    IntegrityError
+        ``path`` is not a skops file (e.g. a pickle), is malformed, or declares
+        a type outside ``allowlist``: one line naming the file (and the type).
+    """
+    import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        # skops audits the whole node tree against the allowlist before it imports or builds anything
+        return skops.io.loads(data, trusted=sorted(allowlist))
+    except zipfile.BadZipFile:
+        raise IntegrityError(f"Refusing to load '{path}': it is not a skops file (pickles and joblib files are never "
+                             f"loaded: they can run code). Hint: {hint}") from None
+    except UntrustedTypesFoundException:
+        refused = sorted(set(skops.io.get_untrusted_types(data=data)) - set(allowlist))
+        raise IntegrityError(f"Refusing to load '{path}': it declares type '{refused[0]}'"
+                             f"{f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''}, which is not a type "
+                             f"layerscope trusts there. Hint: {hint}") from None
+    except (KeyError, ValueError, TypeError) as exc:  # a malformed schema, a member it names missing, bad arrays
+        raise IntegrityError(f"Refusing to load '{path}': not a valid skops file ({type(exc).__name__}: "
+                             f"{_one_line(exc)}). Hint: {hint}") from None
+
+
+# ------------------------------------------------------------------ canonical form
+
+
+def canonicalise(raw: bytes) -> bytes:
+    """Rewrite skops bytes into their canonical form (see the module's docs)."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as src:
+        schema = json.loads(src.read(SCHEMA))
+        members = {name for name in src.namelist() if name != SCHEMA}
+        renamer = _Renamer(members)
+        schema = renamer.walk(schema)
+        orphans = members - set(renamer.files)
+        if orphans:  # skops wrote a member its schema does not name: this code does not know the format
+            raise RuntimeError(f"skops wrote members its schema does not name: {sorted(orphans)}")
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+            _write(dst, SCHEMA, json.dumps(schema, separators=(",", ":")).encode())  # compact: 3x smaller, faster
+            for old, new in renamer.files.items():  # in walk order
+                data = src.read(old)
+                _write(dst, new, _zero_padding(data) if new.endswith(".npy") else data)
+    return out.getvalue()
+
+
+def _zero_padding(data: bytes) -> bytes:
+    """An ``.npy`` file with the padding bytes of its structured records set to zero (header untouched)."""
+    import numpy as np
+
+    if _STRUCTURED not in data[:4096]:  # the header of a plain array (a false hit only costs the parse below)
+        return data
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    _, _, dtype = read_header(buffer)
+    if dtype.names is None or dtype.itemsize == 0:
+        return data
+    padding = ~_covered(dtype)
+    if not padding.any():
+        return data
+    out = bytearray(data)
+    records = np.frombuffer(out, dtype=np.uint8, offset=buffer.tell()).reshape(-1, dtype.itemsize)
+    records[:, padding] = 0
+    return bytes(out)
+
+
+def _covered(dtype) -> "np.ndarray":
+    """``(itemsize,)`` bool: the bytes of one record that some field (at any depth) occupies."""
+    import numpy as np
+
+    mask = np.zeros(dtype.itemsize, dtype=bool)
+    if dtype.names is None and dtype.subdtype is None:
+        mask[:] = True
+    elif dtype.subdtype is not None:  # a fixed-size array of ``base``
+        base, shape = dtype.subdtype
+        mask[:] = np.tile(_covered(base), int(np.prod(shape)))
+    else:
+        for name in dtype.names:
+            field, offset = dtype.fields[name][:2]
+            mask[offset:offset + field.itemsize] |= _covered(field)
+    return mask
+
+
+class _Renamer:
+    """Depth-first walk of a skops schema: ``__id__`` -> 1, 2, ...; member files -> 0.npy, 1.npy, ...
+
+    A set's elements are put in an order of their content first (not of the
+    process's hash seed), so the numbering that follows is fixed too.
+    """
+
+    def __init__(self, members):
+        self.members = members
+        self.ids: dict[int, int] = {}
+        self.files: dict[str, str] = {}
+
+    def walk(self, value):
+        if isinstance(value, list):
+            return [self.walk(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        node = "__loader__" in value
+        if node and value["__loader__"] == "SetNode" and isinstance(value.get("content"), list):
+            value = {**value, "content": sorted(value["content"],
+                                                key=lambda item: json.dumps(_without_ids(item), sort_keys=True))}
+        out = {}
+        for key, item in value.items():
+            if node and key == "__id__" and isinstance(item, int):
+                out[key] = self.ids.setdefault(item, len(self.ids) + 1)
+            elif node and key == "file" and item in self.members:
+                out[key] = self.files.setdefault(item, f"{len(self.files)}{Path(item).suffix}")
+            else:
+                out[key] = self.walk(item)
+        return out
+
+
+def _without_ids(value):
+    if isinstance(value, list):
+        return [_without_ids(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: _without_ids(v) for k, v in value.items() if k not in ("__id__", "file")}
+
+
+def _write(archive: zipfile.ZipFile, name: str, data: bytes):
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3  # unix, whatever the platform
+    info.external_attr = 0o644 << 16
+    archive.writestr(info, data)
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -1,0 +1,147 @@
+"""Fitted detectors on disk: skops files with canonical bytes, loaded from an allowlist, never a pickle.
+
+Regression tests for issue 14 ("Pickles": a crafted ``.joblib`` in a detectors
+directory ran code on ``layerscope detect``; skops output held clock readings
+and ``id()``s, so identical fits gave different bytes).
+"""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skops.io
+
+from pipeline import persist
+from pipeline.detectors import available_detectors, make_detector
+from pipeline.errors import IntegrityError
+from pipeline.scoring import trusted_types
+
+# the default set of params.yaml, scaled down, and every other registered detector with its defaults
+PARAMS = {"iforest": {"n_estimators": 20, "random_state": 0}, "knn": {"n_neighbors": 10},
+          "ocsvm": {"nu": 0.1, "gamma": "scale"}, "knn_l2": {"k": 20}, "laood_ocsvm": {"nu": 0.01}}
+
+FIT_AND_HASH = """
+import hashlib, json, sys
+import numpy as np
+from pipeline import persist
+from tests.conftest import make_blobs
+from tests.test_persist import fit, SET
+b = make_blobs(np.random.default_rng(0))
+out = {name: hashlib.sha256(persist.dumps(fit(name, b))).hexdigest() for name in sys.argv[1:]}
+out["set"] = hashlib.sha256(persist.dumps(SET)).hexdigest()
+print(json.dumps(out))
+"""
+SET = {"names": set("abcdefghij"), "n": 3}
+
+
+def fit(name, blobs):
+    det = make_detector(name, PARAMS.get(name, {}))
+    return det.fit(blobs.X_train, blobs.y_train if det.requires_labels else None)
+
+
+def test_every_detector_round_trips_with_equal_scores_and_canonical_bytes(blobs):
+    for name in available_detectors():
+        det = fit(name, blobs)
+        data = persist.dumps(det)
+        assert data == persist.dumps(det), name  # one process, two dumps: same bytes
+        loaded = skops.io.loads(data, trusted=sorted(trusted_types()))
+        # before scoring: a KD-tree counts its queries in its state
+        assert persist.dumps(loaded) == data, name  # the canonical form survives a round trip
+        np.testing.assert_array_equal(loaded.score(blobs.X_ood), det.score(blobs.X_ood), err_msg=name)
+
+
+def test_bytes_do_not_depend_on_the_process(blobs):
+    # another process has other id()s, another clock and another hash seed (set order)
+    names = ["iforest", "knn", "mahalanobis", "laood_ocsvm"]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", FIT_AND_HASH, *names], env=env, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    there = json.loads(out.strip().splitlines()[-1])
+    here = {name: hashlib.sha256(persist.dumps(fit(name, blobs))).hexdigest() for name in names}
+    here["set"] = hashlib.sha256(persist.dumps(SET)).hexdigest()
+    assert here == there
+
+
+def test_canonical_archive_has_no_clock_and_no_ids(blobs):
+    with zipfile.ZipFile(io.BytesIO(persist.dumps(fit("knn", blobs)))) as archive:
+        infos = archive.infolist()
+        schema = json.loads(archive.read("schema.json"))
+    assert {info.date_time for info in infos} == {persist.ZIP_EPOCH}
+    assert [info.filename for info in infos[:3]] == ["schema.json", "0.npy", "1.npy"]
+    ids = [int(m) for m in re.findall(r'"__id__": (\d+)', json.dumps(schema))]
+    assert min(ids) == 1 and max(ids) < 1000  # renumbered, not memory addresses
+
+
+def crafted_skops(module, name, argument) -> bytes:
+    """A skops file whose loading calls ``module.name(argument)`` (what a trusting loader would run)."""
+    schema = {"__class__": name, "__module__": module, "__loader__": "ConstructorFromReduceNode", "__id__": 1,
+              "content": {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode", "__id__": 2,
+                          "content": [{"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+                                       "content": json.dumps(argument), "is_json": True, "__id__": 3}]},
+              "protocol": skops.io._protocol.PROTOCOL, "_skops_version": skops.__version__}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("schema.json", json.dumps(schema))
+    return buffer.getvalue()
+
+
+class Touch:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("module, name, code", [
+    ("os", "system", "touch {marker}"),
+    ("builtins", "exec", "open({marker!r}, 'w').close()"),
+])
+def test_a_crafted_skops_file_is_refused_and_runs_nothing(tmp_path, module, name, code):
+    marker = tmp_path / "ran"
+    data = crafted_skops(module, name, code.format(marker=str(marker)))
+    skops.io.loads(data, trusted=[f"{module}.{name}"])  # the file is live: a loader that trusts it runs it
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "det.skops").write_bytes(data)
+    with pytest.raises(IntegrityError, match=rf"^Refusing to load '.*det.skops': it declares type '{module}.{name}', "
+                                             r"which is not a type layerscope trusts there. Hint: "):
+        persist.load(tmp_path / "det.skops", trusted_types())
+    assert not marker.exists()
+
+
+def test_a_pickle_is_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "det.skops").write_bytes(pickle.dumps(Touch(marker)))
+    with pytest.raises(IntegrityError, match=r"^Refusing to load '.*det.skops': it is not a skops file \(pickles and "
+                                             r"joblib files are never loaded: they can run code\). Hint: "):
+        persist.load(tmp_path / "det.skops", trusted_types())
+    assert not marker.exists()
+
+
+def test_a_malformed_skops_file_is_one_line(tmp_path, blobs):
+    data = persist.dumps(fit("mahalanobis", blobs))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(buffer, "w") as dst:
+        dst.writestr("schema.json", src.read("schema.json"))  # the arrays it names are gone
+    (tmp_path / "det.skops").write_bytes(buffer.getvalue())
+    with pytest.raises(IntegrityError, match=r"^Refusing to load '.*det.skops': not a valid skops file \(KeyError: "):
+        persist.load(tmp_path / "det.skops", trusted_types())
+
+
+def test_trusted_types_come_from_the_registry():
+    trusted = trusted_types()
+    assert {"pipeline.detectors.standardized.Standardized", "pyod.models.iforest.IForest", "pyod.models.lof.LOF",
+            "sklearn.tree._tree.Tree", "sklearn.neighbors._kd_tree.KDTree"} <= trusted
+    assert not {t for t in trusted if t.startswith(("os.", "builtins.", "subprocess."))}
