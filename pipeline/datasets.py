@@ -669,11 +669,12 @@ def _is_old_benchmark(path):
     return (path / MANIFEST).is_file()
 
 
-# The DVC run cache holds every benchmark generate wrote, so `dvc repro` puts a
-# damaged one back ("Stage 'generate' is cached - skipping run, checking out
-# outputs"), or reruns generate if it is not cached; outside DVC, generate rewrites it.
+# The DVC run cache holds every benchmark generate wrote, so `dvc repro generate`
+# puts a damaged one back ("Stage 'generate' is cached - skipping run, checking
+# out outputs"), or reruns generate if it is not cached (tests/test_e2e_inputs.py
+# runs this hint); outside DVC, generate rewrites it.
 KIND = Kind("benchmark", marker=_is_old_benchmark,
-            hint="run `dvc repro` (it restores the benchmark from the DVC cache, or rewrites it), or "
+            hint="run `dvc repro generate` (it restores the benchmark from the DVC cache, or rewrites it), or "
                  "`layerscope generate` outside DVC.")
 
 

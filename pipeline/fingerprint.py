@@ -33,6 +33,7 @@ import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -264,6 +265,100 @@ def file_entry(path, cache: HashCache | None = None) -> dict:
     return {"bytes": size, "sha256": sha}
 
 
+# ------------------------------------------------------------------ which files each source reads
+# Kept free of torch: the inputs stage runs on every `dvc repro` and must start fast.
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The files one data set's loader reads (see :func:`source_files`).
+
+    Attributes
+    ----------
+    base : str
+        The directory they are relative to (under ``root``, as given).
+    location : str
+        ``base`` relative to ``root`` (as configured: an absolute
+        ``imagefolder`` path stays absolute); never the root itself.
+    files : list of str
+        Present files, relative to ``base``, sorted.
+    missing : list of str
+        Expected files that are absent, relative to ``base`` (``"."`` for a
+        missing image folder, or one without class folders).
+    """
+
+    base: str
+    location: str
+    files: list
+    missing: list
+
+
+# Per torchvision set: (folder under root, {part: files read}, files every part reads). torchvision's
+# MNIST also checks that the other part's files exist, and CIFAR checks every file's md5 (any edit
+# fails the load), but only these bytes become images (tests/test_sources.py empties every other file).
+_TORCHVISION_FILES = {
+    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                ["batches.meta"]),
+    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, ["meta"]),
+    "svhn": (".", {"train": ["train_32x32.mat"], "test": ["test_32x32.mat"]}, []),
+    **{name: (f"{folder}/raw", {part: [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+                                for part, prefix in (("train", "train"), ("test", "t10k"))}, [])
+       for name, folder in (("mnist", "MNIST"), ("fashionmnist", "FashionMNIST"))},
+}
+# torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder takes (case-insensitive)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _folder_files(base):
+    """What ``ImageFolder(base)`` reads, walked as torchvision's ``find_classes``/``make_dataset`` walk it."""
+    try:
+        classes = sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        classes = []
+    if not classes:
+        return [], ["."]
+    files = []
+    for cls in classes:
+        for root, _, names in sorted(os.walk(os.path.join(base, cls), followlinks=True)):
+            files += [os.path.relpath(os.path.join(root, n), base) for n in sorted(names)
+                      if n.lower().endswith(IMG_EXTENSIONS)]
+    return files, []
+
+
+def source_files(name, root, part="test", path=None) -> SourceFiles:
+    """The files :func:`pipeline.sources.load_source` reads for one data set, found without reading them.
+
+    Parameters
+    ----------
+    name : str
+        A source name (``"cifar10"``, ``"imagefolder"``, ...).
+    root : str or path-like
+    part : {"train", "test"}
+        Ignored by ``imagefolder``.
+    path : str, optional
+        The ``imagefolder`` directory (relative to ``root`` unless absolute).
+
+    Returns
+    -------
+    SourceFiles
+        For ``imagefolder`` every image under its class folders, in
+        ``ImageFolder``'s order; for the torchvision sets the files of
+        ``part`` and their meta file; nothing for ``constant``.
+    """
+    root = os.fspath(root)
+    if name == "imagefolder":
+        base = os.path.join(root, path)
+        files, missing = _folder_files(base)
+        return SourceFiles(base, os.fspath(path), files, missing)
+    if name not in _TORCHVISION_FILES:  # constant: generated, nothing on disk
+        return SourceFiles(root, ".", [], [])
+    location, per_part, common = _TORCHVISION_FILES[name]
+    base = os.path.normpath(os.path.join(root, location))
+    names = per_part[part] + common
+    present = [f for f in names if os.path.isfile(os.path.join(base, f))]
+    return SourceFiles(base, location, sorted(present), sorted(set(names) - set(present)))
+
+
 # ------------------------------------------------------------------ what the inputs stage writes
 
 
@@ -289,8 +384,6 @@ def generate_inputs(cfg, cache: HashCache | None = None) -> dict:
         (torchvision downloads them with ``generate.download: true``). The
         ``digits`` benchmark reads no files: ``data`` is empty.
     """
-    from pipeline.sources import source_files
-
     params = dataclasses.asdict(cfg)
     del params["root"]  # where the data is, not what it is: the content below covers it
     data = {}

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchvision import datasets, transforms
-from torchvision.datasets import folder
 
 from pipeline.errors import DataError, invalid_param
+from pipeline.fingerprint import SourceFiles, digest_files, source_files  # noqa: F401  (source_files re-exported)
 
 _OWNER = "load_source"
 PARTS = ("train", "test")
@@ -338,86 +338,6 @@ def source_classes(dataset):
     return list(classes) if classes is not None else None
 
 
-@dataclass(frozen=True)
-class SourceFiles:
-    """The files one data set's loader reads.
-
-    Attributes
-    ----------
-    base : str
-        The directory they are relative to (under ``root``, as given).
-    location : str
-        ``base`` relative to ``root`` (as configured: an absolute
-        ``imagefolder`` path stays absolute); never the root itself.
-    files : list of str
-        Present files, relative to ``base``, sorted.
-    missing : list of str
-        Expected files that are absent, relative to ``base`` (``"."`` for a
-        missing image folder).
-    """
-
-    base: str
-    location: str
-    files: list
-    missing: list
-
-
-def _torchvision_files(name, part):
-    """``(folder relative to root, [file names])`` that torchvision's loader reads for ``part``."""
-    if name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        listed = cls.train_list if part == "train" else cls.test_list
-        return cls.base_folder, [f for f, _ in listed] + [cls.meta["filename"]]
-    if name == "svhn":
-        return ".", [datasets.SVHN.split_list[part][1]]
-    prefix = "train" if part == "train" else "t10k"  # MNIST, FashionMNIST: ROOT/<class name>/raw
-    folder = "MNIST" if name == "mnist" else "FashionMNIST"
-    return f"{folder}/raw", [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-
-
-def _folder_files(base):
-    """What ``ImageFolder(base)`` reads: image files under its class folders (torchvision's own walk)."""
-    try:
-        _, class_to_idx = folder.find_classes(base)
-    except FileNotFoundError:  # no such folder, or no class folder in it
-        return [], ["."]
-    samples = folder.make_dataset(base, class_to_idx, extensions=folder.IMG_EXTENSIONS, allow_empty=True)
-    return sorted(os.path.relpath(path, base) for path, _ in samples), []
-
-
-def source_files(name, root, part="test", path=None) -> SourceFiles:
-    """The files :func:`load_source` reads for one data set, found without reading them.
-
-    Parameters
-    ----------
-    name : str
-        A key of :data:`SOURCES`.
-    root : str or path-like
-    part : {"train", "test"}
-        Ignored by ``imagefolder``.
-    path : str, optional
-        The ``imagefolder`` directory (relative to ``root`` unless absolute).
-
-    Returns
-    -------
-    SourceFiles
-        For ``imagefolder`` every image under its class folders, as
-        ``ImageFolder`` walks them; for the torchvision sets the files of
-        ``part`` (and the meta file); nothing for ``constant``.
-    """
-    root = os.fspath(root)
-    if name == "constant":
-        return SourceFiles(root, ".", [], [])
-    if name == "imagefolder":
-        base = os.path.join(root, path)
-        files, missing = _folder_files(base)
-        return SourceFiles(base, os.fspath(path), files, missing)
-    location, names = _torchvision_files(name, part)
-    base = os.path.normpath(os.path.join(root, location))
-    present = [f for f in names if os.path.isfile(os.path.join(base, f))]
-    return SourceFiles(base, location, sorted(present), sorted(set(names) - set(present)))
-
-
 def data_signature(name, root, part, dataset, indices, path=None, cache=None):
     """The content of the files behind the chosen samples, wherever ``root`` is.
 
@@ -444,8 +364,6 @@ def data_signature(name, root, part, dataset, indices, path=None, cache=None):
         stat-keyed cache when unchanged), so a same-size edit changes it and an
         identical copy under another root does not. Empty (no files) for ``constant``.
     """
-    from pipeline.fingerprint import digest_files
-
     if name == "imagefolder":
         base = os.path.join(os.fspath(root), path)
         files = [os.path.relpath(dataset.samples[i][0], base) for i in np.asarray(indices).tolist()]

@@ -56,9 +56,11 @@ log = logging.getLogger(__name__)
 
 BENCHMARK = "sources"
 INDEX_SUFFIX = ".index.npz"
-# `dvc repro` reruns generate when the data changed: its always-changed `inputs`
-# stage fingerprints the files and generate depends on that fingerprint.
-REGENERATE_HINT = "run `dvc repro` (its inputs stage sees the change and reruns generate), or `layerscope generate`"
+# `dvc repro generate` reruns generate when the data changed: it runs the
+# always-changed `inputs` stage first, which fingerprints the files, and
+# generate depends on that fingerprint (tests/test_e2e_inputs.py runs this hint).
+REGENERATE_HINT = ("rerun generate with `dvc repro generate` (its inputs stage sees the changed files), or "
+                   "`layerscope generate` outside DVC")
 _INDEX_KEYS = ("name", "indices", "labels", "attrs")
 
 

@@ -9,9 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.fingerprint import IMG_EXTENSIONS
 from pipeline.sources import EXPECTED_LAYOUT, SOURCES, capped_subset, data_signature, load_source, source_files
 from tests import fakedata
 
@@ -201,6 +203,7 @@ def test_source_files_of_an_imagefolder_are_its_samples(tmp_path, rng):
     assert source_files("imagefolder", tmp_path, path="nope").missing == ["."]
     assert source_files("cifar10", tmp_path, "test").missing == ["batches.meta", "test_batch"]
     assert source_files("constant", tmp_path).files == []
+    assert IMG_EXTENSIONS == torchvision.datasets.folder.IMG_EXTENSIONS
 
 
 def test_data_signature_is_content_based_and_root_free(tmp_path, rng):

@@ -445,9 +445,10 @@ def test_changed_data_is_refused(bench, data_root, change):
     assert len(open_benchmark(directory, root=data_root)) == len(splits)
     changed = change(data_root, splits)
     for name in changed:
-        # the hint is a command that reruns generate: `dvc repro` runs the inputs stage, which sees the change
-        with pytest.raises(DataError, match=rf"(?i)split '{name}'.*changed since generate.*Hint: run `dvc repro` "
-                                            r"\(its inputs stage sees the change and reruns generate\)"):
+        # the hint is a command that reruns generate: `dvc repro generate` runs the inputs stage first, which
+        # sees the change (tests/test_e2e_inputs.py runs it)
+        with pytest.raises(DataError, match=rf"(?i)split '{name}'.*changed since generate.*Hint: rerun generate "
+                                            r"with `dvc repro generate` \(its inputs stage sees the changed files\)"):
             open_benchmark(directory, [name], root=data_root)
     with pytest.raises(DataError, match="changed since generate"):
         open_benchmark(directory, root=data_root)
