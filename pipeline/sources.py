@@ -34,7 +34,7 @@ import torch
 from torchvision import datasets, transforms
 
 from pipeline.errors import DataError, invalid_param
-from pipeline.fingerprint import SourceFiles, digest_files, source_files  # noqa: F401  (source_files re-exported)
+from pipeline.fingerprint import digest_files, source_files  # noqa: F401  (source_files: re-exported)
 
 _OWNER = "load_source"
 PARTS = ("train", "test")

@@ -187,8 +187,8 @@ def _id_splits(cfg, cache):
         classes = [str(c) for c in np.unique(train_y)]
     if source_classes(test_ds) not in (None, classes) or (len(test_y) and test_y.max() >= len(classes)):
         raise DataError(f"The ID test set {_describe(test_loader, cfg.root)} does not have the classes of the ID "
-                        f"train set {_describe(train_loader, cfg.root)} ({len(classes)} classes). Hint: point generate.id_test at "
-                        "the same data set's test part.")
+                        f"train set {_describe(train_loader, cfg.root)} ({len(classes)} classes). Hint: point "
+                        "generate.id_test at the same data set's test part.")
     extra = {"classes": classes}
     train_idx = _choose(len(train_ds), cfg.id_train.n or cfg.max_train, _stream(cfg.seed, "id_train"))
     test_idx = _choose(len(test_ds), cfg.id_test.n or cfg.max_test, _stream(cfg.seed, "id_test"))

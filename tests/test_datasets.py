@@ -338,7 +338,8 @@ def test_an_old_unsealed_benchmark_is_replaced_but_refused_on_read(by_name, tmp_
     directory = tmp_path / "bench"
     directory.mkdir()
     (directory / "manifest.json").write_text('{"benchmark": "digits", "splits": {}}')  # before seals existed
-    with pytest.raises(IntegrityError, match=r"benchmark '.*bench' has no layerscope\.json.*Hint: run `dvc repro generate`"):
+    with pytest.raises(IntegrityError, match=r"benchmark '.*bench' has no layerscope\.json.*"
+                                             r"Hint: run `dvc repro generate`"):
         check_benchmark(directory)
     write_benchmark([by_name["id_val"]], directory)
     assert list(check_benchmark(directory)["splits"]) == ["id_val"]
@@ -364,8 +365,8 @@ def test_a_split_file_changed_by_hand_is_refused(by_name, tmp_path, change, prob
     directory = write_benchmark([by_name[n] for n in ("id_val", "id_test", "faces_test")], tmp_path / "bench")
     original = (directory / "id_test.npz").read_bytes()
     change(directory, "id_test")
-    with pytest.raises(IntegrityError, match=rf"benchmark '.*bench' is damaged: {problem}.*Hint: run `dvc repro generate` "
-                                             r"\(it restores the benchmark from the DVC cache"):
+    with pytest.raises(IntegrityError, match=rf"benchmark '.*bench' is damaged: {problem}.*Hint: run "
+                                             r"`dvc repro generate` \(it restores the benchmark from the DVC cache"):
         check_benchmark(directory, ["id_test"])
     with pytest.raises(IntegrityError, match=problem):
         check_benchmark(directory)
