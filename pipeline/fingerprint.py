@@ -92,13 +92,13 @@ class HashCache:
         self._db = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")  # concurrent readers (dvc queue -j N) with one writer
-            db.execute(_SCHEMA)
-            db.commit()
-            self._db = db
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")  # concurrent readers (dvc queue -j N) with one writer
+            self._db.execute(_SCHEMA)
+            self._db.commit()
         except (OSError, sqlite3.Error) as exc:
             log.warning("hash cache '%s' unusable (%s): hashing every file", self.path, exc)
+            self.close()
 
     def close(self):
         if self._db is not None:
@@ -134,9 +134,11 @@ class HashCache:
         start_ns = time.time_ns()
         stats = [_stat(p) for p in paths]
         keys = [_stat_key(st) for st in stats]
-        known = self._lookup(paths)
-        digests = [known.get(p, (None, None))[1] if known.get(p, (None,))[0] == k else None
-                   for p, k in zip(paths, keys)]
+        known = self._lookup(paths)  # path -> (stat key, digest) as remembered
+        digests = []
+        for path, key in zip(paths, keys):
+            remembered, digest = known.get(path, (None, None))
+            digests.append(digest if remembered == key else None)
         todo = [i for i, d in enumerate(digests) if d is None]
         self.hits += len(paths) - len(todo)
         self.misses += len(todo)
