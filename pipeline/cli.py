@@ -164,6 +164,17 @@ def init(preset: str = typer.Option(None, "--preset", "-p", help="A preset in co
 
 @app.command()
 @user_errors
+def inputs(params: Path = ParamsOpt,
+           generate_out: Path = typer.Option(None, "--generate", help="[paths.inputs_generate]"),
+           train_out: Path = typer.Option(None, "--train", help="[paths.inputs_train]")):
+    """Fingerprint by content what DVC cannot see: the data under generate.root, train.checkpoint/weights."""
+    from stages import inputs as stage
+
+    stage.run(params, _path(generate_out, "inputs_generate"), _path(train_out, "inputs_train"))
+
+
+@app.command()
+@user_errors
 def generate(params: Path = ParamsOpt, out: Path = typer.Option(None, help="Data directory [dvc.yaml: paths.data].")):
     """Write the benchmark: the embedded digits images, or index files over your data (generate.benchmark)."""
     from stages import generate as stage

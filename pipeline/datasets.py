@@ -15,7 +15,9 @@ chosen on val, and only test is reported.
 
 Each split is one ``<name>.npz`` file (``images``, ``labels``, plus ``name`` and
 ``attrs`` as JSON strings; no pickles) and a benchmark directory also holds
-``manifest.json`` with every split's attrs and fingerprint.
+``manifest.json`` with every split's attrs and fingerprint, and ``layerscope.json``
+(the seal of :mod:`pipeline.artifacts`: every file's size and SHA-256), which
+readers check before they trust a file (:func:`check_benchmark`).
 """
 
 import hashlib
@@ -23,10 +25,8 @@ import json
 import logging
 import math
 import numbers
-import os
 import pathlib
 import shutil
-import tempfile
 import typing
 import zipfile
 import zlib
@@ -38,7 +38,9 @@ from skimage import color, data, transform, util
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from pipeline.errors import DataError, invalid_param
+from pipeline.artifacts import (SEAL, Kind, artifact_lock, check_output, check_sealed, file_sha256, publish_dir, seal,
+                                staging_dir)
+from pipeline.errors import DataError, IntegrityError, invalid_param
 
 logger = logging.getLogger(__name__)
 
@@ -663,38 +665,27 @@ def _write_all(splits, directory):
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _check_target(directory):
-    """Refuse to replace anything but an earlier benchmark (or an empty directory)."""
-    if not directory.exists():
-        return
-    replaceable = directory.is_dir() and (
-        (directory / MANIFEST).is_file() or not any(directory.iterdir())
-    )
-    if not replaceable:
-        raise DataError(
-            f"Refusing to overwrite '{directory}': it exists and is not a benchmark "
-            f"directory (no {MANIFEST}). Choose another path or remove it."
-        )
+def _is_old_benchmark(path):
+    return (path / MANIFEST).is_file()
 
 
-def _replace(tmp, directory):
-    """Move ``tmp`` to ``directory``, replacing an earlier benchmark there."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    # Move the old one aside first: rename cannot replace a non-empty directory.
-    old = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-    os.replace(directory, old / directory.name)
-    os.replace(tmp, directory)
-    shutil.rmtree(old)
+# The DVC run cache holds every benchmark generate wrote, so `dvc repro generate`
+# puts a damaged one back ("Stage 'generate' is cached - skipping run, checking
+# out outputs"), or reruns generate if it is not cached (tests/test_e2e_inputs.py
+# runs this hint); outside DVC, generate rewrites it.
+KIND = Kind("benchmark", marker=_is_old_benchmark,
+            hint="run `dvc repro generate` (it restores the benchmark from the DVC cache, or rewrites it), or "
+                 "`layerscope generate` outside DVC.")
 
 
 def write_benchmark(splits, directory):
-    """Write every split and ``manifest.json`` to ``directory``, atomically.
+    """Write every split and ``manifest.json`` to ``directory``, atomically, sealed.
 
-    The files go to a temporary sibling directory that is renamed into place
-    only once complete, so an interrupted run never leaves a directory that
-    looks finished. An existing benchmark directory is replaced.
+    The files are built in a staging directory, sealed (``layerscope.json``:
+    every file's size and SHA-256, see :func:`pipeline.artifacts.seal`) and
+    swapped in by :func:`pipeline.artifacts.publish_dir`, so a reader sees the
+    old benchmark, the new one or none, never a mixture. An existing benchmark
+    directory is replaced; anything else at ``directory`` is refused.
 
     Parameters
     ----------
@@ -711,23 +702,76 @@ def write_benchmark(splits, directory):
     Raises
     ------
     DataError
-        If split names repeat, or ``directory`` exists and is not a benchmark.
+        If split names repeat.
+    OutputError
+        ``directory`` exists and is not a benchmark (or cannot be written).
     """
     _check_splits(splits)
-    directory = pathlib.Path(directory)
-    _check_target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    # mkdtemp makes a private (0700) directory; the benchmark should be readable.
-    tmp.chmod(0o755)
-    try:
-        _write_all(splits, tmp)
-        _replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    directory = check_output(directory, KIND)
+    with artifact_lock(directory, KIND.name):
+        staged = staging_dir(directory)
+        try:
+            _write_all(splits, staged)
+            seal(staged, KIND)
+            publish_dir(staged, directory)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
     logger.info("wrote %d splits to %s", len(splits), directory)
     return directory
+
+
+def check_benchmark(directory, names=None):
+    """Check a benchmark directory against its seal before reading it; return its manifest.
+
+    Every file's name and size is compared with what generate sealed; the
+    SHA-256 of the manifest and of the split files in ``names`` (all when
+    None) too, so a split file replaced by another one (even of the same size)
+    or edited by hand is refused instead of being read as if generate wrote it.
+    Reading a few MB of ``.npz`` or index files costs milliseconds.
+
+    Parameters
+    ----------
+    directory : str or path-like
+    names : sequence of str, optional
+        The splits about to be read.
+
+    Returns
+    -------
+    dict
+        As :func:`read_manifest`.
+
+    Raises
+    ------
+    DataError
+        The directory holds no manifest, or no split of a requested name.
+    IntegrityError
+        A file is missing, resized or altered since generate sealed it.
+    """
+    directory = pathlib.Path(directory)
+    if not (directory / MANIFEST).is_file():
+        read_manifest(directory)  # its own one-line error: not a (complete) benchmark
+    sealed = check_sealed(directory, KIND)
+    _check_sha256(directory, sealed, MANIFEST)
+    manifest = read_manifest(directory)
+    splits = manifest["splits"]
+    missing = [n for n in (names or ()) if n not in splits]
+    if missing:
+        raise DataError(f"Benchmark '{directory}' has no split {missing[0]!r}; it has {sorted(splits)}. "
+                        f"Hint: {GENERATE_HINT}")
+    for name in names or splits:
+        _check_sha256(directory, sealed, splits[name]["file"])
+    return manifest
+
+
+def _check_sha256(directory, sealed, rel):
+    entry = sealed["files"].get(rel)
+    if entry is None:
+        raise IntegrityError(f"The benchmark '{directory}' holds '{rel}', which generate did not write (it is not "
+                             f"in {SEAL}). Hint: {KIND.hint}")
+    if file_sha256(directory / rel) != entry["sha256"]:
+        raise IntegrityError(f"The benchmark '{directory}' is damaged: file '{rel}' has been altered since "
+                             f"generate wrote it (its SHA-256 differs from {SEAL}'s). Hint: {KIND.hint}")
 
 
 def read_manifest(directory):

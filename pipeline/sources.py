@@ -34,6 +34,7 @@ import torch
 from torchvision import datasets, transforms
 
 from pipeline.errors import DataError, invalid_param
+from pipeline.fingerprint import digest_files, source_files  # noqa: F401  (source_files: re-exported)
 
 _OWNER = "load_source"
 PARTS = ("train", "test")
@@ -337,19 +338,8 @@ def source_classes(dataset):
     return list(classes) if classes is not None else None
 
 
-# Files (relative to root) that torchvision reads per source: their names and
-# sizes make a cheap signature of the data behind an index file.
-_SOURCE_FILES = {
-    "cifar10": ("cifar-10-batches-py",),
-    "cifar100": ("cifar-100-python",),
-    "svhn": ("{part}_32x32.mat",),
-    "mnist": ("MNIST/raw",),
-    "fashionmnist": ("FashionMNIST/raw",),
-}
-
-
-def data_signature(name, root, part, dataset, indices):
-    """A cheap signature of the files behind the chosen samples: names and byte sizes.
+def data_signature(name, root, part, dataset, indices, path=None, cache=None):
+    """The content of the files behind the chosen samples, wherever ``root`` is.
 
     Parameters
     ----------
@@ -359,25 +349,25 @@ def data_signature(name, root, part, dataset, indices):
         The data root the source was read from.
     part : {"train", "test"}
     dataset : torch.utils.data.Dataset
-        The uncapped source (``imagefolder``: its ``samples`` give the files).
+        The uncapped source (``imagefolder``: its ``samples`` give the chosen files).
     indices : ndarray of int
         The chosen samples.
+    path : str, optional
+        The ``imagefolder`` directory.
+    cache : pipeline.fingerprint.HashCache, optional
 
     Returns
     -------
-    list of [str, int]
-        ``[relative path, size]`` per file, sorted; empty for ``constant``.
-        File contents are not hashed: that would mean reading every image.
+    dict
+        ``{"files", "bytes", "sha256"}`` of :func:`pipeline.fingerprint.digest_files`:
+        paths relative to the data set's folder, contents by SHA-256 (from the
+        stat-keyed cache when unchanged), so a same-size edit changes it and an
+        identical copy under another root does not. Empty (no files) for ``constant``.
     """
-    root = os.fspath(root)
     if name == "imagefolder":
-        files = [dataset.samples[i][0] for i in np.asarray(indices).tolist()]
+        base = os.path.join(os.fspath(root), path)
+        files = [os.path.relpath(dataset.samples[i][0], base) for i in np.asarray(indices).tolist()]
     else:
-        files = []
-        for entry in _SOURCE_FILES.get(name, ()):
-            path = os.path.join(root, entry.format(part=part))
-            if os.path.isdir(path):
-                files += [os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))]
-            elif os.path.isfile(path):
-                files.append(path)
-    return sorted([os.path.relpath(f, root), os.path.getsize(f)] for f in files)
+        found = source_files(name, root, part, path)
+        base, files = found.base, found.files
+    return digest_files(base, files, cache)

@@ -4,7 +4,11 @@ With ``generate.benchmark: sources`` (every preset in ``configs/`` but
 ``digits``), ``generate`` reads each configured data set once through
 :func:`pipeline.sources.load_source`, chooses its samples and writes one
 :class:`IndexSplit` per split: the chosen indices, their labels, how to load
-the data set again, and a signature of the files behind it. No image is copied.
+the data set again, and a content signature of the files behind it. No image is
+copied, and nothing written names ``generate.root``: loader arguments are
+relative to it, and readers take the root from params when they open the data
+(:func:`open_benchmark`), so the same data under another root is the same
+benchmark, byte for byte (DVC reruns nothing when only the root moves).
 
 Splits, as in the digits benchmark (so every later stage is the same):
 
@@ -25,7 +29,9 @@ Caps are seeded uniform choices, never the first ``n`` of a class-sorted set
 set never changes another one's samples.
 
 :func:`open_benchmark` reads any benchmark directory back, digits (images in
-``.npz``) or sources (index files), as torch datasets.
+``.npz``) or sources (index files), as torch datasets, after checking every file
+it reads against the benchmark's manifest (:func:`pipeline.datasets.check_benchmark`)
+and the data behind each index file against its signature.
 """
 
 from __future__ import annotations
@@ -40,15 +46,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.datasets import (GENERATE_HINT, SplitDataset, _canonical_json, _check_name, _stream, load_split,
-                               read_manifest)
+from pipeline.datasets import (GENERATE_HINT, SplitDataset, _canonical_json, _check_name, _stream, check_benchmark,
+                               load_split)
 from pipeline.errors import DataError
+from pipeline.fingerprint import HashCache
 from pipeline.sources import data_signature, load_source, source_classes, source_targets
 
 log = logging.getLogger(__name__)
 
 BENCHMARK = "sources"
 INDEX_SUFFIX = ".index.npz"
+# `dvc repro generate` reruns generate when the data changed: it runs the
+# always-changed `inputs` stage first, which fingerprints the files, and
+# generate depends on that fingerprint (tests/test_e2e_inputs.py runs this hint).
+REGENERATE_HINT = ("rerun generate with `dvc repro generate` (its inputs stage sees the changed files), or "
+                   "`layerscope generate` outside DVC")
 _INDEX_KEYS = ("name", "indices", "labels", "attrs")
 
 
@@ -67,8 +79,8 @@ class IndexSplit:
     attrs : dict
         As an :class:`~pipeline.datasets.ImageSplit`'s (``role``, ``set``,
         ``part``, ``source``, ``n_samples``, ``image_size``), plus ``loader``
-        (the :func:`~pipeline.sources.load_source` arguments) and ``signature``
-        (the files' names and sizes, see :func:`~pipeline.sources.data_signature`).
+        (the :func:`~pipeline.sources.load_source` arguments but ``root``) and
+        ``signature`` (the files' content, see :func:`~pipeline.sources.data_signature`).
     """
 
     name: str
@@ -116,14 +128,14 @@ def load_index(path) -> IndexSplit:
 # ------------------------------------------------------------------ generate
 
 def _loader_args(cfg, spec) -> dict:
-    """The :func:`load_source` arguments of one configured data set (without a cap)."""
-    return {"name": spec.source, "root": cfg.root, "part": spec.part, "path": spec.path,
+    """The :func:`load_source` arguments of one configured data set (without a cap, and without ``root``)."""
+    return {"name": spec.source, "part": spec.part, "path": spec.path,
             "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
             "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None}
 
 
-def _open_source(loader: dict, download=False):
-    return load_source(**loader, download=download)
+def _open_source(loader: dict, root, download=False):
+    return load_source(**loader, root=root, download=download)
 
 
 def _choose(n_total, cap, rng) -> np.ndarray:
@@ -143,43 +155,50 @@ def _halves(indices, val_fraction, rng, what):
     return np.sort(indices[order[:n_val]]), np.sort(indices[order[n_val:]])
 
 
-def _describe(loader) -> str:
+def _describe(loader, root=None) -> str:
+    """The data set in a few words; ``root`` is named only in messages, never in what is written."""
+    where = "" if root is None else f" under {root}"
     if loader["name"] == "imagefolder":
-        return f"imagefolder {loader['path']} under {loader['root']}"
+        return f"imagefolder {loader['path']}{where}"
     if loader["name"] == "constant":
         return "constant colours"
-    return f"{loader['name']} ({loader['part']} part) under {loader['root']}"
+    return f"{loader['name']} ({loader['part']} part){where}"
 
 
-def _split(name, set_name, part, role, indices, labels, loader, dataset, extra=None):
+def _signature(loader, root, dataset, indices, cache):
+    return data_signature(loader["name"], root, loader["part"], dataset, indices, path=loader["path"], cache=cache)
+
+
+def _split(cfg, name, set_name, part, role, indices, labels, loader, dataset, cache, extra=None):
     attrs = {"benchmark": BENCHMARK, "role": role, "set": set_name, "part": part, "source": _describe(loader),
              "n_samples": int(len(indices)), "image_size": loader["image_size"], "loader": loader,
-             "signature": data_signature(loader["name"], loader["root"], loader["part"], dataset, indices),
-             **(extra or {})}
+             "signature": _signature(loader, cfg.root, dataset, indices, cache), **(extra or {})}
     return IndexSplit(name, indices, labels, attrs)
 
 
-def _id_splits(cfg):
+def _id_splits(cfg, cache):
     """``id_train``, ``id_val`` and ``id_test`` with the ID class list."""
     train_loader, test_loader = _loader_args(cfg, cfg.id_train), _loader_args(cfg, cfg.id_test)
-    train_ds = _open_source(train_loader, cfg.download)
-    test_ds = _open_source(test_loader, cfg.download)
+    train_ds = _open_source(train_loader, cfg.root, cfg.download)
+    test_ds = _open_source(test_loader, cfg.root, cfg.download)
     classes = source_classes(train_ds)
     train_y, test_y = source_targets(train_ds), source_targets(test_ds)
     if classes is None:
         classes = [str(c) for c in np.unique(train_y)]
     if source_classes(test_ds) not in (None, classes) or (len(test_y) and test_y.max() >= len(classes)):
-        raise DataError(f"The ID test set {_describe(test_loader)} does not have the classes of the ID train set "
-                        f"{_describe(train_loader)} ({len(classes)} classes). Hint: point generate.id_test at "
-                        "the same data set's test part.")
+        raise DataError(f"The ID test set {_describe(test_loader, cfg.root)} does not have the classes of the ID "
+                        f"train set {_describe(train_loader, cfg.root)} ({len(classes)} classes). Hint: point "
+                        "generate.id_test at the same data set's test part.")
     extra = {"classes": classes}
     train_idx = _choose(len(train_ds), cfg.id_train.n or cfg.max_train, _stream(cfg.seed, "id_train"))
     test_idx = _choose(len(test_ds), cfg.id_test.n or cfg.max_test, _stream(cfg.seed, "id_test"))
-    val_idx, test_idx = _halves(test_idx, cfg.val_fraction, _stream(cfg.seed, "id_val"), _describe(test_loader))
+    val_idx, test_idx = _halves(test_idx, cfg.val_fraction, _stream(cfg.seed, "id_val"),
+                                _describe(test_loader, cfg.root))
     return [
-        _split("id_train", "id", "train", "id", train_idx, train_y[train_idx], train_loader, train_ds, extra),
-        _split("id_val", "id", "val", "id", val_idx, test_y[val_idx], test_loader, test_ds, extra),
-        _split("id_test", "id", "test", "id", test_idx, test_y[test_idx], test_loader, test_ds, extra),
+        _split(cfg, "id_train", "id", "train", "id", train_idx, train_y[train_idx], train_loader, train_ds, cache,
+               extra),
+        _split(cfg, "id_val", "id", "val", "id", val_idx, test_y[val_idx], test_loader, test_ds, cache, extra),
+        _split(cfg, "id_test", "id", "test", "id", test_idx, test_y[test_idx], test_loader, test_ds, cache, extra),
     ]
 
 
@@ -188,23 +207,23 @@ def _ood_cap(cfg, spec):
     return spec.n if spec.n is not None and spec.source != "constant" else cfg.max_ood
 
 
-def _ood_splits(cfg, set_name, role, spec):
+def _ood_splits(cfg, set_name, role, spec, cache):
     loader = _loader_args(cfg, spec)
-    dataset = _open_source(loader, cfg.download)
+    dataset = _open_source(loader, cfg.root, cfg.download)
     chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"ood/{set_name}"))
     val_idx, test_idx = _halves(chosen, cfg.val_fraction, _stream(cfg.seed, f"ood/{set_name}/val"),
-                                f"'{set_name}' ({_describe(loader)})")
-    return [_split(f"{set_name}_{part}", set_name, part, role, idx, np.full(len(idx), -1, np.int64), loader,
-                   dataset) for part, idx in (("val", val_idx), ("test", test_idx))]
+                                f"'{set_name}' ({_describe(loader, cfg.root)})")
+    return [_split(cfg, f"{set_name}_{part}", set_name, part, role, idx, np.full(len(idx), -1, np.int64), loader,
+                   dataset, cache) for part, idx in (("val", val_idx), ("test", test_idx))]
 
 
-def _aux_split(cfg, set_name, spec):
+def _aux_split(cfg, set_name, spec, cache):
     """``<set>_aux``: the chosen samples of one auxiliary-outlier set, whole (no val/test cut)."""
     loader = _loader_args(cfg, spec)
-    dataset = _open_source(loader, cfg.download)
+    dataset = _open_source(loader, cfg.root, cfg.download)
     chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"aux/{set_name}"))
-    return _split(f"{set_name}_aux", set_name, "aux", "aux", chosen, np.full(len(chosen), -1, np.int64), loader,
-                  dataset)
+    return _split(cfg, f"{set_name}_aux", set_name, "aux", "aux", chosen, np.full(len(chosen), -1, np.int64), loader,
+                  dataset, cache)
 
 
 def make_source_benchmark(cfg) -> list[IndexSplit]:
@@ -227,13 +246,14 @@ def make_source_benchmark(cfg) -> list[IndexSplit]:
         A data set is missing (the message gives the expected layout under
         ``root``), too small, or the ID test set has other classes.
     """
-    splits = _id_splits(cfg)
-    for set_name, (role, spec) in cfg.ood_sets.items():
-        splits += _ood_splits(cfg, set_name, role, spec)
-        log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in splits[-2:]))
-    for set_name, spec in cfg.aux.items():
-        splits.append(_aux_split(cfg, set_name, spec))
-        log.info("indexed %s (aux): %d samples", set_name, splits[-1].attrs["n_samples"])
+    with HashCache() as cache:
+        splits = _id_splits(cfg, cache)
+        for set_name, (role, spec) in cfg.ood_sets.items():
+            splits += _ood_splits(cfg, set_name, role, spec, cache)
+            log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in splits[-2:]))
+        for set_name, spec in cfg.aux.items():
+            splits.append(_aux_split(cfg, set_name, spec, cache))
+            log.info("indexed %s (aux): %d samples", set_name, splits[-1].attrs["n_samples"])
     return splits
 
 
@@ -258,17 +278,35 @@ class IndexedDataset(torch.utils.data.Dataset):
         return self.base[self.indices[index]][0], self.labels[index]
 
 
-def open_index_split(split: IndexSplit, what: str) -> IndexedDataset:
-    """Reopen the data set behind ``split``, after checking its files are unchanged."""
+def open_index_split(split: IndexSplit, what: str, root, cache: HashCache | None = None) -> IndexedDataset:
+    """Reopen the data set behind ``split`` under ``root``, after checking its files' content is unchanged.
+
+    Parameters
+    ----------
+    split : IndexSplit
+    what : str
+        How messages name the split, e.g. ``"'id_train'"``.
+    root : str or path-like
+        ``generate.root`` now: the data may have moved since generate.
+    cache : pipeline.fingerprint.HashCache, optional
+        Files unchanged since they were hashed are not read again.
+
+    Raises
+    ------
+    DataError
+        The data set has fewer samples than indexed, or its chosen files'
+        names, sizes or content differ from those recorded by generate.
+    """
     loader = split.attrs["loader"]
-    base = _open_source(loader)
+    base = _open_source(loader, root)
     if len(split.indices) and split.indices.max() >= len(base):
-        raise DataError(f"Split {what} indexes sample {split.indices.max()} but {_describe(loader)} has "
-                        f"{len(base)} samples. Hint: the data changed since generate; rerun `dvc repro generate`.")
-    found = data_signature(loader["name"], loader["root"], loader["part"], base, split.indices)
+        raise DataError(f"Split {what} indexes sample {split.indices.max()} but {_describe(loader, root)} has "
+                        f"{len(base)} samples: the data changed since generate. Hint: {REGENERATE_HINT}.")
+    found = _signature(loader, root, base, split.indices, cache)
     if found != split.attrs["signature"]:
-        raise DataError(f"The files behind split {what} ({_describe(loader)}) changed since generate (names or "
-                        "sizes differ). Hint: rerun `dvc repro generate` (or `layerscope generate`).")
+        raise DataError(f"The files behind split {what} ({_describe(loader, root)}) changed since generate (their "
+                        f"content digest is {found['sha256'][:12]}, generate recorded "
+                        f"{split.attrs['signature'].get('sha256', '?')[:12]}). Hint: {REGENERATE_HINT}.")
     return IndexedDataset(base, split.indices, split.labels)
 
 
@@ -282,17 +320,21 @@ class BenchmarkSplit:
     fingerprint: str
 
 
-def open_split(directory, name, entry) -> BenchmarkSplit:
+def open_split(directory, name, entry, root=None, cache=None) -> BenchmarkSplit:
     """Open one split of a benchmark directory, whatever its kind.
 
     Parameters
     ----------
     directory : str or path-like
-        A directory written by :func:`pipeline.datasets.write_benchmark`.
+        A directory written by :func:`pipeline.datasets.write_benchmark`
+        (checked by :func:`open_benchmark`; this reads the file as it is).
     name : str
         The split's name.
     entry : dict
         Its manifest entry (``file``, ``kind``, ``fingerprint``).
+    root : str or path-like, optional
+        The data root of an index split (``generate.root``); unused by image splits.
+    cache : pipeline.fingerprint.HashCache, optional
     """
     path = pathlib.Path(directory) / entry["file"]
     kind = entry.get("kind", "images")
@@ -301,26 +343,51 @@ def open_split(directory, name, entry) -> BenchmarkSplit:
         return BenchmarkSplit(SplitDataset(split), split.labels, split.attrs, entry["fingerprint"])
     if kind == "index":
         split = load_index(path)
-        return BenchmarkSplit(open_index_split(split, f"'{name}'"), split.labels, split.attrs, entry["fingerprint"])
+        return BenchmarkSplit(open_index_split(split, f"'{name}'", root, cache), split.labels, split.attrs,
+                              entry["fingerprint"])
     raise DataError(f"Split '{name}' in '{directory}' has unknown kind {kind!r}; expected 'images' or 'index'. "
                     f"Hint: {GENERATE_HINT}")
 
 
-def open_benchmark(directory, names=None) -> dict[str, BenchmarkSplit]:
+def data_root(params="params.yaml") -> str:
+    """``generate.root`` from ``params``: where a sources benchmark's data is now (it is never written down)."""
+    from pipeline.config import load_section
+
+    return load_section("generate", params).root
+
+
+def open_benchmark(directory, names=None, *, root=None, params="params.yaml") -> dict[str, BenchmarkSplit]:
     """Every split (or the ``names`` given) of a benchmark directory, sorted by name (the manifest's order).
+
+    Every file read is first checked against the manifest generate sealed
+    (:func:`pipeline.datasets.check_benchmark`): a split file replaced, edited
+    or truncated by hand is refused, not read.
+
+    Parameters
+    ----------
+    directory : str or path-like
+    names : sequence of str, optional
+        The splits to open; all when None.
+    root : str or path-like, optional
+        Where a sources benchmark's data sets are; ``generate.root`` of
+        ``params`` when None (read only if an index split is opened).
+    params : str, path-like or mapping, default="params.yaml"
 
     Raises
     ------
     DataError
-        The directory is incomplete, a requested split is absent, or the data
-        behind an index file changed since ``generate``.
+        A requested split is absent, or the data behind an index file changed
+        since ``generate``.
+    IntegrityError
+        A benchmark file is missing or differs from what generate wrote.
     """
-    splits = read_manifest(directory)["splits"]
-    missing = [n for n in (names or ()) if n not in splits]
-    if missing:
-        raise DataError(f"Benchmark '{directory}' has no split {missing[0]!r}; it has {sorted(splits)}. "
-                        f"Hint: {GENERATE_HINT}")
-    return {n: open_split(directory, n, splits[n]) for n in (names or splits)}
+    manifest = check_benchmark(directory, names)
+    splits = manifest["splits"]
+    names = list(names or splits)
+    if root is None and any(splits[n].get("kind") == "index" for n in names):
+        root = data_root(params)
+    with HashCache() as cache:
+        return {n: open_split(directory, n, splits[n], root, cache) for n in names}
 
 
 def channel_stats(dataset, batch_size=256, num_workers=0) -> tuple[list[float], list[float]]:

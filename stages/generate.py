@@ -1,13 +1,15 @@
 """Stage ``generate``: write the benchmark to ``out``.
 
 ``benchmark: digits`` writes the embedded data set's images; ``benchmark:
-sources`` writes index files over the user's data under ``generate.root``.
+sources`` writes index files over the user's data under ``generate.root``
+(root-relative: the root is read again from params whenever the data is opened).
 """
 
 import logging
 
+from pipeline.artifacts import check_output
 from pipeline.config import load_section
-from pipeline.datasets import make_digits_benchmark, write_benchmark
+from pipeline.datasets import KIND, make_digits_benchmark, write_benchmark
 from pipeline.userdata import make_source_benchmark
 
 log = logging.getLogger(__name__)
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 
 def run(params, out):
     cfg = load_section("generate", params)
+    check_output(out, KIND)  # before the work: never replace what layerscope did not write
     if cfg.benchmark == "sources":
         splits = make_source_benchmark(cfg)
     else:

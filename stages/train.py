@@ -19,7 +19,7 @@ ID_SPLITS = ("id_train", "id_val", "id_test")
 
 def run(params, data, model_out, metrics_out):
     cfg = load_section("train", params)
-    splits = open_benchmark(data, ID_SPLITS)
+    splits = open_benchmark(data, ID_SPLITS, params=params)
     train = splits["id_train"]
     device = resolve_device(cfg.device)
     spec = _spec(cfg, train)

@@ -11,6 +11,7 @@ from pipeline import datasets
 from pipeline.datasets import (
     ImageSplit,
     SplitDataset,
+    check_benchmark,
     load_split,
     make_digits_benchmark,
     read_manifest,
@@ -18,7 +19,7 @@ from pipeline.datasets import (
     split_fingerprint,
     write_benchmark,
 )
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, IntegrityError, OutputError
 
 OOD_SETS = ["digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"]
 FAR_SETS = OOD_SETS[1:]
@@ -284,24 +285,27 @@ def test_write_benchmark_and_manifest(splits, tmp_path):
         assert entry["role"] == split.attrs["role"]
         loaded = load_split(directory / entry["file"])
         assert split_fingerprint(loaded) == entry["fingerprint"]
-    # Nothing but the finished directory is left next to it.
-    assert [p.name for p in tmp_path.iterdir()] == ["digits"]
+    # Nothing but the finished directory is left next to it (and the empty staging area with the lock).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "digits"]
+    assert [p.name for p in (tmp_path / ".staging").iterdir()] == ["digits.lock"]
+    sealed = json.loads((directory / "layerscope.json").read_text())
+    assert sealed["kind"] == "benchmark" and set(sealed["files"]) == {"manifest.json", *entries_files(manifest)}
 
 
 def test_write_benchmark_replaces_an_earlier_benchmark(by_name, tmp_path):
     directory = tmp_path / "bench"
     write_benchmark([by_name["id_val"], by_name["faces_val"]], directory)
     write_benchmark([by_name["id_test"]], directory)
-    assert sorted(p.name for p in directory.iterdir()) == ["id_test.npz", "manifest.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["id_test.npz", "layerscope.json", "manifest.json"]
     assert list(read_manifest(directory)["splits"]) == ["id_test"]
-    assert [p.name for p in tmp_path.iterdir()] == ["bench"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "bench"]
 
 
 def test_write_benchmark_refuses_a_foreign_directory(by_name, tmp_path):
     directory = tmp_path / "precious"
     directory.mkdir()
     (directory / "thesis.tex").write_text("do not delete")
-    with pytest.raises(DataError, match=r"Refusing to overwrite .*precious.*manifest\.json"):
+    with pytest.raises(OutputError, match=r"Refusing to replace .*precious.*not a benchmark written by layerscope"):
         write_benchmark([by_name["id_val"]], directory)
     assert (directory / "thesis.tex").read_text() == "do not delete"
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]
@@ -320,9 +324,65 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(by_name, tmp_path,
     monkeypatch.setattr(datasets, "save_split", failing_save)
     with pytest.raises(KeyboardInterrupt):
         write_benchmark([by_name["id_val"], by_name["id_test"]], tmp_path / "bench")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".staging"]
+    assert [p.name for p in (tmp_path / ".staging").iterdir()] == ["bench.lock"]
     with pytest.raises(DataError, match="manifest"):
         read_manifest(tmp_path / "bench")
+
+
+def entries_files(manifest):
+    return {entry["file"] for entry in manifest["splits"].values()}
+
+
+def test_an_old_unsealed_benchmark_is_replaced_but_refused_on_read(by_name, tmp_path):
+    directory = tmp_path / "bench"
+    directory.mkdir()
+    (directory / "manifest.json").write_text('{"benchmark": "digits", "splits": {}}')  # before seals existed
+    with pytest.raises(IntegrityError, match=r"benchmark '.*bench' has no layerscope\.json.*"
+                                             r"Hint: run `dvc repro generate`"):
+        check_benchmark(directory)
+    write_benchmark([by_name["id_val"]], directory)
+    assert list(check_benchmark(directory)["splits"]) == ["id_val"]
+
+
+def _swap_in_val(directory, name):
+    (directory / f"{name}.npz").write_bytes((directory / "id_val.npz").read_bytes())
+
+
+def _flip_a_byte(directory, name):
+    """The same size, other content: only the SHA-256 tells."""
+    data = bytearray((directory / f"{name}.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (directory / f"{name}.npz").write_bytes(bytes(data))
+
+
+# Regression (issue 14): `id_test.npz` overwritten with `id_val.npz` was extracted as if nothing happened.
+@pytest.mark.parametrize("change, problem", [
+    (_swap_in_val, r"file 'id_test\.npz' has \d+ bytes, expected \d+"),
+    (_flip_a_byte, r"file 'id_test\.npz' has been altered since generate wrote it"),
+], ids=["id_val-copied-over-id_test", "one-byte-flipped"])
+def test_a_split_file_changed_by_hand_is_refused(by_name, tmp_path, change, problem):
+    directory = write_benchmark([by_name[n] for n in ("id_val", "id_test", "faces_test")], tmp_path / "bench")
+    original = (directory / "id_test.npz").read_bytes()
+    change(directory, "id_test")
+    with pytest.raises(IntegrityError, match=rf"benchmark '.*bench' is damaged: {problem}.*Hint: run "
+                                             r"`dvc repro generate` \(it restores the benchmark from the DVC cache"):
+        check_benchmark(directory, ["id_test"])
+    with pytest.raises(IntegrityError, match=problem):
+        check_benchmark(directory)
+    (directory / "id_test.npz").write_bytes(original)  # what `dvc checkout` (run by `dvc repro`) does
+    assert set(check_benchmark(directory)["splits"]) == {"id_val", "id_test", "faces_test"}
+
+
+def test_an_edited_manifest_is_refused(by_name, tmp_path):
+    directory = write_benchmark([by_name["id_val"]], tmp_path / "bench")
+    text = (directory / "manifest.json").read_text()
+    (directory / "manifest.json").write_text(text.replace('"role": "id"', '"role": "ID"'))
+    with pytest.raises(IntegrityError, match=r"file 'manifest\.json' has been altered"):
+        check_benchmark(directory)
+    (directory / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"manifest.*does not exist.*Hint: run `layerscope generate`"):
+        check_benchmark(directory)
 
 
 @pytest.mark.parametrize(

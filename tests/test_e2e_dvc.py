@@ -50,7 +50,10 @@ def run(cmd, cwd, stderr=True):
 
 
 def ran_stages(output):
-    return set(re.findall(r"Running stage '([\w-]+)'", output))
+    """The stages `dvc repro` ran, but `inputs`: always changed, it fingerprints the external inputs every time."""
+    ran = set(re.findall(r"Running stage '([\w-]+)'", output))
+    assert not ran or "inputs" in ran, output
+    return ran - {"inputs"}
 
 
 def edit_params(repo, section, key, value):

@@ -32,6 +32,11 @@ IMAGENET_SMALL = {"max_train": 4, "max_test": 4, "max_ood": 2}
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashes") / "hashes.sqlite3"))
+
+
 def _params(tmp_path, name, extra=()):
     caps = IMAGENET_SMALL if name.startswith("imagenet") else SMALL
     overrides = [f"generate.root={tmp_path / 'raw'}", "generate.val_fraction=0.5",
@@ -76,7 +81,8 @@ def test_preset_is_valid_params(name):
 
 
 @pytest.mark.parametrize("name", SOURCE_PRESETS)
-def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, name):
+def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, name, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # extract opens the data under generate.root of ./params.yaml
     params = _params(tmp_path, name)
     gen = load_section("generate", params)
     fakedata.write_sources(gen, rng, n=10)
@@ -110,8 +116,9 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
         assert np.isfinite(store.to_numpy(split, store.layers[0])).all()
 
 
-def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(tmp_path, rng, no_md5):
+def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(tmp_path, rng, no_md5, monkeypatch):
     """cifar10-wrn40-2 past extract: the decoder on block3/block2 maps with TinyImages outliers, then the guard."""
+    monkeypatch.chdir(tmp_path)  # extract opens the data under generate.root of ./params.yaml
     name = "cifar10-wrn40-2"
     params = _params(tmp_path, name)
     fakedata.write_sources(load_section("generate", params), rng, n=10)

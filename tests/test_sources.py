@@ -2,16 +2,25 @@
 (tiny) and read back by the real torchvision loader. The only patch is the md5
 check of CIFAR and SVHN files, which tiny files cannot pass."""
 
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.sources import EXPECTED_LAYOUT, SOURCES, capped_subset, load_source
+from pipeline.fingerprint import IMG_EXTENSIONS
+from pipeline.sources import EXPECTED_LAYOUT, SOURCES, capped_subset, data_signature, load_source, source_files
 from tests import fakedata
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_HASH_CACHE", str(tmp_path / "hashes.sqlite3"))
 
 
 def _check_items(dataset, images, labels, image_size=32):
@@ -160,3 +169,54 @@ def test_bad_arguments_raise_config_error(tmp_path, kwargs, param):
     kwargs = {"name": "mnist", **kwargs}
     with pytest.raises(ConfigError, match=f"'{param}' parameter of load_source"):
         load_source(kwargs.pop("name"), root=tmp_path, **kwargs)
+
+
+# ------------------------------------------------------------------ source_files: what the inputs stage hashes
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "mnist", "fashionmnist"])
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_source_files_are_all_a_loader_reads(tmp_path, rng, no_md5, name, part):
+    """Emptying every file source_files does not list leaves the loader reading the same images.
+
+    (Emptied, not deleted: torchvision's MNIST checks that the other part's files exist.)"""
+    fakedata.WRITERS[name](tmp_path, rng, 4)
+    before = load_source(name, root=tmp_path, part=part)
+    found = source_files(name, tmp_path, part)
+    assert found.missing == [] and found.files and not os.path.isabs(found.location)
+    listed = {os.path.normpath(os.path.join(found.base, f)) for f in found.files}
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and str(path) not in listed:
+            path.write_bytes(b"")
+    after = load_source(name, root=tmp_path, part=part)
+    assert len(after) == len(before) == 4 * (5 if name == "cifar10" and part == "train" else 1)
+    assert all(torch.equal(after[i][0], before[i][0]) for i in range(len(after)))
+
+
+def test_source_files_of_an_imagefolder_are_its_samples(tmp_path, rng):
+    fakedata.write_imagefolder(tmp_path / "tex", rng, per_class=2)
+    (tmp_path / "tex/a/README.txt").write_text("not an image")
+    found = source_files("imagefolder", tmp_path, path="tex")
+    samples = load_source("imagefolder", root=tmp_path, path="tex").samples
+    assert found.files == [os.path.relpath(p, tmp_path / "tex") for p, _ in samples] == [
+        "a/0000.png", "a/0001.png", "b/0002.png", "b/0003.png"]
+    assert (found.location, found.missing) == ("tex", [])
+    assert source_files("imagefolder", tmp_path, path="nope").missing == ["."]
+    assert source_files("cifar10", tmp_path, "test").missing == ["batches.meta", "test_batch"]
+    assert source_files("constant", tmp_path).files == []
+    assert IMG_EXTENSIONS == torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def test_data_signature_is_content_based_and_root_free(tmp_path, rng):
+    fakedata.write_imagefolder(tmp_path / "r1/tex", rng, per_class=2)
+    shutil.copytree(tmp_path / "r1", tmp_path / "r2")
+    sigs = [data_signature("imagefolder", tmp_path / r, "test", load_source("imagefolder", root=tmp_path / r,
+                                                                             path="tex"), [0, 3], path="tex")
+            for r in ("r1", "r2")]
+    assert sigs[0] == sigs[1] and sigs[0]["files"] == 2
+    path = tmp_path / "r2/tex/b/0003.png"
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1
+    path.write_bytes(bytes(data))
+    changed = data_signature("imagefolder", tmp_path / "r2", "test",
+                             load_source("imagefolder", root=tmp_path / "r2", path="tex"), [0, 3], path="tex")
+    assert changed["bytes"] == sigs[0]["bytes"] and changed["sha256"] != sigs[0]["sha256"]

@@ -52,6 +52,11 @@ def _cfg(root, **changes) -> GenerateConfig:
     return build_config(GenerateConfig, _values(root, **changes), "generate")
 
 
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashes") / "hashes.sqlite3"))
+
+
 @pytest.fixture
 def data_root(tmp_path, rng, no_md5):
     """Every data set BASE names, written under tmp_path/data."""
@@ -249,7 +254,7 @@ def test_constant_colours_serve_as_aux_when_no_test_set_uses_them(aux_root):
     assert len(splits["colours_aux"].indices) == 6 and splits["colours_aux"].attrs["role"] == "aux"
 
 
-def test_aux_split_is_extracted_like_every_split_but_never_reported(aux_root, tmp_path):
+def test_aux_split_is_extracted_like_every_split_but_never_reported(aux_root, tmp_path, monkeypatch):
     from pipeline.models import init_model, load_checkpoint, save_checkpoint
     from pipeline.report import ood_sets
     from pipeline.store import open_store
@@ -258,8 +263,11 @@ def test_aux_split_is_extracted_like_every_split_but_never_reported(aux_root, tm
     directory = write_benchmark(make_source_benchmark(_cfg(aux_root, aux=AUX)), tmp_path / "bench")
     spec = {"arch": "cifar_resnet", "num_classes": 10, "in_channels": 3, "widths": [4, 8], "blocks": [1, 1]}
     save_checkpoint(init_model(spec, seed=0).eval(), spec, tmp_path / "m.pt")
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"extract": {"layers": ["layer1", "fc"], "device": "cpu"}}))
-    extract.run(tmp_path / "p.yaml", directory, tmp_path / "m.pt", tmp_path / "s.zarr")
+    # extract opens the data under generate.root of the params in the working directory
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"layers": ["layer1", "fc"], "device": "cpu"},
+                                                          "generate": _values(aux_root, aux=AUX)}))
+    extract.run(tmp_path / "params.yaml", directory, tmp_path / "m.pt", tmp_path / "s.zarr")
 
     store = open_store(tmp_path / "s.zarr")
     aux = open_benchmark(directory, ["tinyimages_aux"])["tinyimages_aux"]
@@ -287,15 +295,15 @@ def bench(data_root, tmp_path):
     return write_benchmark(splits, tmp_path / "bench"), _by_name(splits)
 
 
-def test_open_benchmark_serves_the_recorded_samples(bench):
+def test_open_benchmark_serves_the_recorded_samples(bench, data_root):
     directory, splits = bench
-    opened = open_benchmark(directory)
+    opened = open_benchmark(directory, root=data_root)
     assert sorted(opened) == sorted(splits)  # the manifest keeps its splits sorted by name
     for name, split in opened.items():
         assert isinstance(split, BenchmarkSplit) and isinstance(split.dataset, IndexedDataset)
         np.testing.assert_array_equal(split.labels, splits[name].labels)
         assert split.attrs == splits[name].attrs
-        base = load_source(**split.attrs["loader"])
+        base = load_source(**split.attrs["loader"], root=data_root)
         assert len(split.dataset) == len(splits[name].indices)
         for i, index in enumerate(splits[name].indices.tolist()):
             image, label = split.dataset[i]
@@ -303,18 +311,43 @@ def test_open_benchmark_serves_the_recorded_samples(bench):
             assert image.shape == (3, 16, 16) and label == splits[name].labels[i] and isinstance(label, int)
 
 
-def test_manifest_entries_are_index_files_with_their_fingerprints(bench):
+def test_manifest_entries_are_index_files_with_their_fingerprints(bench, data_root):
     directory, splits = bench
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["benchmark"] == "sources"
-    opened = open_benchmark(directory)
+    opened = open_benchmark(directory, root=data_root)
     for name, entry in manifest["splits"].items():
         assert entry["kind"] == "index" and entry["file"] == f"{name}{INDEX_SUFFIX}"
         assert (directory / entry["file"]).is_file()
         assert entry["fingerprint"] == splits[name].fingerprint() == opened[name].fingerprint
         assert entry["role"] == splits[name].attrs["role"] and entry["loader"] == splits[name].attrs["loader"]
     files = sorted(p.name for p in directory.iterdir())  # index files only: no image arrays
-    assert files == sorted([f"{name}{INDEX_SUFFIX}" for name in splits] + ["manifest.json"])
+    assert files == sorted([f"{name}{INDEX_SUFFIX}" for name in splits] + ["layerscope.json", "manifest.json"])
+
+
+# Regression (issue 14): the absolute root was written into the manifest and every index file, so pointing
+# generate.root at an identical copy elsewhere reran generate, train and extract.
+def test_an_identical_copy_under_another_root_is_the_same_benchmark_byte_for_byte(bench, data_root, tmp_path):
+    directory, splits = bench
+    copy = tmp_path / "elsewhere" / "mount"
+    shutil.copytree(data_root, copy)
+    again = write_benchmark(make_source_benchmark(_cfg(copy)), tmp_path / "again")
+    for name in [*(f"{n}{INDEX_SUFFIX}" for n in splits), "manifest.json", "layerscope.json"]:
+        assert (again / name).read_bytes() == (directory / name).read_bytes(), name
+    assert str(data_root) not in (directory / "manifest.json").read_text()
+    opened = open_benchmark(directory, root=copy)  # read from the copy: the content matches
+    assert torch.equal(opened["texture_test"].dataset[0][0], open_benchmark(directory, root=data_root)[
+        "texture_test"].dataset[0][0])
+
+
+def test_open_benchmark_takes_the_root_from_params(bench, data_root, tmp_path):
+    directory, splits = bench
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"generate": _values(data_root)}))
+    assert set(open_benchmark(directory, params=params)) == set(splits)
+    params.write_text(yaml.safe_dump({"generate": _values(tmp_path / "nowhere")}))
+    with pytest.raises(DataError, match=r"Could not read data set 'cifar10'"):
+        open_benchmark(directory, ["id_train"], params=params)
 
 
 def test_fingerprints_are_deterministic_and_follow_the_indices(data_root):
@@ -344,9 +377,9 @@ def test_open_benchmark_reads_the_digits_benchmark(tmp_path):
         assert label == split.labels[-1]
 
 
-def test_open_benchmark_selects_names_in_the_given_order(bench):
+def test_open_benchmark_selects_names_in_the_given_order(bench, data_root):
     directory, _ = bench
-    assert list(open_benchmark(directory, ["svhn_test", "id_val"])) == ["svhn_test", "id_val"]
+    assert list(open_benchmark(directory, ["svhn_test", "id_val"], root=data_root)) == ["svhn_test", "id_val"]
 
 
 def test_open_benchmark_rejects_an_unknown_split(bench):
@@ -355,23 +388,35 @@ def test_open_benchmark_rejects_an_unknown_split(bench):
         open_benchmark(directory, ["id_train", "nope"])
 
 
-def _texture_file(splits, index):
+def _texture_file(root, splits, index):
     """The texture file behind sample ``index``, and the texture split that holds it."""
-    files = load_source("imagefolder", root=splits["id_train"].attrs["loader"]["root"], path="texture").samples
+    files = load_source("imagefolder", root=root, path="texture").samples
     holder = next(name for name in ("texture_val", "texture_test") if index in splits[name].indices)
     return files[index][0], holder
 
 
 def _rewrite_smaller(root, splits):
     """Rewrite the last chosen texture image as a smaller PNG: only the split holding it changes."""
-    path, holder = _texture_file(splits, int(_union(splits, "texture").max()))
+    path, holder = _texture_file(root, splits, int(_union(splits, "texture").max()))
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(path, format="PNG")
+    return [holder]
+
+
+def _same_size_edit(root, splits):
+    """Change the bytes of the first chosen texture image, keeping its size (issue 14: nothing noticed)."""
+    path, holder = _texture_file(root, splits, int(_union(splits, "texture").min()))
+    data = bytearray(open(path, "rb").read())
+    data[-20] ^= 0xFF  # refused before any image is decoded, so any byte will do
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    assert os.path.getsize(path) == size
     return [holder]
 
 
 def _delete_first(root, splits):
     """Delete the first chosen texture image: every later sample moves up one place."""
-    path, _ = _texture_file(splits, int(_union(splits, "texture").min()))
+    path, _ = _texture_file(root, splits, int(_union(splits, "texture").min()))
     os.remove(path)
     return ["texture_val", "texture_test"]
 
@@ -383,7 +428,7 @@ def _append(path):
 
 def _append_cifar10(root, splits):
     _append(root / "cifar-10-batches-py" / "data_batch_3")  # pickle ignores trailing bytes: it still loads
-    return ["id_train", "id_val", "id_test"]  # one folder: every part's signature covers it
+    return ["id_train"]  # the test part reads test_batch (and batches.meta) only
 
 
 def _append_cifar100(root, splits):
@@ -391,28 +436,34 @@ def _append_cifar100(root, splits):
     return ["cifar100_val", "cifar100_test"]
 
 
-@pytest.mark.parametrize("change", [_rewrite_smaller, _delete_first, _append_cifar10, _append_cifar100],
-                         ids=["imagefolder-resized", "imagefolder-deleted", "cifar10-appended", "cifar100-appended"])
+@pytest.mark.parametrize("change", [_rewrite_smaller, _same_size_edit, _delete_first, _append_cifar10,
+                                    _append_cifar100],
+                         ids=["imagefolder-resized", "imagefolder-same-size", "imagefolder-deleted", "cifar10-appended",
+                              "cifar100-appended"])
 def test_changed_data_is_refused(bench, data_root, change):
     directory, splits = bench
-    assert len(open_benchmark(directory)) == len(splits)
+    assert len(open_benchmark(directory, root=data_root)) == len(splits)
     changed = change(data_root, splits)
     for name in changed:
-        with pytest.raises(DataError, match=rf"(?i)split '{name}'.*changed since generate.*dvc repro generate"):
-            open_benchmark(directory, [name])
+        # the hint is a command that reruns generate: `dvc repro generate` runs the inputs stage first, which
+        # sees the change (tests/test_e2e_inputs.py runs it)
+        with pytest.raises(DataError, match=rf"(?i)split '{name}'.*changed since generate.*Hint: rerun generate "
+                                            r"with `dvc repro generate` \(its inputs stage sees the changed files\)"):
+            open_benchmark(directory, [name], root=data_root)
     with pytest.raises(DataError, match="changed since generate"):
-        open_benchmark(directory)
-    assert set(open_benchmark(directory, [n for n in splits if n not in changed])) == set(splits) - set(changed)
+        open_benchmark(directory, root=data_root)
+    assert set(open_benchmark(directory, [n for n in splits if n not in changed], root=data_root)) == (
+        set(splits) - set(changed))
 
 
 def test_missing_data_root_names_the_expected_layout(bench, data_root, tmp_path):
     directory, _ = bench
     shutil.rmtree(data_root)
     with pytest.raises(DataError, match="Could not read data set 'cifar10'") as info:
-        open_benchmark(directory, ["id_train"])
+        open_benchmark(directory, ["id_train"], root=data_root)
     assert EXPECTED_LAYOUT["cifar10"] in str(info.value) and "pass download: true" in str(info.value)
     with pytest.raises(DataError, match=re.escape(EXPECTED_LAYOUT["imagefolder"])):
-        open_benchmark(directory, ["texture_val"])
+        open_benchmark(directory, ["texture_val"], root=data_root)
     with pytest.raises(DataError, match=r"Could not read data set 'cifar10'.*" + re.escape(EXPECTED_LAYOUT["cifar10"])):
         make_source_benchmark(_cfg(tmp_path / "empty"))
 
@@ -486,9 +537,9 @@ def test_channel_stats_of_a_split_dataset(tiny_splits):
     assert len(mean) == 1 and 0.2 < std[0] < 0.4  # uniform [0, 1]: std ~0.29
 
 
-def test_channel_stats_of_an_indexed_dataset_do_not_depend_on_batching(bench):
+def test_channel_stats_of_an_indexed_dataset_do_not_depend_on_batching(bench, data_root):
     directory, _ = bench
-    dataset = open_benchmark(directory, ["id_train"])["id_train"].dataset
+    dataset = open_benchmark(directory, ["id_train"], root=data_root)["id_train"].dataset
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
     expected_mean, expected_std = _numpy_stats(images)
     results = [channel_stats(dataset, batch_size=b) for b in (1, 7, 256)]
@@ -548,7 +599,7 @@ def test_mnist_as_grey_id_data(tmp_path, rng):
     }, "generate")
     fakedata.write_sources(cfg, rng, n=10)
     write_benchmark(make_source_benchmark(cfg), tmp_path / "bench")
-    splits = open_benchmark(tmp_path / "bench")
+    splits = open_benchmark(tmp_path / "bench", root=tmp_path)
     image, label = splits["id_train"].dataset[0]
     assert image.shape == (1, 28, 28) and 0 <= label < 10
     assert splits["id_train"].attrs["classes"][0].startswith("0")  # torchvision's MNIST class names
