@@ -60,3 +60,7 @@ class IntegrityError(LayerscopeError):
 
 class OutputError(LayerscopeError):
     """An output path cannot be written as asked: it would destroy something, or it is not writable."""
+
+
+class ProvenanceError(StoreError):
+    """Two artifacts a stage reads do not belong together (fitted, extracted or calibrated from different inputs)."""

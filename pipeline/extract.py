@@ -352,13 +352,14 @@ class BenchmarkData:
     """Opens a benchmark directory's splits once per process (see :func:`pipeline.userdata.open_split`)."""
 
     directory: str
+    params: str = "params.yaml"  # its generate.root says where a sources benchmark's data is
 
     def __call__(self, name):
         from pipeline.userdata import open_benchmark
 
         key = ("data", os.path.abspath(self.directory), name)
         if key not in _PROCESS_CACHE:
-            _PROCESS_CACHE[key] = open_benchmark(self.directory, [name])[name].dataset
+            _PROCESS_CACHE[key] = open_benchmark(self.directory, [name], params=self.params)[name].dataset
         return _PROCESS_CACHE[key]
 
 

@@ -27,14 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import file_sha256
-from pipeline.errors import DataError, StoreError
+from pipeline.errors import DataError, ProvenanceError  # noqa: F401  (raised here, imported from here too)
 
 REFIT = "rerun `layerscope fit` on this store (or `dvc repro`)."
 RECALIBRATE = "rerun `layerscope calibrate` with these detectors (or `dvc repro`)."
-
-
-class ProvenanceError(StoreError):
-    """Two artifacts a stage reads do not belong together (fitted, extracted or calibrated from different inputs)."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ nothing is deleted.
 """
 
 import logging
+from pathlib import Path
 
 import torch
 import zarr
@@ -31,7 +32,7 @@ def run(params, data, checkpoint, out):
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     device = resolve_device(cfg.device)
     model, spec = load_checkpoint(checkpoint, device)
-    splits = open_benchmark(data)
+    splits = open_benchmark(data, params=params)
     input_shape = tuple(splits["id_train"].dataset[0][0].shape)
     plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device,
                         maps=cfg.maps, images=cfg.images)
@@ -55,7 +56,7 @@ def run(params, data, checkpoint, out):
         # process's thread uses what is already loaded here
         sources = None
         if runner.distributed:
-            sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data)))
+            sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data), str(Path(params).resolve())))
         extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
                          num_workers=cfg.num_workers, runner=runner, sources=sources)
         writer.finalize(provenance, plan.layers)

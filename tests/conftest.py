@@ -23,6 +23,14 @@ class Blobs:
     X_ood: np.ndarray
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """Content hashes of data files are cached outside the repo; tests keep theirs out of the user's cache."""
+    import os
+
+    os.environ.setdefault("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashcache") / "hashes.sqlite3"))
+
+
 @pytest.fixture
 def rng():
     """A seeded generator: every test's randomness comes from here."""
