@@ -174,9 +174,16 @@ def artifact_lock(path, what: str):
 
 
 def staging_dir(path, tag: str = "build") -> Path:
-    """A fresh, private directory to build the artifact ``path`` in (``.staging/<name>.<tag>-XXXX``)."""
+    """A fresh, private directory to build the artifact ``path`` in (``.staging/<name>.<tag>-XXXX``).
+
+    Call it holding :func:`artifact_lock`: builds that a killed writer left
+    behind are deleted first (no other writer can be using them).
+    """
     root = control_dir(path)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{Path(path).name}.{tag}-*"):
+        log.info("deleting a build left by an interrupted run: %s", stale)
+        _remove(stale)
     staged = Path(tempfile.mkdtemp(dir=root, prefix=f"{Path(path).name}.{tag}-"))
     staged.chmod(0o755)  # mkdtemp's 0700 would make the published artifact private
     return staged

@@ -229,3 +229,8 @@ def kill_campaign(argv: list[str], artifact: Path, kills: list[Kill], *, zygote:
         if n_kills is not None and sum(o.landed for o in campaign.outcomes) >= n_kills:
             break
     return campaign
+
+
+def tree_bytes(directory: Path) -> dict:
+    """Every file of a directory tree: relative path -> bytes (what "bit-identical" compares)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

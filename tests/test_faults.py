@@ -31,6 +31,7 @@ from pipeline.models import init_model, save_checkpoint
 from pipeline.store import open_store, verify_store
 from tests.conftest import TINY_SPEC
 from tests.faults import Kill, Zygote, kill_campaign, run_once
+from tests.faults import tree_bytes as files
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def project(tmp_path_factory):
 def argv(project, out):
     return ["extract", "--params", str(project / "params.yaml"), "--data", str(project / "data"),
             "--model", str(project / "model.pt"), "--out", str(out)]
-
-
-def files(directory):
-    """Every file of a directory tree: relative path -> bytes."""
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def shards_done(out):
