@@ -74,9 +74,7 @@ def dump(obj, path) -> Path:
 
 def dumps(obj) -> bytes:
     """The canonical skops bytes of ``obj``: the same object state always gives the same bytes."""
-    import skops.io
-
-    return canonicalise(skops.io.dumps(obj))
+    return canonicalise(_skops_io().dumps(obj))
 
 
 def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
@@ -101,25 +99,55 @@ def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
         ``path`` is not a skops file (e.g. a pickle), is malformed, or declares
         a type outside ``allowlist``: one line naming the file (and the type).
     """
-    import skops.io
+    skops_io = _skops_io()
     from skops.io.exceptions import UntrustedTypesFoundException
 
     path = Path(path)
     data = path.read_bytes()
     try:
         # skops audits the whole node tree against the allowlist before it imports or builds anything
-        return skops.io.loads(data, trusted=sorted(allowlist))
+        return skops_io.loads(data, trusted=sorted(allowlist))
     except zipfile.BadZipFile:
         raise IntegrityError(f"Refusing to load '{path}': it is not a skops file (pickles and joblib files are never "
                              f"loaded: they can run code). Hint: {hint}") from None
     except UntrustedTypesFoundException:
-        refused = sorted(set(skops.io.get_untrusted_types(data=data)) - set(allowlist))
+        refused = sorted(set(skops_io.get_untrusted_types(data=data)) - set(allowlist))
         raise IntegrityError(f"Refusing to load '{path}': it declares type '{refused[0]}'"
                              f"{f' (and {len(refused) - 1} more)' if len(refused) > 1 else ''}, which is not a type "
                              f"layerscope trusts there. Hint: {hint}") from None
     except (KeyError, ValueError, TypeError) as exc:  # a malformed schema, a member it names missing, bad arrays
         raise IntegrityError(f"Refusing to load '{path}': not a valid skops file ({type(exc).__name__}: "
                              f"{_one_line(exc)}). Hint: {hint}") from None
+
+
+def _skops_io():
+    """:mod:`skops.io`, imported without importing torch.
+
+    At import, skops lists scikit-learn's estimators
+    (``sklearn.utils.all_estimators``), which imports every scikit-learn
+    package, among them the array-API shim for torch, which imports torch:
+    seconds (and a GPU build's CUDA libraries) that a detector never uses, in
+    every ``detect``, ``calibrate`` and ``search``. While skops imports, a
+    stand-in for that one shim package (no estimator lives there) stops the
+    walk; it is removed afterwards, so a later ``import`` of the shim is real.
+    """
+    import sys
+    import types
+
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io
+
+        return skops.io
+    shim = "sklearn.externals.array_api_compat.torch"
+    stand_in = types.ModuleType(shim)
+    stand_in.__path__ = []
+    sys.modules.setdefault(shim, stand_in)
+    try:
+        import skops.io
+    finally:
+        if sys.modules.get(shim) is stand_in:
+            del sys.modules[shim]
+    return skops.io
 
 
 # ------------------------------------------------------------------ canonical form

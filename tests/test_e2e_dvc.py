@@ -61,9 +61,8 @@ def edit_params(repo, section, key, value):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("project")
+def copy_project(repo):
+    """The project's code and pipeline files (what a clone holds), copied into ``repo``."""
     for name in PROJECT_FILES:
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +70,12 @@ def repo(tmp_path_factory):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("project")
+    copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in FAST.items():
         params[section].update(values)

@@ -28,10 +28,8 @@ import yaml
 from PIL import Image
 
 from pipeline.models import init_model
+from tests.test_e2e_dvc import copy_project
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
-                 ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 EXTRACT = {"layers": ["layer1", "fc"], "grad_layers": [], "maps": [], "images": False, "batch_size": 16,
            "chunk_rows": 16, "shard_rows": 32, "device": "cpu"}
 SPEC = {"arch": "cifar_resnet", "widths": [4, 8], "blocks": [1, 1]}
@@ -78,13 +76,7 @@ class Repo:
 
 
 def make_repo(path, cache, **sections):
-    for name in PROJECT_FILES:
-        src, dst = ROOT / name, path / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(path)
     repo = Repo(path, cache)
     for section, values in sections.items():
         repo.set_params(section, **values)
