@@ -123,8 +123,18 @@ def check_file_output(path, what: str, option: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} '{path}' is a directory; expected a file path for the {what}. Hint: name a "
-                          f"file, e.g. {path / 'out.json'}.")
+                          "file (a new file inside that directory is fine).")
     check_writable_parent(path, option)
+    return path
+
+
+def check_dir_output(path, what: str, option: str = "--out") -> Path:
+    """Refuse, before any work, a directory to write files into that is a file or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} '{path}' is an existing file; expected a directory for the {what}. "
+                          f"Hint: choose another {option}.")
+    check_writable_parent(path / "x", option)
     return path
 
 

@@ -113,6 +113,17 @@ def _path(value, key):
     return location(value) if value is not None else Path(project_paths()[key])
 
 
+def _logs_dir():
+    """Where measurements go (``paths.logs``); None outside a project: then they are only logged."""
+    from pipeline.config import project_paths
+    from pipeline.errors import ConfigError
+
+    try:
+        return Path(project_paths()["logs"])
+    except (ConfigError, KeyError):
+        return None
+
+
 def _model_to_check(value):
     """The checkpoint a stage checks the store against: an explicit --model (which must exist), else
     paths.model if it exists.
@@ -240,7 +251,7 @@ def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
     """Search hyperparameters on the cached store: select on val, report winners on test."""
     from stages import search as stage
 
-    rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid, logs=_path(None, "logs"))
+    rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid, logs=_logs_dir())
     table = Table("method", "column", "params", f"val {cfg.metric}", "val near", "val far", "test near",
                   "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} (selected on val)")
     for row in rows[:cfg.top]:
@@ -311,9 +322,12 @@ def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, o
     """Run inputs through the guarded model: a prediction, or "OOD at layer k", per input."""
     import json
 
+    from pipeline.artifacts import atomic_write, check_file_output
     from pipeline.deploy import load_guard, read_inputs
     from pipeline.models import resolve_device
 
+    if out is not None:
+        check_file_output(out, "predictions")  # before the model runs
     guard = load_guard(_path(model, "model"), _path(detectors, "detectors"), _path(thresholds, "guard"),
                        device=resolve_device(device))
     names, x = read_inputs(inputs, guard.input_shape)
@@ -322,8 +336,7 @@ def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, o
         records += guard(x[start:start + batch_size]).records()
     records = [{"input": name, **rec} for name, rec in zip(names, records)]
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records, indent=2) + "\n")
+        atomic_write(out, json.dumps(records, indent=2) + "\n")
         logging.getLogger(__name__).info("wrote %d predictions to %s", len(records), out)
         return
     table = Table("input", "result", "layers computed", *guard.layers, title=f"guard predict: {inputs}")

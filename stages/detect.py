@@ -8,6 +8,7 @@ imports torch): given ``model``, its file's SHA-256 must be the store's checkpoi
 
 import logging
 
+from pipeline.artifacts import check_dir_output, check_file_output
 from pipeline.compute import open_runner
 from pipeline.config import load_section
 from pipeline.metrics import accuracy
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def run(params, features, detectors, metrics_out, table_out, figures_out, argmax_out, model=None):
+    for path, what, option in ((metrics_out, "metrics", "--metrics"), (table_out, "per-layer table", "--table"),
+                               (argmax_out, "argmax counts", "--argmax")):
+        check_file_output(path, what, option)  # before the work
+    check_dir_output(figures_out, "figures", "--figures")
     cfg = load_section("detect", params)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)

@@ -9,6 +9,7 @@ this model (:mod:`pipeline.provenance`).
 
 import logging
 
+from pipeline.artifacts import check_file_output
 from pipeline.deploy import build_guard, evaluate_guard, load_thresholds
 from pipeline.report import write_json
 from pipeline.scoring import load_detectors
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run(features, detectors, thresholds, model, out, recall=0.95):
+    check_file_output(out, "guard report")  # before the work
     store = open_store(features)
     fitted, content = load_detectors(detectors), load_thresholds(thresholds)
     fitted.check_compatible(store)  # before the model is loaded

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.artifacts import atomic_write
+from pipeline.artifacts import atomic_write, check_dir_output
 from pipeline.compute import open_runner
 from pipeline.config import SearchConfig, build_config, load_section, read_params
 from pipeline.report import ood_sets, write_csv, write_json
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params, features, out, grid=None, logs=None):
+    check_dir_output(out, "search leaderboard")  # before the work
     cfg = load_section("search", params) if grid is None else _grid_config(grid)
     compute = load_section("compute", params)  # where, not what: not a DVC dependency
     store = open_store(features)

@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from pipeline.backbones import OWN_NORMALISATION
+from pipeline.artifacts import check_file_output
 from pipeline.config import load_section
 from pipeline.metrics import accuracy
 from pipeline.models import import_model, init_model, model_spec, predict, resolve_device, save_checkpoint, train_model
@@ -18,6 +19,8 @@ ID_SPLITS = ("id_train", "id_val", "id_test")
 
 
 def run(params, data, model_out, metrics_out):
+    check_file_output(model_out, "checkpoint", "--model")  # before the work, not after the training
+    check_file_output(metrics_out, "training metrics", "--metrics")
     cfg = load_section("train", params)
     splits = open_benchmark(data, ID_SPLITS, params=params)
     train = splits["id_train"]

@@ -199,3 +199,30 @@ def test_a_full_disk_is_one_line(monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip() == ("error: Cannot write: No space left on device. Hint: free some space, "
                                      "or fix the permissions, or choose another output path.")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--data", "nowhere", "--model", "{dir}", "--metrics", "m.json"],
+     "--model '.*' is a directory; expected a file path for the checkpoint"),
+    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "{dir}", "--table", "t.csv",
+      "--figures", "figs", "--argmax", "a.json"], "--metrics '.*' is a directory; expected a file path for the metrics"),
+    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "m.json", "--table", "t.csv",
+      "--figures", "{file}", "--argmax", "a.json"], "--figures '.*' is an existing file; expected a directory"),
+    (["search", "--features", "nowhere", "--out", "{file}"], "--out '.*' is an existing file; expected a directory"),
+    (["guard", "evaluate", "--features", "nowhere", "--detectors", "nowhere", "--thresholds", "nowhere",
+      "--model", "nowhere", "--out", "{dir}"], "--out '.*' is a directory; expected a file path for the guard report"),
+    (["calibrate", "--features", "nowhere", "--detectors", "nowhere", "--out", "{dir}"],
+     "--out '.*' is a directory; expected a file path for the guard thresholds"),
+])
+def test_outputs_are_checked_before_any_work(tmp_path, monkeypatch, argv, match):
+    """Every input here is missing: the output error comes first, so no work would have been done."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("precious")
+    argv = [a.format(dir="a_dir", file="a_file") for a in argv]
+    line = one_line_error(runner.invoke(app, argv))
+    assert re.search(match, line), line
+    assert (tmp_path / "a_file").read_text() == "precious" and not any((tmp_path / "a_dir").iterdir())
