@@ -76,7 +76,7 @@ def reference(project):
     return open_store(out)
 
 
-@pytest.mark.parametrize("n_shards", [0, 1, 9, 21])
+@pytest.mark.parametrize("n_shards", [9])  # kills at every phase, many times: tests/test_faults.py
 def test_sigkill_then_rerun_is_bit_identical(project, reference, n_shards):
     out = project / f"killed{n_shards}.zarr"
     progress = project / ".staging" / out.name / "progress.json"
