@@ -405,10 +405,11 @@ def load_weights(model, path, *, openood=False):
 
     Missing ``normalize.mean``/``normalize.std`` keep the model's own values.
     """
+    from pipeline.files import load_torch
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Weights file '{path}' does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, "Weights file", "point train.checkpoint at a state_dict saved with "
+                       "torch.save(model.state_dict(), path).")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -23,17 +23,49 @@ import errno
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click import exceptions as click_errors  # typer vendors click: what its commands raise
+from typer.core import TyperGroup
 
 from pipeline.errors import LayerscopeError
 
-app = typer.Typer(help="OOD detection from a classifier's intermediate layers.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+
+class OneLineGroup(TyperGroup):
+    """The root command: click's usage errors (an unknown option, a bad option value) as one ``error:`` line too.
+
+    Click would print the usage, a "Try --help" line and a boxed message; a
+    user mistake gets the same single line everywhere, with the help command as its hint.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click_errors.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "layerscope"
+            _print_error(f"{exc.format_message().rstrip('.')} ({command}). Hint: `{command} --help` lists its "
+                         "options and arguments.")
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            _print_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _print_error("Aborted.")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(cls=OneLineGroup, help="OOD detection from a classifier's intermediate layers.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -64,7 +96,7 @@ def user_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except LayerscopeError as exc:
             _fail(exc, str(exc), 2)
@@ -85,8 +117,16 @@ def user_errors(func):
 def _fail(exc, message: str, code: int):
     if exc is not None and os.environ.get(DEBUG_ENV) == "1":
         raise exc
-    err_console.print(f"[bold red]error:[/] {' '.join(message.split())}", highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(code) from None
+
+
+def _print_error(message: str):
+    """One line on stderr: ``error: <message>`` (whitespace collapsed, never wrapped)."""
+    from rich.markup import escape
+
+    # escaped: messages hold brackets ("[0, 1]", "[paths.model]") that rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
 def _bug(exc: BaseException):
@@ -263,7 +303,9 @@ def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
 
 
 def _fmt(value):
-    return "" if value is None else f"{value:.4f}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
 
 
 @app.command()
@@ -352,15 +394,10 @@ def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, o
 def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
             all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns.")):
     """Print the headline results of reports/metrics.json: near/far AUROC and FPR@95 per method."""
-    import json
-
-    from pipeline.errors import DataError
-    from pipeline.report import summary_rows
+    from pipeline.report import read_metrics, summary_rows
 
     path = _path(metrics, "metrics")
-    if not path.is_file():
-        raise DataError(f"Metrics file '{path}' does not exist. Hint: run `dvc repro` (or `layerscope detect`).")
-    data = json.loads(path.read_text())
+    data = read_metrics(path)
     table = Table("method", "column", "AUROC near", "FPR@95 near", "AUROC far", "FPR@95 far",
                   title=f"{path} (ID accuracy {data['id_accuracy']:.4f}; FPR@95 = ID FPR at 95% OOD recall)")
     for row in summary_rows(data["methods"], all_columns=all_columns):
@@ -387,17 +424,12 @@ def layers(params: Path = ParamsOpt,
 def _layers_model(params, checkpoint):
     """The model whose layers to list, and one input's shape (C, H, W)."""
     from pipeline.config import load_section
-    from pipeline.models import init_model, load_checkpoint, model_spec
+    from pipeline.models import load_checkpoint, untrained_model
 
-    gen, train_cfg = load_section("generate", params), load_section("train", params)
-    # digits are grey; a sources benchmark has generate.channels (its number of
-    # classes only sizes the head, so 10 stands in before generate has run)
-    channels = 1 if gen.benchmark == "digits" else gen.channels
-    input_shape = (channels, gen.image_size, gen.image_size)
+    model, input_shape = untrained_model(load_section("generate", params), load_section("train", params))
     if checkpoint is not None:
         return load_checkpoint(checkpoint)[0], input_shape
-    n_classes = 10 - len(gen.holdout_classes) if gen.benchmark == "digits" else 10
-    return init_model(model_spec(train_cfg, num_classes=n_classes, in_channels=channels), train_cfg.seed), input_shape
+    return model, input_shape
 
 
 @app.command()

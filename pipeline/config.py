@@ -127,6 +127,12 @@ class GenerateConfig:
                 _check_positive(f"generate.{name}", getattr(self, name))
         if self.benchmark == "sources":
             self._check_sources()
+        else:
+            from pipeline.datasets import check_digits_params
+
+            check_digits_params(holdout_classes=self.holdout_classes, image_size=self.image_size,
+                                val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                                n_synthetic=self.n_synthetic, seed=self.seed)
 
     def _check_sources(self):
         for name in ("id_train", "id_test"):
@@ -219,7 +225,7 @@ class TrainConfig:
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.lr", self.lr)
-        _check_device("train.device", self.device)
+        check_device("train.device", self.device)
         if self.num_workers < 0:
             raise invalid_param("train.num_workers", "train", "a non-negative int", self.num_workers)
         if (self.mean is None) != (self.std is None):
@@ -260,7 +266,7 @@ class ExtractConfig:
         _check_positive("extract.batch_size", self.batch_size)
         _check_positive("extract.chunk_rows", self.chunk_rows)
         _check_choice("extract.dtype", self.dtype, ("float32", "float16"))
-        _check_device("extract.device", self.device)
+        check_device("extract.device", self.device)
         if self.shard_rows % self.chunk_rows:
             raise invalid_param(
                 "extract.shard_rows", "extract", f"a multiple of extract.chunk_rows={self.chunk_rows}",
@@ -295,6 +301,10 @@ class FitConfig:
                 raise invalid_param(f"fit.detectors.{name}", "fit", "a mapping of parameters", params)
         if self.max_train_samples is not None:
             _check_positive("fit.max_train_samples", self.max_train_samples)
+        from pipeline.detectors import make_detector
+
+        for name, params in self.detectors.items():  # names and values, before any data is read
+            make_detector(name, params)
 
     def _check_heatmap(self):
         from pipeline.scorers import make_scorer
@@ -321,6 +331,12 @@ class DetectConfig:
             _check_choice("detect.aggregations", agg, ("max_z", "mean_z", "max"))
         if not 0.0 < self.recall <= 1.0:
             raise invalid_param("detect.recall", "detect", "a float in (0, 1]", self.recall)
+        from pipeline.scorers import make_scorer
+
+        for name, params in self.methods.items():  # names and values, before any data is read
+            scorer = make_scorer(name, params)
+            if name != "heatmap":  # detect's heatmap entry scores fit's decoder: its params are fit.heatmap's
+                scorer.check_params(prefix=f"detect.methods.{name}.")
 
 
 @dataclass(frozen=True)
@@ -346,6 +362,9 @@ class SearchConfig:
         if self.n_jobs == 0:
             raise invalid_param("search.n_jobs", "search", "a non-zero int (-1 = all cores)", self.n_jobs)
         _check_positive("search.top", self.top)
+        from pipeline.search import expand_grid
+
+        expand_grid(self.methods, self.aggregations)  # every configuration's names and values, before the search
 
 
 SCHEDULER_MODES = ("threads", "local")
@@ -419,20 +438,51 @@ SECTIONS = {
 }
 
 
-def read_params(path: str | Path = "params.yaml") -> dict:
-    """Read a params file into a dict, with a one-line error if it is unusable."""
+#: Sections a stage may go without, with the documented default they stand for.
+OPTIONAL_SECTIONS = {"compute": "threads in this process (see ComputeConfig)"}
+
+
+class Params(dict):
+    """A parsed params file: a dict of sections that remembers the file it came from (for messages)."""
+
+    def __init__(self, values, source):
+        super().__init__(values)
+        self.source = source
+
+
+def read_params(path: str | Path = "params.yaml", *, what="Params file", option="--params") -> Params:
+    """Read a YAML file of parameters into a dict, with a one-line error if it is unusable.
+
+    Parameters
+    ----------
+    path : path-like
+    what : str
+        What the file is, for messages: ``"Params file"``, ``"Grid file"``.
+    option : str
+        The command-line option that names it, for hints.
+    """
     path = Path(path)
+    hint = f"run from the project root, or pass {option} FILE."
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a directory; expected a YAML file. Hint: {hint}")
     if not path.is_file():
-        raise ConfigError(f"Params file '{path}' does not exist. Hint: run from the project root, or pass --params.")
+        raise ConfigError(f"{what} '{path}' does not exist. Hint: {hint}")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not YAML (it is not text). Hint: {hint}") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"Params file '{path}' is not valid YAML{where}. Hint: check indentation.") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where}. Hint: check indentation.") from None
+    if params is None:
+        raise ConfigError(f"{what} '{path}' is empty; expected a mapping of sections. Hint: "
+                          + ("`layerscope init --preset digits` writes a complete params file."
+                             if option == "--params" else "see the search section of params.yaml for the keys."))
     if not isinstance(params, dict):
-        raise ConfigError(f"Params file '{path}' must hold a mapping of sections. Got {type(params).__name__}.")
-    return params
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections. Got a {type(params).__name__}. "
+                          f"Hint: {hint}")
+    return Params(params, str(path))
 
 
 def load_section(section: str, params: Mapping | str | Path = "params.yaml"):
@@ -454,6 +504,11 @@ def load_section(section: str, params: Mapping | str | Path = "params.yaml"):
         params = read_params(params)
     if section not in SECTIONS:
         raise invalid_param("section", "load_section", f"one of {sorted(SECTIONS)}", section)
+    if section not in params and section not in OPTIONAL_SECTIONS:
+        source = f"Params file '{params.source}'" if isinstance(params, Params) else "The params"
+        raise ConfigError(f"{source} has no '{section}' section; the {section} stage reads its parameters there "
+                          f"(it has {sorted(params)}). Hint: add a '{section}:' section; every preset in configs/ "
+                          "has one (`layerscope init --preset NAME` writes a complete params file).")
     values = params.get(section) or {}
     if not isinstance(values, Mapping):
         raise invalid_param(section, "params.yaml", "a mapping", values)
@@ -522,10 +577,13 @@ def _check_choice(name, value, choices):
         raise invalid_param(name, name.split(".")[0], f"one of {set(choices)}", value)
 
 
-def _check_device(name, value):
-    ok = value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+def check_device(name, value):
+    """Raise ConfigError unless ``value`` is a device layerscope accepts (``auto``, ``cpu``, ``cuda[:N]``, ``mps``)."""
+    ok = isinstance(value, str) and (value in ("auto", "cpu", "cuda", "mps")
+                                     or (value.startswith("cuda:") and value[5:].isdigit()))
     if not ok:
-        raise invalid_param(name, name.split(".")[0], "a torch device", value, hint=DEVICE_HINT)
+        owner = name.split(".")[0] if "." in name else "layerscope"
+        raise invalid_param(name, owner, "a torch device", value, hint=DEVICE_HINT)
 
 
 def project_paths(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, str]:

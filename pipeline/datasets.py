@@ -187,6 +187,17 @@ def _check_int(name, value, minimum):
         raise invalid_param(f"generate.{name}", _OWNER, f"an int >= {minimum}", value)
 
 
+def digits_set_names(holdout_classes) -> list[str]:
+    """The OOD sets of the digits benchmark, near first: their val halves serve as auxiliary outliers."""
+    return ["digits" + "".join(map(str, sorted(holdout_classes))), "textures", "photos", "faces", "gaussian",
+            "uniform", "constant"]
+
+
+def check_digits_params(**params):
+    """Validate ``make_digits_benchmark``'s parameters without building anything (what ``init`` checks)."""
+    return _check_params(**params)
+
+
 def _check_params(holdout_classes, image_size, val_fraction, test_fraction, n_synthetic, seed):
     """Validate every parameter of make_digits_benchmark; return the sorted holdout."""
     holdout = _check_holdout(holdout_classes)
@@ -793,10 +804,10 @@ def read_manifest(directory):
     """
     path = pathlib.Path(directory) / MANIFEST
     if not path.is_file():
-        raise DataError(
-            f"Benchmark manifest '{path}' does not exist: '{directory}' is not a "
-            f"complete benchmark directory. Hint: {GENERATE_HINT}"
-        )
+        from pipeline.files import what_is_at
+
+        raise DataError(f"Benchmark directory '{directory}' {what_is_at(directory, MANIFEST)}: it is not a complete "
+                        f"benchmark. Hint: {GENERATE_HINT}")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -95,22 +95,30 @@ def save_thresholds(content: dict, path) -> Path:
 
 def load_thresholds(path) -> dict:
     """Read the thresholds file; one-line error if it is missing or not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Guard thresholds '{path}' do not exist. Hint: run `layerscope calibrate` "
-                        "(or `dvc repro calibrate`).")
-    try:
-        content = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"Guard thresholds '{path}' are not readable JSON ({type(exc).__name__}). Hint: rerun "
-                        "`layerscope calibrate`.") from None
-    if isinstance(content, dict) and content.get("format") == 1:
+    from pipeline.files import load_json, require_keys
+
+    content = load_json(path, "Guard thresholds file", "run `layerscope calibrate` (or `dvc repro calibrate`).")
+    if content.get("format") == 1:
         raise DataError(f"Guard thresholds '{path}' were written by an older layerscope (format 1: without the "
                         "digest of the detectors they were calibrated with). Hint: rerun `layerscope calibrate`.")
-    if not isinstance(content, dict) or content.get("format") != FORMAT or "thresholds" not in content:
-        raise DataError(f"'{path}' is not a layerscope guard thresholds file (format {FORMAT}). "
-                        "Hint: rerun `layerscope calibrate`.")
+    if content.get("format") != FORMAT:
+        raise DataError(f"'{path}' is not a layerscope guard thresholds file (format {FORMAT}; got format "
+                        f"{content.get('format')!r}). Hint: rerun `layerscope calibrate`.")
+    hint = "rerun `layerscope calibrate`: it writes every entry."
+    require_keys(content, THRESHOLD_KEYS, path, "Guard thresholds file", hint)
+    layers = content["layers"]
+    for key in ("thresholds", "budgets", "scales"):
+        entry = content[key]
+        if not isinstance(layers, list) or not isinstance(entry, dict) or any(
+                not isinstance(entry.get(layer), (int, float)) for layer in layers):
+            raise DataError(f"Guard thresholds file '{path}': '{key}' must map each of the layers {layers} to a "
+                            f"number. Hint: {hint}")
     return content
+
+
+#: What a thresholds file must hold (written by :func:`calibrate_guard`).
+THRESHOLD_KEYS = ("detector", "layers", "target_tpr", "val_tpr", "thresholds", "budgets", "scales", "input_shape",
+                  "detectors_digest", "store_key", "checkpoint_sha256")
 
 
 def calibration_of(content: dict) -> Calibration:
@@ -216,7 +224,10 @@ def read_inputs(path, input_shape) -> tuple[list[str], torch.Tensor]:
     Images (any of ``IMAGE_SUFFIXES``, found recursively, sorted) are converted to
     the model's channels, resized to its ``(H, W)`` and scaled to [0, 1], as the
     benchmark's images are. A ``.pt``/``.pth`` tensor or ``.npy`` array must be
-    ``(n, C, H, W)`` or ``(C, H, W)`` already.
+    ``(n, C, H, W)`` or ``(C, H, W)`` already; integer pixels (uint8, 0..255)
+    are scaled to [0, 1] as images are, floats must already be in [0, 1] (a
+    float array of 0..255 values is refused: guessing its scale would silently
+    change every score).
 
     Returns
     -------
@@ -226,35 +237,65 @@ def read_inputs(path, input_shape) -> tuple[list[str], torch.Tensor]:
     """
     import torch
 
+    from pipeline.files import load_npy, load_torch
+
     path, shape = Path(path), tuple(input_shape)
+    hint = "pass a folder of images, or a .pt/.npy file of shape (n, C, H, W) with values in [0, 1]."
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"No images in '{path}' (looked for {', '.join(IMAGE_SUFFIXES)}). Hint: pass a folder of "
-                            "images or a .pt/.npy file of shape (n, C, H, W).")
+            raise DataError(f"Folder '{path}' holds no images (looked for {', '.join(IMAGE_SUFFIXES)}). Hint: {hint}")
         return [str(p.relative_to(path)) for p in files], torch.stack([_read_image(p, shape) for p in files])
+    if not path.exists():
+        raise DataError(f"Inputs '{path}' do not exist. Hint: {hint}")
     if path.suffix in (".pt", ".pth"):
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        x = load_torch(path, "Inputs file", hint)
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"Inputs file '{path}' holds a {type(x).__name__}, not a tensor. Hint: {hint}")
+        x = (x.detach().float() if x.dtype in (torch.bfloat16, torch.float16) else x.detach()).numpy()
     elif path.suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
+        x = load_npy(path, "Inputs file", hint)
     else:
         raise DataError(f"Cannot read inputs from '{path}': expected a folder of images, a .pt/.pth tensor or a .npy "
                         "array. Hint: save a tensor with torch.save(x, 'inputs.pt').")
-    x = torch.as_tensor(x).float()
-    x = x.unsqueeze(0) if x.dim() == 3 else x
-    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+    return [str(i) for i in range(len(x) if x.ndim == 4 else 1)], torch.from_numpy(_as_pixels(x, path, shape, hint))
+
+
+def _as_pixels(x: np.ndarray, path, shape, hint) -> np.ndarray:
+    """An array file's values as the model's inputs: (n, C, H, W) float32 in [0, 1]; one-line errors otherwise."""
+    original = x.shape
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
         expected = ", ".join(map(str, shape))
-        raise DataError(f"Inputs in '{path}' have shape {tuple(x.shape)}; the model expects (n, {expected}). "
-                        "Hint: resize them, or pass a folder of images (resized for you).")
-    return [str(i) for i in range(len(x))], x
+        raise DataError(f"Inputs file '{path}' has shape {original}; the model expects (n, {expected}) or "
+                        f"({expected}). Hint: resize them, or pass a folder of images (resized for you).")
+    if x.dtype.kind in "biu":
+        if x.min(initial=0) < 0 or x.max(initial=0) > 255:
+            raise DataError(f"Inputs file '{path}' holds integers outside 0..255 (min {x.min()}, max {x.max()}); "
+                            f"expected 8-bit pixels. Hint: {hint}")
+        return (x.astype(np.float32) / 255.0)  # 8-bit pixels, scaled as image folders are
+    if not np.isfinite(x).all():
+        raise DataError(f"Inputs file '{path}' holds {int((~np.isfinite(x)).sum())} NaN or infinite values. "
+                        f"Hint: {hint}")
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise DataError(f"Inputs file '{path}' holds floats in [{x.min():.4g}, {x.max():.4g}]; expected pixels in "
+                        "[0, 1], as the model was trained on (unnormalised: the model normalises them itself). "
+                        "Hint: divide 0..255 values by 255; save 8-bit pixels as uint8 to have them scaled for you.")
+    return x.astype(np.float32)
 
 
 def _read_image(path, shape):
     import torch
     from PIL import Image
 
+    from PIL import UnidentifiedImageError
+
     channels, height, width = shape
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL's errors on damaged files
+        raise DataError(f"Image '{path}' cannot be read ({type(exc).__name__}: {str(exc)[:120]}). Hint: remove or "
+                        "replace it; every file with an image suffix in the folder is read.") from None
     return torch.from_numpy(arr.reshape(height, width, -1).transpose(2, 0, 1).copy())

@@ -64,3 +64,45 @@ class OutputError(LayerscopeError):
 
 class ProvenanceError(StoreError):
     """Two artifacts a stage reads do not belong together (fitted, extracted or calibrated from different inputs)."""
+
+
+def check_constraints(estimator, prefix: str, owner: str):
+    """Check ``estimator``'s params against its scikit-learn ``_parameter_constraints``, before any data is seen.
+
+    The wording is scikit-learn's own, with the parameter renamed to where the
+    user wrote it: ``The 'detect.methods.scale.percentile' parameter of detect
+    must be a float in the range [0, 100). Got 150 instead.``
+
+    Parameters
+    ----------
+    estimator : sklearn.base.BaseEstimator
+        With a ``_parameter_constraints`` class attribute (nothing is checked without one).
+    prefix : str
+        The dotted path of the estimator's params, ending with a dot (``"fit.detectors.knn."``); may be empty.
+    owner : str
+        The stage or estimator named in the message.
+
+    Raises
+    ------
+    ConfigError
+    """
+    constraints = getattr(type(estimator), "_parameter_constraints", None)
+    if not constraints:
+        return estimator
+    from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
+
+    params = {name: value for name, value in estimator.get_params(deep=False).items() if name in constraints}
+    caller = type(estimator).__name__
+    try:
+        validate_parameter_constraints(constraints, params, caller_name=caller)
+    except InvalidParameterError as exc:
+        raise ConfigError(_renamed(str(exc), caller, prefix, owner)) from None
+    return estimator
+
+
+def _renamed(message: str, caller: str, prefix: str, owner: str) -> str:
+    """scikit-learn's "The 'p' parameter of Caller must be ..." with 'p' as the user wrote it."""
+    import re
+
+    return re.sub(rf"^The '(\w+)' parameter of {re.escape(caller)}",
+                  lambda m: f"The '{prefix}{m.group(1)}' parameter of {owner}", message)

@@ -30,6 +30,9 @@ CHECKPOINT_FORMAT = 1
 
 def resolve_device(device: str = "auto") -> torch.device:
     """Map the ``device`` param to a torch device; ``"auto"`` picks CUDA when present."""
+    from pipeline.config import check_device
+
+    check_device("device", device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -146,6 +149,19 @@ def init_model(spec: dict, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(spec)
+
+
+def untrained_model(gen_cfg, train_cfg) -> tuple[nn.Module, tuple]:
+    """``train.arch`` with seeded weights and one input's shape (C, H, W): its layer names and shapes, no data.
+
+    Digits are grey with ``10 - len(holdout_classes)`` classes; a sources benchmark
+    has ``generate.channels`` (its number of classes only sizes the head, so 10
+    stands in before generate has counted them).
+    """
+    channels = 1 if gen_cfg.benchmark == "digits" else gen_cfg.channels
+    n_classes = 10 - len(gen_cfg.holdout_classes) if gen_cfg.benchmark == "digits" else 10
+    spec = model_spec(train_cfg, num_classes=n_classes, in_channels=channels)
+    return init_model(spec, train_cfg.seed), (channels, gen_cfg.image_size, gen_cfg.image_size)
 
 
 def model_spec(cfg, *, num_classes, in_channels, mean=None, std=None) -> dict:
@@ -319,12 +335,13 @@ def load_checkpoint(path, device="cpu"):
     spec : dict
         The architecture spec it was built from.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Checkpoint '{path}' does not exist. Hint: run `layerscope train` (or `dvc repro train`).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from pipeline.files import load_torch
+
+    ckpt = load_torch(path, "Checkpoint", "run `layerscope train` (or `dvc repro train`) to write one; import your "
+                      "own weights with train.checkpoint.")
     if not isinstance(ckpt, dict) or "spec" not in ckpt or "state_dict" not in ckpt:
-        raise DataError(f"Checkpoint '{path}' is not a layerscope checkpoint (expected keys 'spec' and 'state_dict').")
+        raise DataError(f"Checkpoint '{path}' is not a layerscope checkpoint (expected keys 'spec' and 'state_dict'). "
+                        "Hint: import a plain state_dict with train.checkpoint, then use the checkpoint train writes.")
     model = build_model(ckpt["spec"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt["spec"]

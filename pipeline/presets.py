@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -68,12 +69,92 @@ def apply_override(doc, keys: list[str], value):
 
 
 def validate_params(params: dict):
-    """Load every section into its dataclass: raises the first :class:`ConfigError`."""
+    """Every check a stage makes that needs neither the data nor trained weights: raises the first ConfigError.
+
+    Each section is loaded into its dataclass (names, types, ranges, every
+    detector's, method's and search configuration's values), then the sections
+    are checked against each other and against the architecture (an untrained
+    model of ``train.arch``: its layer names and shapes).
+    """
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"Unknown params section {unknown[0]!r}. Valid sections are {sorted(SECTIONS)}.")
-    for section in SECTIONS:
-        load_section(section, params)
+    configs = {section: load_section(section, params) for section in SECTIONS}
+    check_consistency(configs)
+
+
+#: detect.methods that read the head's input and weights (extract.head)
+HEAD_METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react", "vim")
+
+
+def check_consistency(configs: dict):
+    """Checks across sections, as the stages make them later on their real inputs.
+
+    Parameters
+    ----------
+    configs : dict
+        ``section -> config dataclass`` for every section of :data:`SECTIONS`.
+    """
+    from pipeline.errors import invalid_param
+    from pipeline.extract import resolve_plan
+    from pipeline.models import untrained_model
+
+    gen, ext, fit, det, cal = (configs[k] for k in ("generate", "extract", "fit", "detect", "calibrate"))
+    model, input_shape = untrained_model(gen, configs["train"])
+    plan = resolve_plan(model, ext.layers, input_shape, grad_layers=ext.grad_layers, head=ext.head, maps=ext.maps,
+                        images=ext.images)
+    if cal.detector not in fit.detectors:
+        raise invalid_param("calibrate.detector", "calibrate", f"one of fit.detectors {sorted(fit.detectors)}",
+                            cal.detector, hint="add it to fit.detectors, or guard with a detector fit fits.")
+    stray = [layer for layer in cal.layers if layer not in plan.layers]
+    if stray:
+        raise invalid_param("calibrate.layers", "calibrate", f"layers among extract.layers {list(plan.layers)}",
+                            stray[0], hint="guard layers that extract stores.")
+    _check_methods_inputs(det, ext, fit, plan)
+    if fit.heatmap is not None:
+        _check_aux_sets(fit.heatmap.get("aux_sets", ()), gen)
+
+
+def _check_methods_inputs(det, ext, fit, plan):
+    """Each detect method's inputs are among what extract stores (and fit trains)."""
+    from pipeline.errors import invalid_param
+
+    for name in det.methods:
+        if name in HEAD_METHODS and plan.head is None:
+            raise invalid_param("extract.head", "extract", f"the model's final linear layer: detect.methods.{name} "
+                                "reads its input and weights", None, hint="set extract.head (e.g. fc).")
+    if "nac_ue" in det.methods:
+        params = det.methods["nac_ue"] or {}
+        layers = params.get("layers") or list(plan.grad_layers)
+        if not plan.grad_layers:
+            raise invalid_param("extract.grad_layers", "extract", "a non-empty list: detect.methods.nac_ue reads "
+                                "the stored gradients", [], hint="e.g. grad_layers: [layer3, avgpool].")
+        for key in ("alpha", "M", "O"):
+            value = params.get(key)
+            stray = [layer for layer in (value if isinstance(value, Mapping) else {}) if layer not in plan.grad_layers]
+            missing = [layer for layer in layers if isinstance(value, Mapping) and layer not in value]
+            if stray or missing:
+                raise invalid_param(f"detect.methods.nac_ue.{key}", "detect", f"one value per layer of "
+                                    f"extract.grad_layers {list(plan.grad_layers)}", value,
+                                    hint=f"layer {(stray or missing)[0]!r} is not among them or has no value.")
+    if "heatmap" in det.methods and fit.heatmap is None:
+        raise invalid_param("fit.heatmap", "fit", "the decoder's parameters: detect.methods.heatmap scores the "
+                            "decoder fit trains", None, hint="add a fit.heatmap section (see configs/digits.yaml).")
+
+
+def _check_aux_sets(aux_sets, gen):
+    """fit.heatmap.aux_sets are sets generate writes (their val or aux splits), never a missing one."""
+    from pipeline.datasets import digits_set_names
+    from pipeline.errors import invalid_param
+
+    if gen.benchmark == "digits":
+        known = digits_set_names(gen.holdout_classes)
+    else:
+        known = sorted([*gen.ood_sets, *gen.aux])
+    stray = [name for name in aux_sets if name not in known]
+    if stray:
+        raise invalid_param("fit.heatmap.aux_sets", "fit", f"sets the benchmark has, among {known}", stray[0],
+                            hint="name an OOD set's val half or a generate.aux set.")
 
 
 def _represent_none(representer, _data):

@@ -112,6 +112,25 @@ def write_csv(rows: list[dict], path) -> Path:
     return atomic_write(path, buffer.getvalue())
 
 
+def read_metrics(path) -> dict:
+    """``metrics.json`` as ``detect`` writes it, checked: one-line errors for a missing, garbage or foreign file."""
+    from pipeline.errors import DataError
+    from pipeline.files import load_json, require_keys
+
+    hint = "run `dvc repro` (or `layerscope detect`) to write it, or pass --metrics."
+    data = require_keys(load_json(path, "Metrics file", hint), ("id_accuracy", "methods"), path, "Metrics file", hint)
+    methods = data["methods"]
+    if not isinstance(methods, dict) or not all(
+            isinstance(columns, dict) and all(isinstance(per, dict) for per in columns.values())
+            for columns in methods.values()):
+        raise DataError(f"Metrics file '{path}': 'methods' must map each method to its columns' metrics, as "
+                        f"`layerscope detect` writes it. Hint: {hint}")
+    if not isinstance(data["id_accuracy"], (int, float)):
+        raise DataError(f"Metrics file '{path}': 'id_accuracy' must be a number; got {data['id_accuracy']!r}. "
+                        f"Hint: {hint}")
+    return data
+
+
 def summary_rows(results: dict, *, all_columns=False) -> list[dict]:
     """Headline rows of ``metrics.json``'s methods: near/far AUROC and FPR@95.
 
@@ -127,7 +146,8 @@ def summary_rows(results: dict, *, all_columns=False) -> list[dict]:
         for col in names:
             per = columns[col]
             rows.append({"method": method, "column": col,
-                         **{f"{m}_{g}": per[g][m] for g in GROUPS if g in per for m in ("auroc", "fpr95")}})
+                         **{f"{m}_{g}": per[g].get(m) for g in GROUPS if isinstance(per.get(g), dict)
+                            for m in ("auroc", "fpr95")}})
     return rows
 
 

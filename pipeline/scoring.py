@@ -466,7 +466,9 @@ def read_manifest(directory) -> tuple[dict, dict]:
     """
     directory = Path(directory)
     if not (directory / MANIFEST).is_file() and not (directory / artifacts.SEAL).is_file():
-        raise DataError(f"No fitted detectors in '{directory}' (missing {MANIFEST}). "
+        from pipeline.files import what_is_at
+
+        raise DataError(f"No fitted detectors in '{directory}': it {what_is_at(directory, MANIFEST)}. "
                         "Hint: run `layerscope fit` (or `dvc repro fit`).")
     if not (directory / artifacts.SEAL).exists() and _is_detectors_manifest(directory, legacy=True):
         raise IntegrityError(f"The detectors '{directory}' were written by an older layerscope, as joblib pickles "

@@ -100,21 +100,27 @@ def expand_grid(methods: dict, aggregations=AGGREGATIONS) -> list[Config]:
             grid.pop("columns", None)
         names = sorted(grid)
         values = [expand_values(f"search.methods.{method}.{n}", grid[n]) for n in names]
-        configs += [Config(method, dict(zip(names, combo))) for combo in itertools.product(*values)]
+        expanded = [Config(method, dict(zip(names, combo))) for combo in itertools.product(*values)]
+        for config in expanded:  # every value, not only the first: a bad one would fail in a worker, mid-search
+            _check_config(config)
+        configs += expanded
     return configs
 
 
 def _check_method(method: str, grid: dict):
-    """Unknown methods and params fail before any work, in one line."""
-    if method in SCORERS:
-        first = {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items()}
-        make_scorer(method, first, where="search.methods").check_params(prefix=f"search.methods.{method}.")
-    elif method in available_detectors():
-        params = {k: v[0] if isinstance(v, list) and v else v for k, v in grid.items() if k != "columns"}
-        make_detector(method, params)
-    else:
+    """Unknown methods fail before any work, in one line."""
+    if method not in SCORERS and method not in available_detectors():
         raise invalid_param("search.methods", "search", f"one of {available_scorers() + available_detectors()}",
                             method)
+
+
+def _check_config(config: Config):
+    """One configuration's names and values, checked without data (as fit and detect check theirs)."""
+    if config.kind == "scorer":
+        make_scorer(config.method, config.params, where="search.methods").check_params(
+            prefix=f"search.methods.{config.method}.")
+    else:
+        make_detector(config.method, config.params, where="search.methods")
 
 
 def detector_columns(grid: dict, layers, aggregations) -> list[str]:

@@ -215,12 +215,16 @@ def make_transform(image_size, channels, resize=None):
     ])
 
 
-def _missing(name, exc):
-    """A one-line DataError for a data set whose files are missing or unreadable."""
+def _missing(name, exc, root):
+    """A one-line DataError for a data set whose files are missing or unreadable, naming where it looked."""
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    # torchvision's text advises download=True whatever the cause: say what it found instead
+    reason = reason.replace("Dataset not found or corrupted. You can use download=True to download it",
+                            "files not found, or not the official files")
+    where = "which does not exist" if not os.path.isdir(root) else "under it"
     return DataError(
-        f"Could not read data set '{name}' ({reason}). Expected {EXPECTED_LAYOUT[name]}. "
-        f"Hint: {FOLDER_HINT if name == 'imagefolder' else MISSING_HINT}."
+        f"Could not read data set '{name}' under generate.root '{root}' ({where}; {reason}). Expected "
+        f"{EXPECTED_LAYOUT[name]}. Hint: {FOLDER_HINT if name == 'imagefolder' else MISSING_HINT}."
     )
 
 
@@ -275,7 +279,7 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
     try:
         dataset = SOURCES[name](req)
     except (RuntimeError, OSError) as exc:
-        raise _missing(name, exc) from exc
+        raise _missing(name, exc, req.root) from exc
     if n is None or name == "constant":
         return dataset
     return capped_subset(dataset, n, seed)

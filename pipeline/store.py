@@ -512,8 +512,10 @@ def open_store(path) -> FeatureStore:
             raise StoreError(f"Feature store '{path}' is incomplete: an interrupted extraction is staged at "
                              f"'{staged}'. Hint: {RESUME_HINT}.")
         if path.exists():
-            raise StoreError(f"'{path}' is not a feature store (it has no zarr.json). Hint: run `layerscope "
-                             "extract` (or `dvc repro extract`), or name a store written by it.")
+            from pipeline.files import what_is_at
+
+            raise StoreError(f"'{path}' is not a feature store: it {what_is_at(path, 'zarr.json')}. Hint: run "
+                             "`layerscope extract` (or `dvc repro extract`), or name a store written by it.")
         raise StoreError(f"Feature store '{path}' does not exist. Hint: run `layerscope extract` "
                          "(or `dvc repro extract`).")
     root = _open_root(path)

@@ -45,5 +45,5 @@ def run(params, features, out, grid=None, logs=None):
 
 def _grid_config(path):
     """A grid file holds the keys of the search section, or a whole ``search:`` section."""
-    values = read_params(path)
+    values = read_params(path, what="Grid file", option="--grid")
     return build_config(SearchConfig, values.get("search", values) if set(values) == {"search"} else values, "search")

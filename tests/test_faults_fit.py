@@ -15,7 +15,6 @@ import shutil
 import time
 
 import numpy as np
-import pytest
 import yaml
 
 from pipeline.errors import LayerscopeError

@@ -97,6 +97,6 @@ def test_reader_refuses_the_killed_store_with_a_resume_hint(project):
     result = subprocess.run([sys.executable, "-m", "pipeline", "fit", "--params", str(project / "params.yaml"),
                              "--features", str(out), "--out", str(project / "det")], capture_output=True, text=True)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "incomplete" in lines[0] and "resume" in lines[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "incomplete" in errors[0] and "resume" in errors[0]
     assert "Traceback" not in result.stderr

@@ -14,12 +14,12 @@ normalisation, which z-scoring would change.
 
 from functools import partial
 
-from ..errors import invalid_param
+from ..errors import ConfigError, invalid_param
 from .base import BaseDetector, check_param_names
 from .knn_l2 import KNNL2, l2_normalise
 from .laood import LAOODOCSVM, self_adaptive_shifting
 from .mahalanobis import ClassConditionalMahalanobis, mahalanobis_scores
-from .pyod_adapter import PYOD_MODELS, PyODDetector, check_pyod_params
+from .pyod_adapter import PYOD_MODELS, PyODDetector, check_pyod_params, pyod_param_names
 from .standardized import Standardized
 
 __all__ = [
@@ -63,6 +63,13 @@ DETECTORS["knn_l2"] = partial(_make_native, "knn_l2", KNNL2)
 SELF_NORMALISING = frozenset({"knn_l2"})
 
 
+def detector_param_names(name):
+    """The sorted parameter names detector ``name`` accepts."""
+    if name in PYOD_MODELS:
+        return pyod_param_names(name)
+    return sorted(DETECTORS[name].args[1]().get_params())
+
+
 def available_detectors():
     """Return the registered detector names.
 
@@ -74,7 +81,7 @@ def available_detectors():
     return sorted(DETECTORS)
 
 
-def make_detector(name, params=None, *, standardize=True):
+def make_detector(name, params=None, *, standardize=True, where="fit.detectors"):
     """Build an unfitted detector by short name.
 
     Parameters
@@ -86,6 +93,8 @@ def make_detector(name, params=None, *, standardize=True):
     standardize : bool, default=True
         Wrap the detector in :class:`Standardized` (per-feature z-scoring);
         ignored for the detectors in :data:`SELF_NORMALISING`.
+    where : str, default="fit.detectors"
+        Where the user wrote the params, for messages (``"search.methods"``).
 
     Returns
     -------
@@ -95,13 +104,18 @@ def make_detector(name, params=None, *, standardize=True):
     Raises
     ------
     pipeline.errors.ConfigError
-        If ``name`` is unknown or ``params`` has names the detector rejects.
+        If ``name`` is unknown, or ``params`` has names the detector rejects
+        or values out of range (checked before any data is seen).
     """
     if name not in DETECTORS:
         raise invalid_param(
-            "fit.detectors", "fit", f"one of {available_detectors()}", name,
-            hint="use pipeline.detectors.available_detectors() for the list; "
-            "names are lower-case.",
+            where, where.split(".")[0], f"one of {available_detectors()}", name,
+            hint="names are lower-case; network-level methods (msp, ebo, ...) go under detect.methods.",
         )
-    detector = DETECTORS[name](params)
+    accepted = detector_param_names(name)
+    unknown = sorted(set(params or {}) - set(accepted))
+    if unknown:
+        raise ConfigError(f"Unknown parameter '{where}.{name}.{unknown[0]}'. Valid parameters of '{where}.{name}' "
+                          f"are {accepted}.")
+    detector = DETECTORS[name](params).check_params(prefix=f"{where}.{name}.")
     return Standardized(detector=detector) if standardize and name not in SELF_NORMALISING else detector

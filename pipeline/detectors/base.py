@@ -46,6 +46,20 @@ class BaseDetector(BaseEstimator, abc.ABC):
 
     requires_labels: bool = False
 
+    #: scikit-learn style constraints on the params, checked by :meth:`check_params` before any data is read.
+    _parameter_constraints: dict = {}
+
+    def check_params(self, prefix="", owner=None):
+        """Raise ``ConfigError`` on a bad hyperparameter (named after ``prefix``) before any work; returns self.
+
+        Checks what needs no data (``_parameter_constraints``); bounds that
+        depend on the data (``k`` up to the number of training rows) are
+        checked by ``fit``.
+        """
+        from ..errors import check_constraints
+
+        return check_constraints(self, prefix, owner or (prefix.split(".")[0] if prefix else type(self).__name__))
+
     @abc.abstractmethod
     def fit(self, X, y=None):
         """Learn the detector's state from in-distribution features.

@@ -5,9 +5,11 @@ Neighbors", ICML.
 """
 
 import numbers
+from numbers import Integral
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
+from sklearn.utils._param_validation import Interval
 
 from ..errors import invalid_param
 from .base import BaseDetector
@@ -70,6 +72,8 @@ class KNNL2(BaseDetector):
         Fitted on the normalised training features.
     n_features_in_ : int
     """
+
+    _parameter_constraints = {"k": [Interval(Integral, 1, None, closed="left")]}
 
     def __init__(self, *, k=50):
         self.k = k

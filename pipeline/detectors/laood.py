@@ -8,10 +8,12 @@ self-adaptive data shifting", Pattern Recognition 74.
 
 import math
 import numbers
+from numbers import Real
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import OneClassSVM
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..errors import DataError, invalid_param
 from .base import BaseDetector
@@ -135,6 +137,14 @@ class LAOODOCSVM(BaseDetector):
         Fitted on all of ``X`` with ``gamma_``.
     n_features_in_ : int
     """
+
+    _parameter_constraints = {
+        "nu": [Interval(Real, 0, 1, closed="right")],
+        "holdout": [Interval(Real, 0, 1, closed="neither")],
+        "pseudo_from": [StrOptions({"train", "holdout"})],
+        "gammas": ["array-like"],
+        "seed": ["random_state"],
+    }
 
     def __init__(self, *, nu=0.001, gammas=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
                  holdout=0.3, pseudo_from="train", seed=0):

@@ -5,8 +5,10 @@ Out-of-Distribution Samples and Adversarial Attacks", NeurIPS.
 """
 
 import numbers
+from numbers import Real
 
 import numpy as np
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import column_or_1d
 
 from ..errors import DataError, invalid_param
@@ -91,6 +93,8 @@ class ClassConditionalMahalanobis(BaseDetector):
 
     requires_labels = True
     supports_dask = True  # fit_dask: out of core, from a dask array
+
+    _parameter_constraints = {"reg": [Interval(Real, 0, None, closed="left")]}
 
     def __init__(self, *, reg=1e-6):
         self.reg = reg

@@ -79,6 +79,40 @@ def check_pyod_params(method, params):
     check_param_names(params, pyod_param_names(method), owner)
 
 
+#: The scikit-learn estimator a PyOD model builds from its params: their constraints check ours, before any data.
+PYOD_SKLEARN = {
+    "knn": ("sklearn.neighbors", "NearestNeighbors"),
+    "lof": ("sklearn.neighbors", "LocalOutlierFactor"),
+    "ocsvm": ("sklearn.svm", "OneClassSVM"),
+    "iforest": ("sklearn.ensemble", "IsolationForest"),
+    "pca": ("sklearn.decomposition", "PCA"),
+}
+
+
+def check_pyod_values(method, params, prefix="", owner=None):
+    """Check a PyOD model's param *values* without data: its constructor's own checks (contamination, ...)
+    and the constraints of the scikit-learn estimator it wraps (``n_neighbors >= 1``, ``0 < nu <= 1``, ...)."""
+    from ..errors import _renamed
+
+    owner = owner or (prefix.split(".")[0] if prefix else f"PyOD model {method!r}")
+    try:
+        _build(method, params)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or method}: {exc}") from None
+    if method not in PYOD_SKLEARN:
+        return
+    module, name = PYOD_SKLEARN[method]
+    estimator_class = getattr(importlib.import_module(module), name)
+    from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
+
+    constraints = getattr(estimator_class, "_parameter_constraints", {})
+    shared = {k: v for k, v in (params or {}).items() if k in constraints}
+    try:
+        validate_parameter_constraints(constraints, shared, caller_name=name)
+    except InvalidParameterError as exc:
+        raise ConfigError(_renamed(str(exc), name, prefix, owner)) from None
+
+
 def _build(method, params):
     """Instantiate a PyOD model; its constructor's ``ValueError`` becomes ``ConfigError``."""
     model_class = pyod_class(method)
@@ -142,6 +176,12 @@ class PyODDetector(BaseDetector):
     def __init__(self, *, method="knn", params=None):
         self.method = method
         self.params = params
+
+    def check_params(self, prefix="", owner=None):
+        """Check names and values of ``params`` without data (see :func:`check_pyod_values`); returns self."""
+        check_pyod_params(self.method, self.params)
+        check_pyod_values(self.method, self.params, prefix, owner)
+        return self
 
     def fit(self, X, y=None):
         """Build and fit the PyOD model on ``X``; ``y`` is ignored.

@@ -38,6 +38,11 @@ class Standardized(BaseDetector):
         """bool: whether the wrapped detector needs labels at fit time."""
         return self.detector.requires_labels
 
+    def check_params(self, prefix="", owner=None):
+        """The wrapped detector's :meth:`~pipeline.detectors.base.BaseDetector.check_params`; returns self."""
+        self.detector.check_params(prefix, owner)
+        return self
+
     def fit(self, X, y=None):
         """Fit the scaler, then a clone of ``detector`` on the scaled ``X``.
 

@@ -44,7 +44,7 @@ def available_scorers() -> list[str]:
 def make_scorer(name: str, params=None, *, where="detect.methods") -> BaseScorer:
     """Build the scorer registered as ``name`` with ``params`` (checked by name; ``where`` names the section)."""
     if name not in SCORERS:
-        raise invalid_param("detect.methods", "detect", f"one of {available_scorers()}", name,
+        raise invalid_param(where, where.split(".")[0], f"one of {available_scorers()}", name,
                             hint="per-layer detectors (knn, ecod, ...) go under fit.detectors.")
     cls, fixed = SCORERS[name]
     params = dict(params or {})

@@ -6,7 +6,10 @@ Out-of-Distribution Detection", ICLR.
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from pipeline.errors import invalid_param
 from pipeline.scorers.base import BaseScorer
@@ -107,6 +110,8 @@ class AshScorer(BaseScorer):
     percentile : float, default=90
         ``p`` in [0, 100) (OpenOOD's CIFAR setting is 90).
     """
+
+    _parameter_constraints = {"percentile": [Interval(Real, 0, 100, closed="left")], "variant": [StrOptions({"p", "b", "s"})]}
 
     def __init__(self, *, variant="p", percentile=90):
         self.variant = variant

@@ -116,12 +116,19 @@ class BaseScorer(BaseEstimator):
         """ID-train rows ``fit`` reads, given ID-train's labels (n,): None means all of them."""
         return None
 
-    def check_params(self, prefix=""):
+    #: scikit-learn style constraints on the params, checked by :meth:`check_params` before any data is read.
+    _parameter_constraints: dict = {}
+
+    def check_params(self, prefix="", owner=None):
         """Raise ``ConfigError`` on a bad hyperparameter (named after ``prefix``) before any work; returns self.
 
-        Most scorers check theirs when fitting or scoring, where the data's size is known.
+        Checks what can be checked without data (``_parameter_constraints``);
+        bounds that depend on the data (a dimension below the feature count)
+        are checked when fitting.
         """
-        return self
+        from pipeline.errors import check_constraints
+
+        return check_constraints(self, prefix, owner or (prefix.split(".")[0] if prefix else type(self).__name__))
 
     def outlier_sets(self) -> tuple:
         """Auxiliary-outlier sets ``fit`` also learns from (their rows come with label -1); none by default."""

@@ -7,9 +7,11 @@ NeurIPS.
 from __future__ import annotations
 
 import numbers
+from numbers import Real
 
 import numpy as np
 from scipy.special import logsumexp
+from sklearn.utils._param_validation import Interval
 
 from pipeline.errors import DataError, invalid_param
 from pipeline.scorers.base import BaseScorer
@@ -119,6 +121,8 @@ class EnergyScorer(BaseScorer):
     temperature : float, default=1.0
         ``T > 0``.
     """
+
+    _parameter_constraints = {"temperature": [Interval(Real, 0, None, closed="neither")]}
 
     def __init__(self, *, temperature=1.0):
         self.temperature = temperature

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from numbers import Integral, Real
 
 import numpy as np
 from scipy.special import expit
+from sklearn.utils._param_validation import Interval
 
 from pipeline.errors import DataError, invalid_param
 from pipeline.scorers.base import BaseScorer, Features
@@ -240,6 +242,15 @@ class NACScorer(BaseScorer):
 
     #: Params a fitted scorer can change without refitting (the histograms do not depend on O).
     refit_free_params = ("O",)
+
+    _parameter_constraints = {  # a value for every layer, or one per layer
+        "alpha": [Interval(Real, 0, None, closed="neither"), dict],
+        "M": [Interval(Integral, 1, None, closed="left"), dict],
+        "O": [Interval(Integral, 1, None, closed="left"), dict],
+        "n_train": [Interval(Integral, 1, None, closed="left")],
+        "layers": [list, tuple, None],
+        "seed": ["random_state"],
+    }
 
     def __init__(self, *, layers=None, alpha=100.0, M=50, O=50, n_train=1000, seed=0):
         self.layers = layers

@@ -7,8 +7,10 @@ Activations", NeurIPS.
 from __future__ import annotations
 
 import numbers
+from numbers import Real
 
 import numpy as np
+from sklearn.utils._param_validation import Interval
 
 from pipeline.errors import invalid_param
 from pipeline.scorers.base import BaseScorer
@@ -78,6 +80,8 @@ class ReActScorer(BaseScorer):
     """
 
     learns = True  # fit reads ID-train features
+
+    _parameter_constraints = {"percentile": [Interval(Real, 0, 100, closed="right")]}
 
     def __init__(self, *, percentile=90):
         self.percentile = percentile

@@ -8,8 +8,10 @@ that ASH shares.
 from __future__ import annotations
 
 import numbers
+from numbers import Real
 
 import numpy as np
+from sklearn.utils._param_validation import Interval
 
 from pipeline.errors import invalid_param
 from pipeline.scorers.base import BaseScorer
@@ -137,6 +139,8 @@ class ScaleScorer(BaseScorer):
         ``p`` in [0, 100). The paper picked 85 on ImageNet and 65 on CIFAR
         (searched in 50..95 by 5).
     """
+
+    _parameter_constraints = {"percentile": [Interval(Real, 0, 100, closed="left")]}
 
     def __init__(self, *, percentile=85):
         self.percentile = percentile

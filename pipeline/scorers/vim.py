@@ -7,10 +7,12 @@ Matching", CVPR.
 from __future__ import annotations
 
 import numbers
+from numbers import Integral
 
 import numpy as np
 from scipy.special import logsumexp
 from sklearn.covariance import EmpiricalCovariance
+from sklearn.utils._param_validation import Interval
 
 from pipeline.errors import DataError, invalid_param
 from pipeline.scorers.base import BaseScorer
@@ -96,6 +98,8 @@ class ViMScorer(BaseScorer):
     """
 
     learns = True  # fit reads ID-train features
+
+    _parameter_constraints = {"dim": [Interval(Integral, 1, None, closed="left"), None]}
 
     def __init__(self, *, dim=None):
         self.dim = dim
