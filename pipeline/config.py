@@ -505,7 +505,7 @@ def load_section(section: str, params: Mapping | str | Path = "params.yaml"):
     if section not in SECTIONS:
         raise invalid_param("section", "load_section", f"one of {sorted(SECTIONS)}", section)
     if section not in params and section not in OPTIONAL_SECTIONS:
-        source = f"Params file '{params.source}'" if isinstance(params, Params) else "The params"
+        source = f"Params file '{params.source}'" if isinstance(params, Params) else "The params mapping"
         raise ConfigError(f"{source} has no '{section}' section; the {section} stage reads its parameters there "
                           f"(it has {sorted(params)}). Hint: add a '{section}:' section; every preset in configs/ "
                           "has one (`layerscope init --preset NAME` writes a complete params file).")

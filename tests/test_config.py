@@ -20,8 +20,24 @@ def test_lists_become_tuples_and_floats_are_coerced():
     assert load_section("extract", {"extract": {"layers": "fc"}}).layers == ("fc",)
 
 
-def test_missing_section_takes_defaults():
-    assert load_section("detect", {}) == DetectConfig()
+def test_a_missing_section_is_an_error_naming_the_file_and_the_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"Params file '.*params.yaml' has no 'detect' section.*it has \['train'\]"):
+        load_section("detect", path)
+
+
+def test_an_empty_section_or_a_missing_optional_one_takes_the_defaults():
+    from pipeline.config import ComputeConfig
+
+    assert load_section("detect", {"detect": None}) == DetectConfig()
+    assert load_section("compute", {}) == ComputeConfig()
+
+
+def test_an_empty_params_file_is_an_error(tmp_path):
+    (tmp_path / "params.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"Params file '.*params.yaml' is empty.*layerscope init --preset digits"):
+        load_section("train", tmp_path / "params.yaml")
 
 
 def test_unknown_key_is_named_with_the_valid_ones():
@@ -89,7 +105,7 @@ def test_aux_sets_are_parsed_like_near_and_far():
                      "c100train": {"source": "cifar100", "part": "train"}})  # near is CIFAR-100's *test* part
     assert cfg.aux["tinyimages"] == SourceSpec("imagefolder", "test", "tinyimages300k", 50000)
     assert cfg.aux["c100train"] == SourceSpec("cifar100", "train")
-    assert "tinyimages" not in cfg.ood_sets and load_section("generate", {}).aux == {}
+    assert "tinyimages" not in cfg.ood_sets and load_section("generate", {"generate": {}}).aux == {}
 
 
 @pytest.mark.parametrize("aux, match", [

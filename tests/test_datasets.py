@@ -326,7 +326,7 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(by_name, tmp_path,
         write_benchmark([by_name["id_val"], by_name["id_test"]], tmp_path / "bench")
     assert [p.name for p in tmp_path.iterdir()] == [".staging"]
     assert [p.name for p in (tmp_path / ".staging").iterdir()] == ["bench.lock"]
-    with pytest.raises(DataError, match="manifest"):
+    with pytest.raises(DataError, match=r"Benchmark directory '.*bench' does not exist"):
         read_manifest(tmp_path / "bench")
 
 
@@ -381,7 +381,8 @@ def test_an_edited_manifest_is_refused(by_name, tmp_path):
     with pytest.raises(IntegrityError, match=r"file 'manifest\.json' has been altered"):
         check_benchmark(directory)
     (directory / "manifest.json").unlink()
-    with pytest.raises(DataError, match=r"manifest.*does not exist.*Hint: run `layerscope generate`"):
+    with pytest.raises(DataError, match=r"Benchmark directory '.*' has no manifest.json.*Hint: run `layerscope "
+                                        r"generate`"):
         check_benchmark(directory)
 
 
@@ -482,9 +483,15 @@ def test_load_split_refuses_pickled_objects(by_name, tmp_path):
         load_split(path)
 
 
-def test_read_manifest_missing(tmp_path):
-    with pytest.raises(DataError, match=r"manifest\.json' does not exist.*dvc repro generate"):
+def test_read_manifest_says_what_is_there_instead(tmp_path):
+    with pytest.raises(DataError, match=r"Benchmark directory '.*nowhere' does not exist.*dvc repro generate"):
         read_manifest(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"'.*empty' is an empty directory: it is not a complete benchmark"):
+        read_manifest(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"'.*file' is a file, not a directory"):
+        read_manifest(tmp_path / "file")
 
 
 @pytest.mark.parametrize(

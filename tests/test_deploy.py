@@ -118,7 +118,7 @@ def test_load_guard_matches_the_cached_decisions(project):
                                               rf"{file_sha256(project['model'])}, but the model '.*other.pt' has "
                                               rf"SHA-256 {file_sha256(other)}"):
         load_guard(other, root / "detectors", root / "guard.json")
-    with pytest.raises(DataError, match=r"Guard thresholds .*missing.json' do not exist. Hint: run `layerscope "
+    with pytest.raises(DataError, match=r"Guard thresholds file .*missing.json' does not exist. Hint: run `layerscope "
                                         r"calibrate`"):
         load_thresholds(root / "missing.json")
 
@@ -136,10 +136,25 @@ def test_read_inputs_from_images_tensors_and_arrays(tmp_path, rng):
     assert read_inputs(tmp_path / "two.npy", (1, 8, 8))[0] == ["0", "1"]
 
 
+def test_uint8_inputs_are_scaled_like_image_folders(tmp_path, rng):
+    pixels = rng.integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", pixels)
+    torch.save(torch.from_numpy(pixels), tmp_path / "u8.pt")
+    for name in ("u8.npy", "u8.pt"):
+        _, x = read_inputs(tmp_path / name, (1, 8, 8))
+        assert x.dtype == torch.float32 and torch.allclose(x, torch.from_numpy(pixels / 255.0).float())
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda p: (p / "empty").mkdir() or p / "empty", r"No images in .*empty.* Hint: pass a folder of images"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", r"Folder '.*empty' holds no images .* Hint: pass a folder of images"),
     (lambda p: np.save(p / "bad.npy", np.zeros((2, 3, 8, 8))) or p / "bad.npy",
-     r"have shape \(2, 3, 8, 8\); the model expects \(n, 1, 8, 8\). Hint: resize them"),
+     r"Inputs file '.*bad.npy' has shape \(2, 3, 8, 8\); the model expects \(n, 1, 8, 8\) or \(1, 8, 8\). Hint: resize"),
+    (lambda p: np.save(p / "wide.npy", np.full((2, 1, 8, 8), 255.0)) or p / "wide.npy",
+     r"Inputs file '.*wide.npy' holds floats in \[255, 255\]; expected pixels in \[0, 1\].*divide 0..255 values by 255"),
+    (lambda p: np.save(p / "nan.npy", np.full((1, 8, 8), np.nan)) or p / "nan.npy",
+     r"Inputs file '.*nan.npy' holds 64 NaN or infinite values"),
+    (lambda p: np.save(p / "obj.npy", np.array([None, 1], dtype=object), allow_pickle=True) or p / "obj.npy",
+     r"Inputs file '.*obj.npy' cannot be read: it holds Python objects \(dtype=object\)"),
     (lambda p: (p / "x.csv").write_text("1") and p / "x.csv", r"Cannot read inputs from .*x.csv.*expected a folder"),
 ])
 def test_read_inputs_errors(tmp_path, make, message):

@@ -102,7 +102,8 @@ def test_param_errors(params, match, blobs):
 
 
 def test_unknown_registry_param_is_rejected():
-    with pytest.raises(ConfigError, match=r"detector 'laood_ocsvm' \(LAOODOCSVM\).*unknown key\(s\) \['gamma'\]"):
+    with pytest.raises(ConfigError, match=r"Unknown parameter 'fit.detectors.laood_ocsvm.gamma'. Valid parameters "
+                                          r"of 'fit.detectors.laood_ocsvm' are \['gammas', 'holdout'"):
         make_detector("laood_ocsvm", {"gamma": 0.1})
 
 

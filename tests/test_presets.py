@@ -177,9 +177,10 @@ def test_init_writes_the_preset_with_overrides_and_keeps_comments(tmp_path):
 def test_init_overrides_the_current_params_without_a_preset(tmp_path):
     out = tmp_path / "params.yaml"
     out.write_text((CONFIGS / "digits.yaml").read_text())
-    result = runner.invoke(app, ["init", "-S", "fit.detectors={knn: {n_neighbors: 3}}", "--params", str(out)])
+    result = runner.invoke(app, ["init", "-S", "fit.detectors={knn: {n_neighbors: 3}, mahalanobis: {}}",
+                                 "--params", str(out)])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(out.read_text())["fit"]["detectors"] == {"knn": {"n_neighbors": 3}}
+    assert yaml.safe_load(out.read_text())["fit"]["detectors"] == {"knn": {"n_neighbors": 3}, "mahalanobis": {}}
 
 
 def test_init_lists_the_presets():

@@ -60,7 +60,7 @@ def one_line_error(result):
 def test_fit_and_detect_refuse_a_store_of_another_model_before_any_work(model_and_store, tmp_path):
     model, other, store = model_and_store
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"fit": {"detectors": {"knn": {}}}}))
+    params.write_text(yaml.safe_dump({"fit": {"detectors": {"knn": {}}}, "detect": {"methods": {"msp": {}}}}))
     common = ["--params", str(params), "--features", str(store.path), "--model", str(other)]
     line = one_line_error(runner.invoke(app, ["fit", *common, "--out", str(tmp_path / "det")], terminal_width=500))
     assert file_sha256(model) in line and file_sha256(other) in line and not (tmp_path / "det").exists()

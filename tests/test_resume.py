@@ -34,7 +34,7 @@ def project(tmp_path_factory):
               for name, n in (("id_train", 250), ("a_test", 170), ("b_test", 90))]
     write_benchmark(splits, root / "data")
     save_checkpoint(init_model(TINY_SPEC, seed=0), TINY_SPEC, root / "model.pt")
-    (root / "params.yaml").write_text(yaml.safe_dump({"extract": EXTRACT}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"extract": EXTRACT, "fit": {"detectors": {"knn": {}}}}))
     return root
 
 
