@@ -106,3 +106,25 @@ def _renamed(message: str, caller: str, prefix: str, owner: str) -> str:
 
     return re.sub(rf"^The '(\w+)' parameter of {re.escape(caller)}",
                   lambda m: f"The '{prefix}{m.group(1)}' parameter of {owner}", message)
+
+
+class in_context:  # noqa: N801 - used as a context manager, named like one
+    """Prefix a data or parameter error with where it happened (the layer, split and store being read).
+
+    Detectors and scorers see only arrays; the loop that hands them a layer's
+    features knows which. An error raised inside keeps its class and gains the
+    place: ``Layer 'layer3' of split 'id_train' (store 'cache/features.zarr'): Input X contains NaN...``.
+    """
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, (DataError, ConfigError)) and not getattr(exc, "located", False):
+            located = type(exc)(f"{self.where}: {exc}")
+            located.located = True
+            raise located from None
+        return False

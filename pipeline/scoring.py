@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, persist, provenance
 from pipeline.detectors import make_detector
-from pipeline.errors import DataError, IntegrityError, invalid_param
+from pipeline.errors import DataError, IntegrityError, in_context, invalid_param
 from pipeline.scorers import SCORERS, Features, make_scorer
 from pipeline.store import GRAD_PREFIX, MAP_PREFIX
 
@@ -159,11 +159,12 @@ class FitJob:
         name, layer = task
         store = open_store(self.store)
         detector = clone(self.prototypes[name])
-        if getattr(detector, "supports_dask", False) and self.max_samples is None:
-            labels = store.to_numpy("id_train", "label")
-            return detector.fit_dask(store.to_dask("id_train", layer), labels if detector.requires_labels else None)
-        X, y = train_features(store, layer, max_samples=self.max_samples, seed=self.seed)
-        return detector.fit(X, y if detector.requires_labels else None)
+        with in_context(f"Fitting fit.detectors.{name} on layer '{layer}' of split 'id_train' (store '{store.path}')"):
+            if getattr(detector, "supports_dask", False) and self.max_samples is None:
+                labels = store.to_numpy("id_train", "label")
+                return detector.fit_dask(store.to_dask("id_train", layer), labels if detector.requires_labels else None)
+            X, y = train_features(store, layer, max_samples=self.max_samples, seed=self.seed)
+            return detector.fit(X, y if detector.requires_labels else None)
 
 
 def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndarray]:
@@ -175,7 +176,9 @@ def score_split(store, split: str, fitted: FittedDetectors) -> dict[str, np.ndar
     for j, layer in enumerate(fitted.layers):
         for start, block in store.iter_blocks(split, layer):
             for name in fitted.names:
-                out[name][start:start + len(block), j] = fitted.detectors[name, layer].score(block.astype(np.float64))
+                with in_context(f"Scoring layer '{layer}' of split '{split}' (store '{store.path}') with {name}"):
+                    scores = fitted.detectors[name, layer].score(block.astype(np.float64))
+                out[name][start:start + len(block), j] = scores
     energy = store.to_numpy(split, ENERGY)
     out[ENERGY] = energy[:, [store.layers.index(layer) for layer in fitted.layers]].astype(np.float64)
     return out

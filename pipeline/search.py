@@ -34,7 +34,7 @@ from sklearn.base import clone
 
 from pipeline.aggregate import AGGREGATIONS, aggregate
 from pipeline.detectors import available_detectors, make_detector
-from pipeline.errors import invalid_param
+from pipeline.errors import in_context, invalid_param
 from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
 from pipeline.scorers import SCORERS, available_scorers, make_scorer
 from pipeline.scoring import fit_on_train, load_features
@@ -180,16 +180,19 @@ def val_metrics(id_scores, ood_scores: dict, groups: dict, recall=0.95) -> dict:
 def run_scorer_group(method, fixed: dict, refit_free: list[dict], data: SplitSet, recall=0.95) -> list[dict]:
     """Fit one scorer, then score every refit-free variant of it (e.g. NAC-UE over O)."""
     start = time.perf_counter()
-    scorer = make_scorer(method, {**fixed, **(refit_free[0] if refit_free else {})})
-    data.fit_scorer(scorer)
+    params = {**fixed, **(refit_free[0] if refit_free else {})}
+    scorer = make_scorer(method, params, where="search.methods")
+    with in_context(f"search.methods.{method} with {params}"):
+        data.fit_scorer(scorer)
     fit_time = time.perf_counter() - start
     rows = []
     for variant in refit_free or [{}]:
         start = time.perf_counter()
         if variant:
             scorer.set_refit_free(**variant)
-        metrics = val_metrics(scorer.score(data.id_ref), {n: scorer.score(f) for n, f in data.ood.items()},
-                              data.groups, recall)
+        with in_context(f"search.methods.{method} with {({**fixed, **variant})}"):
+            metrics = val_metrics(scorer.score(data.id_ref), {n: scorer.score(f) for n, f in data.ood.items()},
+                                  data.groups, recall)
         seconds = time.perf_counter() - start + fit_time / len(refit_free or [{}])
         rows.append(_row(method, {**fixed, **variant}, "score", metrics, seconds))
     return rows
@@ -199,13 +202,14 @@ def run_detector_config(method, params: dict, columns, aggregations, data: Split
     """Fit a per-layer detector once per layer; every layer and aggregation is one row."""
     start = time.perf_counter()
     layers = data.layers
-    proto = make_detector(method, params)
+    proto = make_detector(method, params, where="search.methods")
     splits = {"id_val": data.id_val, "id": data.id_ref, **{f"ood:{n}": f for n, f in data.ood.items()}}
     scores = {name: np.empty((len(f.labels), len(layers))) for name, f in splits.items()}
     for j, layer in enumerate(layers):
-        det = data.fit_detector(clone(proto), layer)
-        for name, feats in splits.items():
-            scores[name][:, j] = det.score(feats.layers[layer])
+        with in_context(f"search.methods.{method} with {params} on layer '{layer}'"):
+            det = data.fit_detector(clone(proto), layer)
+            for name, feats in splits.items():
+                scores[name][:, j] = det.score(feats.layers[layer])
     ood = {name[4:]: s for name, s in scores.items() if name.startswith("ood:")}
     cols = {layer: (scores["id"][:, j], {n: s[:, j] for n, s in ood.items()}) for j, layer in enumerate(layers)}
     std = scores["id_val"]  # z-scores always use ID-val statistics, as in detect

@@ -205,6 +205,41 @@ def test_init_errors_are_one_line_and_leave_params_alone(tmp_path, args, message
     assert out.read_text() == "train: {epochs: 2}\n"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("detect.methods.odin2={}", r"'detect.methods' parameter of detect must be one of \[.*Got 'odin2'"),
+    ("fit.detectors.magic={}", r"'fit.detectors' parameter of fit must be one of \[.*Got 'magic'"),
+    ("fit.detectors.knn={n_neighbors: 0}", r"'fit.detectors.knn.n_neighbors' parameter of fit must be an int in the "
+                                           r"range \[1, inf\)"),
+    ("extract.layers=[layer1, layer7]", r"'extract.layers' parameter of extract must name modules of the model. "
+                                        r"Got 'layer7'"),
+    ("fit.heatmap.aux_sets=[tinyimages]", r"'fit.heatmap.aux_sets' parameter of fit must be sets the benchmark has, "
+                                          r"among \['digits89', 'textures'.*Got 'tinyimages'"),
+    ("train.arch=resnet9000", r"'train.arch' parameter of train must be one of"),
+    ("generate.holdout_classes=[8, 12]", r"'generate.holdout_classes' parameter of .* Got \(8, 12\)"),
+    ("detect.methods.scale={percentile: 150}", r"'detect.methods.scale.percentile' parameter of detect must be a "
+                                               r"float in the range \[0.0, 100.0\). Got 150"),
+    ("calibrate.detector=lof", r"'calibrate.detector' parameter of calibrate must be one of fit.detectors \["),
+    ("calibrate.layers=[layer1, head]", r"'calibrate.layers' parameter of calibrate must be layers among "
+                                        r"extract.layers"),
+    ("search.methods.knn={n_neighbors: [5, -3]}", r"'search.methods.knn.n_neighbors' parameter of search must be "
+                                                  r"an int in the range \[1, inf\).*Got -3"),
+    ("extract.grad_layers=[layer5]", r"'extract.grad_layers' parameter of extract must be a subset"),
+    ("detect.methods.nac_ue.M={layer9: 5}", r"'detect.methods.nac_ue.M' parameter of detect must be one value per "
+                                            r"layer of extract.grad_layers"),
+])
+def test_init_runs_the_checks_the_stages_run(tmp_path, override, message):
+    """Everything a stage would reject that needs neither the data nor trained weights, init rejects first."""
+    import re
+
+    out = tmp_path / "params.yaml"
+    original = (CONFIGS / "digits.yaml").read_text()
+    out.write_text(original)
+    result = runner.invoke(app, ["init", "-S", override, "--params", str(out)], terminal_width=4000)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert out.read_text() == original
+
+
 def test_parse_override_reads_yaml_values():
     assert parse_override("extract.layers=[fc, avgpool]") == (["extract", "layers"], ["fc", "avgpool"])
     assert parse_override("train.checkpoint=null") == (["train", "checkpoint"], None)

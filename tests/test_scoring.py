@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -92,6 +93,23 @@ def test_bad_detector_fails_before_any_fitting(tmp_path, blobs):
     store = write_store(tmp_path / "s.zarr", blobs)
     with pytest.raises(ConfigError, match=r"'fit.detectors' parameter of fit must be one of .*Got 'knm'"):
         fit_detectors(store, {"knn": {}, "knm": {}})
+
+
+def test_nan_features_are_named_by_layer_split_and_store(tmp_path, blobs):
+    """scikit-learn says "Input X contains NaN."; the loop that read the features says where they came from."""
+    X = blobs.X_train.copy()
+    X[3, 2] = np.nan
+    store = write_store(tmp_path / "s.zarr", dataclasses.replace(blobs, X_train=X))
+    with pytest.raises(DataError, match=r"Fitting fit.detectors.knn on layer 'l1' of split 'id_train' \(store "
+                                        r"'.*s.zarr'\): Input X contains NaN.*Hint: the model produced NaN"):
+        fit_detectors(store, {"knn": {}})
+
+
+def test_a_param_the_data_cannot_take_is_a_config_error_naming_it(tmp_path, blobs):
+    store = write_store(tmp_path / "s.zarr", blobs)
+    with pytest.raises(ConfigError, match=r"fit.detectors.knn on layer 'l1'.*PyOD model 'knn' with params "
+                                          r"\{'n_neighbors': 5000\} cannot be fitted on 300 samples"):
+        fit_detectors(store, {"knn": {"n_neighbors": 5000}})
 
 
 def test_missing_detectors(tmp_path):

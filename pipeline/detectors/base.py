@@ -138,7 +138,10 @@ def _check_X(X):
     try:
         return check_array(X, dtype=np.float64, input_name="X")
     except ValueError as exc:
-        raise DataError(str(exc)) from exc
+        hint = (" Hint: the model produced NaN or infinite activations here (a diverged training run, or float16 "
+                "overflow with extract.dtype: float16); `layerscope inspect --stats --layer NAME` shows them."
+                if "NaN" in str(exc) or "infinity" in str(exc) else "")
+        raise DataError(f"{exc}{hint}") from None
 
 
 def check_param_names(params, accepted, owner):

@@ -198,7 +198,12 @@ class PyODDetector(BaseDetector):
         self : PyODDetector
         """
         X = self._validate_fit_input(X)
-        self.model_ = _build(self.method, self.params).fit(X)
+        try:
+            self.model_ = _build(self.method, self.params).fit(X)
+        except ValueError as exc:  # a param that does not fit this data, e.g. more neighbours than samples
+            raise ConfigError(f"PyOD model '{self.method}' with params {self.params or {}} cannot be fitted on "
+                              f"{X.shape[0]} samples of {X.shape[1]} features: {exc}. Hint: choose values this data "
+                              "allows (e.g. fewer neighbours than ID-train samples).") from None
         is_ecdf = self.method in ECDF_METHODS
         self.ecdf_reference_ = ecdf_reference(X) if is_ecdf else None
         self.n_features_in_ = X.shape[1]
