@@ -186,6 +186,7 @@ class Case:
     setup: object = None
     names: tuple[str, ...] = ()
     absent: tuple[str, ...] = field(default=("weights_only=False",))
+    outside: bool = False  # run from the case's own directory, not the project root
 
 
 CASES = [
@@ -439,6 +440,10 @@ CASES = [
     Case("verify-plain-folder", ["verify", "{bad}/mine"], user_folder("mine"), ("mine",)),
     Case("verify-detectors-garbage", ["verify", "{bad}/det"], copied("cache/detectors", "det", garbage_detector),
          ("det",)),
+    # ------------------------------------------------------------------------------ outside the project root
+    Case("outside-project-fit", ["fit"], None, ("dvc.yaml", "project root"), outside=True),
+    Case("outside-project-summary", ["summary"], None, ("dvc.yaml",), outside=True),
+    Case("outside-project-params", ["generate", "--out", "d"], None, ("params.yaml", "--params"), outside=True),
     # ---------------------------------------------------------------------------------------- generate, inputs
     Case("generate-out-is-file", ["generate", "--out", "{bad}/notes.txt"], text("notes.txt", "mine"),
          ("notes.txt",)),
@@ -472,7 +477,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(project, tmp_path, case
             path.write_text(path.read_text().replace("{bad}", str(bad)))
     argv = [arg.replace("{bad}", str(bad)).replace("{layer}", TINY["extract"]["layers"][0]) for arg in case.argv]
     before = tree_digest(project)
-    with chdir(project):
+    with chdir(bad if case.outside else project):
         result = invoke(argv)
     output = result.output
     assert result.exit_code not in (0, 1), f"exit {result.exit_code}: {output}"
