@@ -324,7 +324,7 @@ def read_seal(directory, *, missing_ok=False, damaged_ok=False) -> dict | None:
     path = Path(directory) / SEAL
     try:
         return parse_seal(path.read_bytes(), path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no manifest, or ``directory`` is a file
         if missing_ok:
             return None
         raise

@@ -491,6 +491,9 @@ def _verify_target(value: str):
     if not is_url(path) and not Path(path).exists():
         raise DataError(f"Cannot verify '{path}': it does not exist. Hint: pass a feature store, a detectors "
                         "directory or a benchmark directory.")
+    if not is_url(path) and Path(path).is_file():
+        raise DataError(f"Cannot verify '{path}': it is a file; layerscope's artifacts are directories. Hint: pass a "
+                        "feature store, a detectors directory or a benchmark directory.")
     return path
 
 

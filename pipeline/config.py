@@ -265,6 +265,10 @@ class ExtractConfig:
             raise invalid_param("extract.layers", "extract", "a non-empty list", list(self.layers))
         _check_positive("extract.batch_size", self.batch_size)
         _check_positive("extract.chunk_rows", self.chunk_rows)
+        _check_positive("extract.shard_rows", self.shard_rows)
+        if not -7 <= self.compression_level <= 22:  # Zstd's levels (negative: faster, 0: its default)
+            raise invalid_param("extract.compression_level", "extract", "an int in [-7, 22] (Zstd's levels)",
+                                self.compression_level, hint="3 is a good default; higher is smaller and slower.")
         _check_choice("extract.dtype", self.dtype, ("float32", "float16"))
         check_device("extract.device", self.device)
         if self.shard_rows % self.chunk_rows:
@@ -424,6 +428,14 @@ class ComputeConfig:
                                 hint="start one with `dask scheduler` and `dask worker ADDRESS`.")
         _check_positive("compute.n_workers", self.n_workers)
         _check_positive("compute.threads_per_worker", self.threads_per_worker)
+        if self.memory_limit not in ("auto", "none"):
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(self.memory_limit)
+            except (ValueError, TypeError):
+                raise invalid_param("compute.memory_limit", "compute", "'auto', 'none' or a size such as '4GB'",
+                                    self.memory_limit) from None
 
 
 SECTIONS = {
