@@ -149,7 +149,7 @@ def test_detect_never_loads_the_network(repo, first_run):
     assert json.loads((repo / "m.json").read_text())["methods"]["heatmap"]["score"]["far"]["auroc"] > 0.5
     for name in ("m.json", "t.csv", "a.json", "posthoc.yaml"):
         (repo / name).unlink()
-    shutil.rmtree(repo / "figs")
+    shutil.rmtree(repo / "figs", ignore_errors=True)
 
 
 def test_search_never_runs_the_network(repo, first_run):
@@ -205,11 +205,6 @@ def _experiments(shown):
         for exp in baseline.get("experiments") or []:
             for revision in exp.get("revs") or []:
                 yield revision
-
-
-def test_detect_param_reruns_only_detect(repo, first_run):
-    edit_params(repo, "detect", "recall", 0.9)
-    assert ran_stages(run(["dvc", "repro"], repo)) == {"detect"}
 
 
 def test_guard_is_calibrated_from_the_store_and_reports_its_achieved_tpr(repo, first_run):
