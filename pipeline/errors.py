@@ -6,6 +6,8 @@ single line, without a traceback; every other exception is a bug and keeps its
 traceback.
 """
 
+import contextlib
+
 
 class LayerscopeError(Exception):
     """Base class for errors caused by user input, reported in one line."""
@@ -87,17 +89,20 @@ def check_constraints(estimator, prefix: str, owner: str):
     ConfigError
     """
     constraints = getattr(type(estimator), "_parameter_constraints", None)
-    if not constraints:
-        return estimator
+    if constraints:
+        params = {name: value for name, value in estimator.get_params(deep=False).items() if name in constraints}
+        check_values(constraints, params, type(estimator).__name__, prefix, owner)
+    return estimator
+
+
+def check_values(constraints: dict, params: dict, caller: str, prefix: str, owner: str):
+    """``params`` against scikit-learn style ``constraints`` (those of ``caller``), as :func:`check_constraints`."""
     from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
 
-    params = {name: value for name, value in estimator.get_params(deep=False).items() if name in constraints}
-    caller = type(estimator).__name__
     try:
         validate_parameter_constraints(constraints, params, caller_name=caller)
     except InvalidParameterError as exc:
         raise ConfigError(_renamed(str(exc), caller, prefix, owner)) from None
-    return estimator
 
 
 def _renamed(message: str, caller: str, prefix: str, owner: str) -> str:
@@ -108,23 +113,20 @@ def _renamed(message: str, caller: str, prefix: str, owner: str) -> str:
                   lambda m: f"The '{prefix}{m.group(1)}' parameter of {owner}", message)
 
 
-class in_context:  # noqa: N801 - used as a context manager, named like one
-    """Prefix a data or parameter error with where it happened (the layer, split and store being read).
+@contextlib.contextmanager
+def in_context(where: str):
+    """Prefix a data or parameter error raised inside with where it happened (the layer, split and store read).
 
     Detectors and scorers see only arrays; the loop that hands them a layer's
-    features knows which. An error raised inside keeps its class and gains the
-    place: ``Layer 'layer3' of split 'id_train' (store 'cache/features.zarr'): Input X contains NaN...``.
+    features knows which. The error keeps its class and gains the place, once:
+    ``Fitting fit.detectors.knn on layer 'layer3' of split 'id_train' (store
+    'cache/features.zarr'): Input X contains NaN. Hint: ...``.
     """
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if isinstance(exc, (DataError, ConfigError)) and not getattr(exc, "located", False):
-            located = type(exc)(f"{self.where}: {exc}")
-            located.located = True
-            raise located from None
-        return False
+    try:
+        yield
+    except (DataError, ConfigError) as exc:
+        if getattr(exc, "located", False):
+            raise
+        located = type(exc)(f"{where}: {exc}")
+        located.located = True
+        raise located from None

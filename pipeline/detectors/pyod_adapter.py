@@ -90,9 +90,13 @@ PYOD_SKLEARN = {
 
 
 def check_pyod_values(method, params, prefix="", owner=None):
-    """Check a PyOD model's param *values* without data: its constructor's own checks (contamination, ...)
-    and the constraints of the scikit-learn estimator it wraps (``n_neighbors >= 1``, ``0 < nu <= 1``, ...)."""
-    from ..errors import _renamed
+    """Check a PyOD model's param *values* without data (``ConfigError`` naming ``prefix`` + the param).
+
+    Runs the model's constructor (its own checks: contamination, ...) and the
+    constraints of the scikit-learn estimator it wraps (``n_neighbors >= 1``,
+    ``0 < nu <= 1``, ...).
+    """
+    from ..errors import check_values
 
     owner = owner or (prefix.split(".")[0] if prefix else f"PyOD model {method!r}")
     try:
@@ -102,15 +106,8 @@ def check_pyod_values(method, params, prefix="", owner=None):
     if method not in PYOD_SKLEARN:
         return
     module, name = PYOD_SKLEARN[method]
-    estimator_class = getattr(importlib.import_module(module), name)
-    from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
-
-    constraints = getattr(estimator_class, "_parameter_constraints", {})
-    shared = {k: v for k, v in (params or {}).items() if k in constraints}
-    try:
-        validate_parameter_constraints(constraints, shared, caller_name=name)
-    except InvalidParameterError as exc:
-        raise ConfigError(_renamed(str(exc), name, prefix, owner)) from None
+    constraints = getattr(getattr(importlib.import_module(module), name), "_parameter_constraints", {})
+    check_values(constraints, {k: v for k, v in (params or {}).items() if k in constraints}, name, prefix, owner)
 
 
 def _build(method, params):
@@ -179,7 +176,6 @@ class PyODDetector(BaseDetector):
 
     def check_params(self, prefix="", owner=None):
         """Check names and values of ``params`` without data (see :func:`check_pyod_values`); returns self."""
-        check_pyod_params(self.method, self.params)
         check_pyod_values(self.method, self.params, prefix, owner)
         return self
 
