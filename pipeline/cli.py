@@ -293,7 +293,7 @@ def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
 
     rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid, logs=_logs_dir())
     table = Table("method", "column", "params", f"val {cfg.metric}", "val near", "val far", "test near",
-                  "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} (selected on val)")
+                  "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} rows (selected on val)")
     for row in rows[:cfg.top]:
         table.add_row(row["method"], row["column"], row["params"], *(_fmt(row[k]) for k in (
             f"val_{cfg.metric}_mean", f"val_{cfg.metric}_near", f"val_{cfg.metric}_far",

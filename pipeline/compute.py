@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
 
 import dask.array  # noqa: F401  imported before any fan-out: scipy's array-API helpers look
@@ -31,6 +32,12 @@ from pipeline.config import ADDRESS_SCHEMES, ComputeConfig
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# loky's reusable pool replaces a worker whose memory grew (its leak check) and
+# resubmits that worker's pending tasks itself; its UserWarning about it says
+# nothing a user can act on, and every search printed it.
+warnings.filterwarnings("ignore", message="A worker stopped while some jobs were given to the executor",
+                        category=UserWarning)
 
 ENV_ADDRESS = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT = "10s"

@@ -213,7 +213,7 @@ class TrainConfig:
     augment: bool = False  # random crop (pad 4) and horizontal flip: CIFAR's standard augmentation
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = 0  # DataLoader workers for data read from files; "auto": see data_workers
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     checkpoint: str | None = None
@@ -226,14 +226,18 @@ class TrainConfig:
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.lr", self.lr)
         check_device("train.device", self.device)
-        if self.num_workers < 0:
-            raise invalid_param("train.num_workers", "train", "a non-negative int", self.num_workers)
+        data_workers(self.num_workers, "train.num_workers")
         if (self.mean is None) != (self.std is None):
             raise invalid_param("train.std" if self.std is None else "train.mean", "train",
                                 "set together with train.mean/train.std", None)
         if self.checkpoint is not None and self.weights is not None:
             raise invalid_param("train.weights", "train", "null when train.checkpoint is set", self.weights,
                                 hint="give either a local checkpoint or a torchvision weights name.")
+
+    @property
+    def workers(self) -> int:
+        """``num_workers`` as a number on this machine (see :func:`data_workers`)."""
+        return data_workers(self.num_workers, "train.num_workers")
 
     @property
     def pretrained(self) -> bool:
@@ -256,11 +260,15 @@ class ExtractConfig:
     chunk_rows: int = 512
     shard_rows: int = 4096
     compression_level: int = 3
-    num_workers: int = 0  # DataLoader workers for data sets read from files
+    num_workers: int | str = 0  # DataLoader workers for data read from files; "auto": see data_workers
+
+    @property
+    def workers(self) -> int:
+        """``num_workers`` as a number on this machine (see :func:`data_workers`)."""
+        return data_workers(self.num_workers, "extract.num_workers")
 
     def __post_init__(self):
-        if self.num_workers < 0:
-            raise invalid_param("extract.num_workers", "extract", "a non-negative int", self.num_workers)
+        data_workers(self.num_workers, "extract.num_workers")
         if not self.layers:
             raise invalid_param("extract.layers", "extract", "a non-empty list", list(self.layers))
         _check_positive("extract.batch_size", self.batch_size)
@@ -276,6 +284,26 @@ class ExtractConfig:
                 "extract.shard_rows", "extract", f"a multiple of extract.chunk_rows={self.chunk_rows}",
                 self.shard_rows, hint="zarr shards hold a whole number of chunks.",
             )
+
+
+def data_workers(value, name="num_workers") -> int:
+    """DataLoader worker processes for ``value``: an int >= 0, or ``"auto"``.
+
+    ``"auto"`` is ``min(4, usable cores - 1)``: enough to feed a GPU from image
+    files, never more processes than the machine runs at once (DataLoader warns
+    above that), and 0 (load in the main process) on a 1-core machine. It is
+    not a result-changing setting (the same batches come out), so a preset can
+    say ``auto`` and run on any machine.
+    """
+    import os
+
+    if value == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(4, cores - 1))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid_param(name, name.split(".")[0], "a non-negative int or 'auto'", value,
+                            hint="'auto' uses up to 4 workers, fewer on a small machine.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -547,8 +575,15 @@ def _coerce(name, value, hint):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(name, value, inner[0])
+        for candidate in inner:  # e.g. ``int | str``: the first type the value is
+            try:
+                return _coerce(name, value, candidate)
+            except ConfigError:
+                continue
+        raise invalid_param(name, "params.yaml", f"of type {' or '.join(t.__name__ for t in inner)}", value)
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             value = [value]  # a lone value is a one-element list (`-S extract.layers=fc`)

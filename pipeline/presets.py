@@ -65,7 +65,25 @@ def apply_override(doc, keys: list[str], value):
                               f"{child!r}, not a mapping.")
         node = child
     node[keys[-1]] = value
+    _drop_eol_comment(node, keys[-1])
     return doc
+
+
+def _drop_eol_comment(node, key):
+    """Remove the comment at the end of ``key``'s line: it described the old value (``# all 50,000 images``).
+
+    ruamel keeps the comment lines that follow in the same token, so only the
+    first line's text goes; the lines after it stay where they were.
+    """
+    entry = getattr(node, "ca", None) and node.ca.items.get(key)
+    token = entry[2] if entry and len(entry) > 2 else None
+    if token is None:
+        return
+    rest = token.value.partition("\n")[2]
+    if rest:  # following comment lines or blank lines: keep them
+        token.value = "\n" + rest
+    else:
+        entry[2] = None
 
 
 def validate_params(params: dict):

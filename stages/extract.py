@@ -58,7 +58,7 @@ def run(params, data, checkpoint, out):
         if runner.distributed:
             sources = (CheckpointModel(str(checkpoint), cfg.device), BenchmarkData(str(data), str(Path(params).resolve())))
         extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
-                         num_workers=cfg.num_workers, runner=runner, sources=sources)
+                         num_workers=cfg.workers, runner=runner, sources=sources)
         writer.finalize(provenance, plan.layers)
 
 

@@ -39,7 +39,10 @@ def run(params, features, out, grid=None, logs=None):
     if logs is not None:
         write_csv([{k: row[k] for k in ("method", "column", "params", "seconds")} for row in rows],
                   Path(logs) / "search_seconds.csv")
-    log.info("search: %d configurations; winners in %s", len(rows), out / "best_params.yaml")
+    # a row per configuration and column (a per-layer detector has one per layer and aggregation):
+    # more rows than the configurations run_search counted
+    log.info("search: %d leaderboard rows (configurations x columns); winners in %s", len(rows),
+             out / "best_params.yaml")
     return rows, cfg
 
 

@@ -36,7 +36,7 @@ def run(params, data, model_out, metrics_out):
         model = init_model(spec, cfg.seed)
         history = train_model(model, train.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed, device=device,
-                              augment=cfg.augment, num_workers=cfg.num_workers)
+                              augment=cfg.augment, num_workers=cfg.workers)
         report = {"epochs_trained": cfg.epochs, "final_loss": round(history[-1], 6)}
         log.info("trained in %.1f s on %s", time.perf_counter() - start, device)
     save_checkpoint(model, spec, model_out)
@@ -52,10 +52,10 @@ def _spec(cfg, train):
     in_channels = int(train.dataset[0][0].shape[0])
     mean = std = None
     if cfg.mean is None and cfg.arch not in OWN_NORMALISATION:
-        mean, std = channel_stats(train.dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        mean, std = channel_stats(train.dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
     return model_spec(cfg, num_classes=len(train.attrs["classes"]), in_channels=in_channels, mean=mean, std=std)
 
 
 def _accuracy(model, split, cfg, device):
-    pred = predict(model, split.dataset, device=device, num_workers=cfg.num_workers)
+    pred = predict(model, split.dataset, device=device, num_workers=cfg.workers)
     return round(accuracy(pred, np.asarray(split.labels)), 6)

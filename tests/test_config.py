@@ -179,3 +179,21 @@ def test_source_spec_overlaps():
     assert not SourceSpec("cifar100", "train").overlaps(SourceSpec("cifar100", "test"))
     assert SourceSpec("constant", "train", n=3).overlaps(SourceSpec("constant", n=9))
     assert not SourceSpec("svhn").overlaps(SourceSpec("mnist"))
+
+
+def test_num_workers_auto_is_derived_from_the_machine(monkeypatch):
+    import os
+
+    from pipeline.config import data_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert load_section("extract", {"extract": {"num_workers": "auto"}}).workers == 1  # never DataLoader's warning
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert load_section("train", {"train": {"num_workers": "auto"}}).workers == 4
+    assert data_workers(3) == 3
+    with pytest.raises(ConfigError, match=r"'train.num_workers' parameter of train must be a non-negative int or "
+                                          r"'auto'. Got 'many' instead"):
+        load_section("train", {"train": {"num_workers": "many"}})
+    with pytest.raises(ConfigError, match=r"'extract.num_workers' parameter of params.yaml must be of type int or "
+                                          r"str. Got 1.5 instead"):
+        load_section("extract", {"extract": {"num_workers": 1.5}})

@@ -183,6 +183,16 @@ def test_init_overrides_the_current_params_without_a_preset(tmp_path):
     assert yaml.safe_load(out.read_text())["fit"]["detectors"] == {"knn": {"n_neighbors": 3}, "mahalanobis": {}}
 
 
+def test_init_drops_the_comment_of_a_value_it_changes_and_keeps_the_others(tmp_path):
+    out = tmp_path / "params.yaml"
+    out.write_text((CONFIGS / "cifar10-resnet18.yaml").read_text())
+    result = runner.invoke(app, ["init", "-S", "generate.max_train=200", "--params", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert "  max_train: 200" in lines  # not "# all 50,000 training images" any more
+    assert any(line.startswith("  max_ood: null") and "# OpenOOD evaluates whole sets" in line for line in lines)
+
+
 def test_init_lists_the_presets():
     result = runner.invoke(app, ["init", "--list", "--configs", str(CONFIGS)], terminal_width=200)
     assert result.exit_code == 0 and "cifar10-resnet18" in result.output and "OpenOOD v1.5" in result.output
