@@ -435,9 +435,9 @@ def _layers_model(params, checkpoint):
 @app.command()
 @user_errors
 def inspect(path: str = typer.Argument(None, help="A feature store [paths.features]."),
-            layer: str = typer.Option(None, help="A layer, for --stats."),
+            layer: str = typer.Option(None, help="A layer (or any array: map.<layer>, image, logits), for --stats."),
             stats: bool = typer.Option(False, "--stats", help="Per-feature statistics of --layer (lazy, with dask)."),
-            split: str = typer.Option(None, help="Only this split, for --stats."),
+            split: str = typer.Option(None, help="Only this split."),
             max_features: int = typer.Option(32, help="Rows of the per-feature table."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Show a feature store: splits, arrays, chunking, sizes and provenance (no data loaded)."""
@@ -450,11 +450,11 @@ def inspect(path: str = typer.Argument(None, help="A feature store [paths.featur
     if stats and layer is None:
         raise ConfigError("--stats needs --layer NAME. Hint: `layerscope inspect` lists the layers.")
     store = open_store(_path(path, "features"))
-    result = layer_stats(store, layer, split) if stats else summarize_store(store)
+    result = layer_stats(store, layer, split) if stats else summarize_store(store, split)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    tables = stats_tables(result, max_features) if stats else summary_tables(result)
+    tables = stats_tables(result, max_features) if stats else summary_tables(result, console.width)
     for table in tables:
         console.print(table)
 

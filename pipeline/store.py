@@ -452,7 +452,8 @@ class FeatureStore:
 
     def _group(self, split: str):
         if split not in self._meta["splits"]:
-            raise StoreError(f"Store '{self.path}' has no split '{split}'. It has {self.splits}.")
+            raise StoreError(f"Store '{self.path}' has no split '{split}'. It has {self.splits}. Hint: pass one of "
+                             "them (`layerscope inspect` lists each split's arrays).")
         with _reading(f"split '{split}'", self.path):
             return self._root[split]
 

@@ -38,13 +38,15 @@ FEATURE_STATS = ("mean", "std", "min", "max", "nan", "inf", "zero_fraction")
 # --------------------------------------------------------------------------- summary (metadata only)
 
 
-def summarize_store(store) -> dict:
+def summarize_store(store, split: str | None = None) -> dict:
     """Describe a store from its metadata and file sizes, without reading array data.
 
     Parameters
     ----------
     store : FeatureStore or path
         An open store, or the path of one (opened with :func:`open_store`).
+    split : str, optional
+        Describe this split only (the totals stay the whole store's).
 
     Returns
     -------
@@ -61,7 +63,7 @@ def summarize_store(store) -> dict:
         ``ratio``.
     """
     store = _as_store(store)
-    splits = {split: _summarize_split(store, split) for split in store.splits}
+    splits = {name: _summarize_split(store, name) for name in ([split] if split else store.splits)}
     raw = sum(info["raw_bytes"] for s in splits.values() for info in s["arrays"].values())
     stored, n_files = _disk_usage(store.path)
     return {
@@ -137,7 +139,11 @@ def _ratio(raw: int, stored: int) -> float | None:
 
 
 def layer_stats(store, layer: str, split: str | None = None) -> dict:
-    """Per-feature summary statistics of one layer, computed lazily with dask.
+    """Per-feature summary statistics of one layer (or any array of the store), computed lazily with dask.
+
+    An array that is not a pooled layer (an unpooled map ``map.<layer>``, the
+    input ``image``, ``logits``, ``energy``, ``label``) is read as
+    ``(n_samples, prod(trailing dims))``: every value of a sample is a feature.
 
     Each split is one ``dask.compute`` over a graph with one read task per
     shard, so memory is bounded by a shard per task, not by ``n_samples``.
@@ -171,17 +177,29 @@ def layer_stats(store, layer: str, split: str | None = None) -> dict:
         If ``layer`` is not a layer of the store, or ``split`` not one of its splits.
     """
     store = _as_store(store)
-    _check_layer(store, layer)
     splits = store.splits if split is None else [split]
+    for name in splits:
+        _check_array(store, name, layer)
     return {"path": str(store.path), "layer": layer,
-            "splits": {name: _split_stats(store.to_dask(name, layer)) for name in splits}}
+            "splits": {name: _split_stats(_as_rows(store.to_dask(name, layer))) for name in splits}}
 
 
-def _check_layer(store: FeatureStore, layer: str):
-    if layer not in store.layers:
-        raise StoreError(f"Layer {layer!r} is not in store '{store.path}'. It has {store.layers}. "
-                         "Hint: features exist only for the layers in params.yaml's `extract.layers`; "
-                         "add it there and rerun `dvc repro extract`.")
+def _check_array(store: FeatureStore, split: str, name: str):
+    arrays = store.array_names(split)  # also refuses an unknown split, listing the store's
+    if name in arrays:
+        return
+    hint = ("features exist only for the layers in params.yaml's `extract.layers`; add it there and rerun "
+            "`dvc repro extract`." if not name.startswith(("map.", "image")) else
+            "unpooled maps and images exist only when extract.maps / extract.images ask for them.")
+    raise StoreError(f"Array {name!r} is not in split '{split}' of store '{store.path}'. It has {arrays}. "
+                     f"Hint: {hint}")
+
+
+def _as_rows(x):
+    """A dask array as (n_samples, n_values): 1-D arrays get one column, N-D arrays are flattened per sample."""
+    if x.ndim == 1:
+        return x[:, None]
+    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)
 
 
 def _split_stats(x) -> dict:
@@ -245,19 +263,43 @@ def _plain_value(value):
 # --------------------------------------------------------------------------- rich renderables
 
 
-def summary_tables(summary: dict) -> list[Table]:
+#: Below this terminal width the arrays table drops chunk, shard, raw and ratio (and joins split/array):
+#: nine columns squeezed into 80 would be truncated to "c… sh… s…".
+WIDE = 110
+
+
+def summary_tables(summary: dict, width: int | None = None) -> list[Table]:
     """Rich tables of :func:`summarize_store`'s result: the arrays, then the provenance.
 
     Parameters
     ----------
     summary : dict
         As returned by :func:`summarize_store`.
+    width : int, optional
+        The terminal's width: below :data:`WIDE`, a narrow arrays table
+        (``split/array``, shape, dtype, stored) that is read without truncation.
 
     Returns
     -------
     list of rich.table.Table
     """
-    return [_arrays_table(summary), _provenance_table(summary["provenance"])]
+    arrays = _narrow_arrays_table(summary) if width is not None and width < WIDE else _arrays_table(summary)
+    return [arrays, _provenance_table(summary["provenance"])]
+
+
+def _narrow_arrays_table(summary: dict) -> Table:
+    totals = summary["totals"]
+    table = Table(Column("array", overflow="fold"), Column("shape", no_wrap=True), Column("dtype", no_wrap=True),
+                  Column("stored", no_wrap=True, justify="right"), box=box.SIMPLE_HEAD,
+                  title=f"feature store {summary['path']}",
+                  caption=f"total: {human_bytes(totals['stored_bytes'])} stored in {totals['n_files']} files "
+                          f"({_fmt_ratio(totals['ratio'])}); chunking: `layerscope inspect --json`")
+    for split, content in summary["splits"].items():
+        for name, info in content["arrays"].items():
+            table.add_row(f"{split}/{name}", _fmt_shape(info["shape"]), info["dtype"],
+                          human_bytes(info["stored_bytes"]))
+        table.add_section()
+    return table
 
 
 def _arrays_table(summary: dict) -> Table:

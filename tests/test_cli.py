@@ -98,6 +98,35 @@ def test_inspect_table_json_and_stats(tmp_path, blobs):
                                                                          "--stats"], terminal_width=400))
 
 
+def test_inspect_honours_split_and_reads_stats_of_any_array(tmp_path, blobs):
+    import json
+
+    from tests.test_scoring import write_store
+
+    store = str(write_store(tmp_path / "s.zarr", blobs).path)
+    summary = json.loads(runner.invoke(app, ["inspect", store, "--split", "id_test", "--json"]).output)
+    assert list(summary["splits"]) == ["id_test"]
+    energy = json.loads(runner.invoke(app, ["inspect", store, "--stats", "--layer", "energy", "--split", "id_test",
+                                            "--json"]).output)
+    assert energy["splits"]["id_test"]["summary"]["n_features"] == 2  # energy: one column per layer
+    label = json.loads(runner.invoke(app, ["inspect", store, "--stats", "--layer", "label", "--json"]).output)
+    assert label["splits"]["far_test"]["summary"]["min"] == -1  # a 1-D array: one value per sample
+    line = one_line_error(runner.invoke(app, ["inspect", store, "--stats", "--layer", "map.l1"], terminal_width=400))
+    assert "Array 'map.l1' is not in split" in line and "extract.maps / extract.images" in line
+    line = one_line_error(runner.invoke(app, ["inspect", store, "--split", "train9"], terminal_width=400))
+    assert "has no split 'train9'" in line
+
+
+def test_inspect_is_readable_at_80_columns(tmp_path, blobs):
+    from tests.test_scoring import write_store
+
+    store = str(write_store(tmp_path / "s.zarr", blobs).path)
+    result = runner.invoke(app, ["inspect", store], terminal_width=80)
+    assert result.exit_code == 0 and "…" not in result.output.split("provenance")[0], result.output
+    for row in ("id_train/l1", "far_test/energy", "id_test/label"):
+        assert row in result.output
+
+
 def test_inspect_refuses_an_incomplete_store(tmp_path):
     from pipeline.store import StoreWriter
 

@@ -144,7 +144,7 @@ def test_layer_stats_reads_one_shard_per_task_in_one_compute_per_split(store, mo
 
 
 def test_unknown_layer_names_the_valid_ones(store):
-    with pytest.raises(StoreError, match=r"Layer 'layer9' is not in store .*\['layer1', 'fc'\].*Hint"):
+    with pytest.raises(StoreError, match=r"Array 'layer9' is not in split 'id_train' of store .*\['layer1', 'fc', 'energy', 'label'\].*Hint"):
         layer_stats(store, "layer9")
     with pytest.raises(StoreError, match=r"no split 'id_test'"):
         layer_stats(store, "layer1", split="id_test")
