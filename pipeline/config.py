@@ -85,6 +85,10 @@ class GenerateConfig:
     of the ID test part becomes ID-val, and the same fraction of each OOD set
     becomes its val half (for selection; only the test halves are reported).
 
+    ``verify_checksums`` (sources): CIFAR-10/100 and SVHN files must have the
+    official archives' md5 (True), or are used when they parse, each mismatch
+    named in a warning (False); see :func:`pipeline.sources.load_source`.
+
     ``aux`` names auxiliary-outlier sets (seed 002's heatmap decoder trains on
     them, e.g. TinyImages-300k): each becomes one ``<name>_aux`` split, capped
     like an OOD set, that never enters the metrics. An aux set may not read the
@@ -102,6 +106,7 @@ class GenerateConfig:
     # sources
     root: str = "data/raw"
     download: bool = False
+    verify_checksums: bool = True  # CIFAR/SVHN md5 against the official archives; false: use copies, with a warning
     channels: int = 3
     resize: int | None = None  # shorter side before the centre crop; image_size when unset
     max_train: int | None = None

@@ -25,6 +25,7 @@ Nothing is downloaded unless ``download=True``; missing files raise a one-line
 :class:`~pipeline.errors.DataError` that names the data set and its layout.
 """
 
+import logging
 import numbers
 import os
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from torchvision import datasets, transforms
 
 from pipeline.errors import DataError, invalid_param
 from pipeline.fingerprint import digest_files, source_files  # noqa: F401  (source_files: re-exported)
+
+log = logging.getLogger(__name__)
 
 _OWNER = "load_source"
 PARTS = ("train", "test")
@@ -80,6 +83,9 @@ class SourceRequest:
         Side of the square output images.
     channels : int
         1 or 3.
+    verify_checksums : bool
+        Refuse CIFAR/SVHN files whose md5 differs from the official archives'
+        (True), or use them with a warning naming each (False).
     """
 
     root: str
@@ -91,6 +97,7 @@ class SourceRequest:
     seed: int
     image_size: int
     channels: int
+    verify_checksums: bool = True
 
 
 class ConstantColours(torch.utils.data.Dataset):
@@ -125,18 +132,107 @@ class ConstantColours(torch.utils.data.Dataset):
         return colour.expand(-1, self.image_size, self.image_size).clone(), -1
 
 
+class ChecksumError(DataError):
+    """A data file parses, but its md5 is not the official archive's (and ``verify_checksums`` is on)."""
+
+
+def _md5_policy(entries, module, verify: bool, what: str) -> dict:
+    """Check ``(path, official md5)`` entries the way torchvision does, under the ``verify_checksums`` policy.
+
+    torchvision checks the md5 of every CIFAR/SVHN file against the official
+    archives and reports any difference as "not found or corrupted ... use
+    download=True": the wrong diagnosis for a repacked, subsampled or converted
+    copy. Here a missing file is still "not found" (returns None); a file with
+    another md5 is refused naming it, both md5s and the switch, or, with
+    ``verify=False``, accepted with a warning naming it.
+
+    ``module`` is torchvision's dataset module: its ``check_integrity`` is the
+    check (looked up at call time, as torchvision's own code does).
+
+    Returns
+    -------
+    dict or None
+        ``path -> actual md5`` of the accepted mismatches; None if a file is missing.
+    """
+    from torchvision.datasets.utils import calculate_md5
+
+    if not all(os.path.isfile(path) for path, _ in entries):
+        return None
+    accepted = {}
+    for path, md5 in entries:
+        if module.check_integrity(path, md5):
+            continue
+        actual = calculate_md5(path)
+        if verify:
+            raise ChecksumError(
+                f"{what} file '{path}' has md5 {actual}, not the official archive's {md5}: a repacked, subsampled "
+                "or converted copy (or a damaged download). Hint: set generate.verify_checksums: false to use "
+                "files that parse but differ from the official ones (each is then named in a warning).")
+        log.warning("%s file %s has md5 %s, not the official %s: used anyway (generate.verify_checksums: false)",
+                    what, path, actual, md5)
+        accepted[path] = actual
+    return accepted
+
+
+class _PolicyCIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR-10 under the ``verify_checksums`` policy; checks only the part it reads, and the meta.
+
+    torchvision also requires the other part's files; a copy holding only the test
+    batch is a legitimate OOD set.
+    """
+
+    def __init__(self, root, *, verify_checksums=True, **kwargs):
+        self.verify_checksums = verify_checksums
+        super().__init__(root, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        from torchvision.datasets import cifar
+
+        folder = os.path.join(self.root, self.base_folder)
+        files = [*(self.train_list if self.train else self.test_list), (self.meta["filename"], self.meta["md5"])]
+        accepted = _md5_policy([(os.path.join(folder, name), md5) for name, md5 in files], cifar,
+                               self.verify_checksums, type(self).__name__.removeprefix("_Policy"))
+        if accepted is None:
+            return False
+        meta = os.path.join(folder, self.meta["filename"])
+        if meta in accepted:  # torchvision's _load_meta checks it again: against the md5 accepted here
+            self.meta = {**self.meta, "md5": accepted[meta]}
+        return True
+
+
+class _PolicyCIFAR100(_PolicyCIFAR10, datasets.CIFAR100):
+    """torchvision's CIFAR-100 under the ``verify_checksums`` policy."""
+
+
+class _PolicySVHN(datasets.SVHN):
+    """torchvision's SVHN under the ``verify_checksums`` policy."""
+
+    def __init__(self, root, *, verify_checksums=True, **kwargs):
+        self.verify_checksums = verify_checksums
+        super().__init__(root, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        from torchvision.datasets import svhn
+
+        entries = [(os.path.join(self.root, self.filename), self.split_list[self.split][2])]
+        return _md5_policy(entries, svhn, self.verify_checksums, "SVHN") is not None
+
+
 class _TrainPart:
     """A torchvision set whose part is chosen by ``train=`` (CIFAR-10/100, MNIST, FashionMNIST)."""
 
-    def __init__(self, cls):
-        self.cls = cls
+    def __init__(self, cls, checked=False):
+        self.cls, self.checked = cls, checked
 
     def __call__(self, req):
-        return self.cls(req.root, train=req.part == "train", transform=req.transform, download=req.download)
+        policy = {"verify_checksums": req.verify_checksums} if self.checked else {}
+        return self.cls(req.root, train=req.part == "train", transform=req.transform, download=req.download,
+                        **policy)
 
 
 def _svhn(req):
-    return datasets.SVHN(req.root, split=req.part, transform=req.transform, download=req.download)
+    return _PolicySVHN(req.root, split=req.part, transform=req.transform, download=req.download,
+                       verify_checksums=req.verify_checksums)
 
 
 def _imagefolder(req):
@@ -151,8 +247,8 @@ def _constant(req):
 
 
 SOURCES = {
-    "cifar10": _TrainPart(datasets.CIFAR10),
-    "cifar100": _TrainPart(datasets.CIFAR100),
+    "cifar10": _TrainPart(_PolicyCIFAR10, checked=True),
+    "cifar100": _TrainPart(_PolicyCIFAR100, checked=True),
     "svhn": _svhn,
     "mnist": _TrainPart(datasets.MNIST),
     "fashionmnist": _TrainPart(datasets.FashionMNIST),
@@ -229,7 +325,7 @@ def _missing(name, exc, root):
 
 
 def load_source(name, *, root, part="test", download=False, image_size=32, channels=3,
-                n=None, seed=0, path=None, resize=None):
+                n=None, seed=0, path=None, resize=None, verify_checksums=True):
     """Load one benchmark data set as a torch ``Dataset``.
 
     Parameters
@@ -256,6 +352,10 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
         The ``imagefolder`` directory, relative to ``root`` unless absolute.
     resize : int, optional
         Shorter side before the centre crop (see :func:`make_transform`).
+    verify_checksums : bool, default=True
+        CIFAR-10/100 and SVHN: refuse a file whose md5 is not the official
+        archive's (a :class:`ChecksumError` naming it), or, when False, use it
+        if it parses and name it in a warning.
 
     Returns
     -------
@@ -275,9 +375,11 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
     if resize is not None and not (_is_int(resize) and resize >= image_size):
         raise invalid_param("resize", _OWNER, f"None or an int >= image_size={image_size}", resize)
     req = SourceRequest(os.fspath(root), part, download, make_transform(image_size, channels, resize),
-                        path, n, seed, image_size, channels)
+                        path, n, seed, image_size, channels, verify_checksums)
     try:
         dataset = SOURCES[name](req)
+    except ChecksumError:
+        raise
     except (RuntimeError, OSError) as exc:
         raise _missing(name, exc, req.root) from exc
     if n is None or name == "constant":

@@ -131,7 +131,8 @@ def _loader_args(cfg, spec) -> dict:
     """The :func:`load_source` arguments of one configured data set (without a cap, and without ``root``)."""
     return {"name": spec.source, "part": spec.part, "path": spec.path,
             "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
-            "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None}
+            "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None,
+            "verify_checksums": cfg.verify_checksums}
 
 
 def _open_source(loader: dict, root, download=False):

@@ -151,6 +151,44 @@ def test_missing_cifar_batch_is_a_data_error_even_without_md5(tmp_path, rng, no_
         load_source("cifar10", root=tmp_path)
 
 
+# ------------------------------------------------------------ checksums: the policy, on real md5 mismatches
+# (no patching here: tiny files written in each format never have the official md5)
+
+@pytest.mark.parametrize("name, write, official", [
+    ("cifar10", fakedata.write_cifar10, "test_batch"),
+    ("cifar100", fakedata.write_cifar100, "test"),
+    ("svhn", fakedata.write_svhn, "test_32x32.mat"),
+])
+def test_a_copy_that_is_not_the_official_archive_is_refused_naming_file_md5s_and_switch(tmp_path, rng, name, write,
+                                                                                        official):
+    from pipeline.sources import ChecksumError
+
+    write(tmp_path, rng)
+    with pytest.raises(ChecksumError, match=rf"file '.*{re.escape(official)}' has md5 [0-9a-f]{{32}}, not the official "
+                                            rf"archive's [0-9a-f]{{32}}.*Hint: set generate.verify_checksums: false"):
+        load_source(name, root=tmp_path)
+
+
+@pytest.mark.parametrize("name, write, part", [("cifar10", fakedata.write_cifar10, "test_batch"),
+                                               ("cifar100", fakedata.write_cifar100, "test"),
+                                               ("svhn", fakedata.write_svhn, "test")])
+def test_verify_checksums_false_uses_the_copy_and_names_each_file_in_a_warning(tmp_path, rng, name, write, part,
+                                                                               caplog):
+    images, labels = write(tmp_path, rng)[part]
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        dataset = load_source(name, root=tmp_path, verify_checksums=False)
+    _check_items(dataset, images, labels)
+    assert "not the official" in caplog.text and "verify_checksums: false" in caplog.text
+
+
+def test_a_cifar_copy_with_only_the_part_it_reads_is_enough(tmp_path, rng):
+    """torchvision wants both parts' files; an OOD set read from the test part needs only the test batch."""
+    images, labels = fakedata.write_cifar10(tmp_path, rng)["test_batch"]
+    for i in range(1, 6):
+        (tmp_path / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    _check_items(load_source("cifar10", root=tmp_path, part="test", verify_checksums=False), images, labels)
+
+
 def test_missing_imagefolder_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="'imagefolder'.*PATH/<class>/<image>.*point root \\(and path\\)"):
         load_source("imagefolder", root=tmp_path, path="isun")
