@@ -129,8 +129,12 @@ def check_consistency(configs: dict):
         raise invalid_param("calibrate.layers", "calibrate", f"layers among extract.layers {list(plan.layers)}",
                             stray[0], hint="guard layers that extract stores.")
     _check_methods_inputs(det, ext, fit, plan)
+    used = set(fit.heatmap.get("aux_sets", ())) if fit.heatmap is not None else set()
     if fit.heatmap is not None:
         _check_aux_sets(fit.heatmap.get("aux_sets", ()), gen)
+    for name in sorted(set(gen.aux) - used):  # generate cannot know: it reads only its own section
+        log.warning("generate.aux.%s is used by nothing (fit.heatmap.aux_sets does not name it), but generate "
+                    "still needs its files: remove it unless you will train the heatmap decoder on it", name)
 
 
 def _check_methods_inputs(det, ext, fit, plan):

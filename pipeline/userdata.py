@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import typing
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from pipeline.datasets import (GENERATE_HINT, SplitDataset, _canonical_json, _ch
                                load_split)
 from pipeline.errors import DataError
 from pipeline.fingerprint import HashCache
-from pipeline.sources import data_signature, load_source, source_classes, source_targets
+from pipeline.sources import EXPECTED_LAYOUT, data_signature, load_source, source_classes, source_targets
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,32 @@ def _aux_split(cfg, set_name, spec, cache):
                   dataset, cache)
 
 
+def check_sources_present(cfg):
+    """Raise one DataError naming every configured data set whose files are missing under ``generate.root``.
+
+    Each is named by its parameter (``generate.far.texture``) with what it is
+    and the layout expected; nothing is read (file names only, see
+    :func:`pipeline.fingerprint.source_files`).
+    """
+    from pipeline.fingerprint import source_files
+
+    sets = {"generate.id_train": cfg.id_train, "generate.id_test": cfg.id_test,
+            **{f"generate.{role}.{name}": spec for name, (role, spec) in cfg.ood_sets.items()},
+            **{f"generate.aux.{name}": spec for name, spec in cfg.aux.items()}}
+    missing = []
+    for param, spec in sets.items():
+        found = source_files(spec.source, cfg.root, spec.part, spec.path)
+        if found.missing:
+            layout = EXPECTED_LAYOUT[spec.source].replace("PATH", spec.path or "PATH")
+            missing.append(f"{param} ({spec.describe()}: expected {layout})")
+    if missing:
+        where = "" if os.path.isdir(cfg.root) else ", which does not exist"
+        raise DataError(f"{len(missing)} of the {len(sets)} configured data sets are missing under generate.root "
+                        f"'{cfg.root}'{where}: {'; '.join(missing)}. Hint: point generate.root at the data, put "
+                        "the missing sets there, remove the sets you do not use, or set generate.download: true "
+                        "(torchvision's sets, on a machine that is online).")
+
+
 def make_source_benchmark(cfg) -> list[IndexSplit]:
     """Index every configured data set (``generate.benchmark: sources``).
 
@@ -247,6 +274,8 @@ def make_source_benchmark(cfg) -> list[IndexSplit]:
         A data set is missing (the message gives the expected layout under
         ``root``), too small, or the ID test set has other classes.
     """
+    if not cfg.download:  # every missing set in one message, before any is read
+        check_sources_present(cfg)
     with HashCache() as cache:
         splits = _id_splits(cfg, cache)
         for set_name, (role, spec) in cfg.ood_sets.items():

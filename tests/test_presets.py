@@ -57,10 +57,18 @@ def _user_checkpoint(tmp_path, params, n_classes):
 
 
 def test_seed_002_presets_name_tinyimages_as_auxiliary_outliers():
-    for name in ("cifar10-wrn40-2", "cifar10-resnet18"):
-        gen = load_section("generate", yaml.safe_load(render_params(name, (), CONFIGS)))
-        assert gen.aux["tinyimages"].source == "imagefolder" and gen.aux["tinyimages"].path == "tinyimages300k"
-        assert not any(gen.aux["tinyimages"].overlaps(spec, gen.root) for _, spec in gen.ood_sets.values())
+    gen = load_section("generate", yaml.safe_load(render_params("cifar10-wrn40-2", (), CONFIGS)))
+    assert gen.aux["tinyimages"].source == "imagefolder" and gen.aux["tinyimages"].path == "tinyimages300k"
+    assert not any(gen.aux["tinyimages"].overlaps(spec, gen.root) for _, spec in gen.ood_sets.values())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_requires_only_the_aux_sets_its_heatmap_decoder_trains_on(name):
+    """A preset whose fit trains no decoder asks for no auxiliary outliers (no TinyImages to download for nothing)."""
+    params = yaml.safe_load(render_params(name, (), CONFIGS))
+    gen, fit = load_section("generate", params), load_section("fit", params)
+    assert set(gen.aux) == set((fit.heatmap or {}).get("aux_sets", ())) & set(gen.aux)
+    assert fit.heatmap is not None or not gen.aux
 
 
 def test_presets_exist_for_every_seed_setup():
@@ -155,7 +163,9 @@ def test_preset_trains_from_scratch_with_augmentation(tmp_path, rng, no_md5):
 
 def test_generate_reports_a_missing_data_root_with_its_layout(tmp_path):
     params = _params(tmp_path, "cifar10-resnet18")
-    with pytest.raises(DataError, match=r"'cifar10'.*cifar-10-batches-py.*Hint: pass download: true"):
+    with pytest.raises(DataError, match=r"8 of the 8 configured data sets are missing under generate.root '.*raw', "
+                                        r"which does not exist: generate.id_train \(cifar10 \(train part\): expected "
+                                        r"ROOT/cifar-10-batches-py/.*generate.far.places365.*Hint: point generate.root"):
         generate.run(params, tmp_path / "data")
     assert not (tmp_path / "data").exists()
 

@@ -464,13 +464,22 @@ def test_missing_data_root_names_the_expected_layout(bench, data_root, tmp_path)
     assert EXPECTED_LAYOUT["cifar10"] in str(info.value) and "pass download: true" in str(info.value)
     with pytest.raises(DataError, match=re.escape(EXPECTED_LAYOUT["imagefolder"])):
         open_benchmark(directory, ["texture_val"], root=data_root)
-    with pytest.raises(DataError, match=r"Could not read data set 'cifar10'.*" + re.escape(EXPECTED_LAYOUT["cifar10"])):
+    with pytest.raises(DataError, match=r"5 of the 6 configured data sets are missing under generate.root '.*empty', "
+                                        r"which does not exist: generate.id_train \(cifar10 \(train part\): expected "
+                                        + re.escape(EXPECTED_LAYOUT["cifar10"])) as info:
         make_source_benchmark(_cfg(tmp_path / "empty"))
+    for param in ("generate.id_test", "generate.near.cifar100", "generate.far.svhn", "generate.far.texture"):
+        assert param in str(info.value)
 
 
-def test_missing_ood_set_at_generate_names_its_layout(data_root):
+def test_every_missing_set_is_named_by_its_parameter_in_one_error(data_root):
+    """The user learns every missing set at once, not one per run."""
     shutil.rmtree(data_root / "texture")
-    with pytest.raises(DataError, match=r"'imagefolder'.*" + re.escape(EXPECTED_LAYOUT["imagefolder"])):
+    (data_root / "test_32x32.mat").unlink()
+    with pytest.raises(DataError, match=r"^2 of the 6 configured data sets are missing under generate.root '.*': "
+                                        r"generate.far.svhn \(svhn \(test part\): expected ROOT/\{train_32x32.mat, "
+                                        r"test_32x32.mat\}\); generate.far.texture \(imagefolder texture: expected "
+                                        r"texture/<class>/"):
         make_source_benchmark(_cfg(data_root))
 
 
