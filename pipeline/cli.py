@@ -392,17 +392,33 @@ def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, o
 @app.command()
 @user_errors
 def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
-            all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns.")):
-    """Print the headline results of reports/metrics.json: near/far AUROC and FPR@95 per method."""
-    from pipeline.report import read_metrics, summary_rows
+            all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns."),
+            layer: str = typer.Option(None, help="The layer shown for per-layer detectors (default: the "
+                                      "penultimate, as OpenOOD reports Mahalanobis and KNN)."),
+            sets: list[str] = typer.Option(None, "--set", help="OOD test sets to show instead of the near/far "
+                                           "means; repeatable.")):
+    """Print the headline results of reports/metrics.json: near/far AUROC and FPR per method."""
+    from pipeline.errors import DataError
+    from pipeline.report import GROUPS, read_metrics, summary_rows
 
     path = _path(metrics, "metrics")
     data = read_metrics(path)
-    table = Table("method", "column", "AUROC near", "FPR@95 near", "AUROC far", "FPR@95 far",
-                  title=f"{path} (ID accuracy {data['id_accuracy']:.4f}; FPR@95 = ID FPR at 95% OOD recall)")
-    for row in summary_rows(data["methods"], all_columns=all_columns):
-        table.add_row(row["method"], row["column"], *(_fmt(row.get(k)) for k in (
-            "auroc_near", "fpr95_near", "auroc_far", "fpr95_far")))
+    fpr = f"FPR@{round(100 * data.get('recall', 0.95))}"
+    rows = summary_rows(data["methods"], all_columns=all_columns, head=data.get("head"), layer=layer,
+                        groups=sets or GROUPS)
+    available = sorted({k for cols in data["methods"].values() for per in cols.values() for k in per} - set(GROUPS))
+    for name in sets or ():
+        if name not in available:
+            raise DataError(f"OOD set '{name}' is not in '{path}'. It has {available}. Hint: pass one of them to --set.")
+    if layer is not None and not any(layer in cols for cols in data["methods"].values()):
+        raise DataError(f"Layer '{layer}' is not a column of '{path}'. Hint: `layerscope summary --all` lists them.")
+    groups = sets or GROUPS
+    table = Table("method", "column", *(f"{m} {g}" for g in groups for m in ("AUROC", fpr)),
+                  title=f"{path} (ID accuracy {data['id_accuracy']:.4f}; {fpr} = ID FPR at "
+                        f"{round(100 * data.get('recall', 0.95))}% OOD recall)")
+    for row in rows:
+        table.add_row(row["method"], row["column"], *(_fmt(row.get(f"{m}_{g}")) for g in groups
+                                                     for m in ("auroc", "fpr95")))
     console.print(table)
 
 

@@ -125,28 +125,46 @@ def read_metrics(path) -> dict:
             for columns in methods.values()):
         raise DataError(f"Metrics file '{path}': 'methods' must map each method to its columns' metrics, as "
                         f"`layerscope detect` writes it. Hint: {hint}")
+    recall = data.get("recall", 0.95)
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
+        raise DataError(f"Metrics file '{path}': 'recall' must be a number in (0, 1]; got {recall!r}. Hint: {hint}")
     if not isinstance(data["id_accuracy"], (int, float)):
         raise DataError(f"Metrics file '{path}': 'id_accuracy' must be a number; got {data['id_accuracy']!r}. "
                         f"Hint: {hint}")
     return data
 
 
-def summary_rows(results: dict, *, all_columns=False) -> list[dict]:
-    """Headline rows of ``metrics.json``'s methods: near/far AUROC and FPR@95.
+def summary_rows(results: dict, *, all_columns=False, head=None, layer=None, groups=GROUPS) -> list[dict]:
+    """Headline rows of ``metrics.json``'s methods: AUROC and FPR per group (near, far) or per set.
 
-    A network-level method's headline is its ``score``; a per-layer method shows
-    its final layer and its aggregations (every column with ``all_columns``).
+    A network-level method's headline is its ``score``. A per-layer method shows
+    one layer and its aggregations (every column with ``all_columns``): ``layer``
+    when given, else the penultimate layer (the last one that is not ``head``,
+    the classifier's final linear layer whose outputs are the logits), which is
+    where OpenOOD reports Mahalanobis and KNN.
+
+    Parameters
+    ----------
+    results : dict
+        ``metrics.json``'s ``methods``.
+    head : str, optional
+        The head's layer name (``metrics.json``'s ``head``); without it, the last layer.
+    layer : str, optional
+        The layer column to show for per-layer methods.
+    groups : sequence of str
+        The row's columns: ``("near", "far")``, or OOD set names.
     """
     rows = []
     for method, columns in results.items():
         names = list(columns)
         if not all_columns:
             layers = [c for c in names if c not in AGGREGATIONS and c != "score"]
-            names = ["score"] if "score" in columns else layers[-1:] + [c for c in names if c in AGGREGATIONS]
+            shown = [layer] if layer in layers else [c for c in layers if c != head][-1:] or layers[-1:]
+            names = ["score"] if "score" in columns else shown + [c for c in names if c in AGGREGATIONS]
         for col in names:
             per = columns[col]
             rows.append({"method": method, "column": col,
-                         **{f"{m}_{g}": per[g].get(m) for g in GROUPS if isinstance(per.get(g), dict)
+                         **{f"{m}_{g}": per[g].get(m) for g in groups if isinstance(per.get(g), dict)
                             for m in ("auroc", "fpr95")}})
     return rows
 

@@ -47,7 +47,9 @@ def run(params, features, detectors, metrics_out, table_out, figures_out, argmax
     results = evaluate(columns("id_test"), {name: columns(s["split"]) for name, s in sets.items()},
                        group_sets(sets), recall=cfg.recall)
     id_acc = accuracy(store.to_numpy("id_test", "pred"), store.to_numpy("id_test", "label"))
-    write_json({"id_accuracy": round(id_acc, 6), "methods": results}, metrics_out)
+    # recall: the OOD recall every FPR is read at; head: the logits layer (summary headlines the one before it)
+    write_json({"id_accuracy": round(id_acc, 6), "recall": cfg.recall, "head": store.provenance.get("head"),
+                "methods": results}, metrics_out)
     write_csv(table_rows(results, fitted.layers), table_out)
     write_json(argmax_counts(raw, fitted.layers), argmax_out)
     if cfg.figures:

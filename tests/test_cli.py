@@ -147,6 +147,24 @@ def test_summary_shows_headline_columns(tmp_path):
     out = runner.invoke(app, ["summary", "--metrics", str(path)], terminal_width=200).output
     assert "0.9700" in out and "0.7500" in out and "max_z" in out and "fc" in out and "layer1" not in out
     assert "layer1" in runner.invoke(app, ["summary", "--metrics", str(path), "--all"], terminal_width=200).output
+    # with the head recorded, per-layer detectors are shown on the penultimate layer (OpenOOD's choice)
+    path.write_text(json.dumps({**metrics, "head": "fc", "recall": 0.9}))
+    out = runner.invoke(app, ["summary", "--metrics", str(path)], terminal_width=200).output
+    assert "layer1" in out and " fc " not in out and "FPR@90 near" in out and "90% OOD recall" in out
+    assert " fc " in runner.invoke(app, ["summary", "--metrics", str(path), "--layer", "fc"], terminal_width=200).output
+
+
+def test_summary_per_set(tmp_path):
+    import json
+
+    per = {"near": {"auroc": 0.91, "fpr95": 0.2}, "far": {"auroc": 0.99, "fpr95": 0.01},
+           "svhn": {"auroc": 0.8125, "fpr95": 0.3}, "mnist": {"auroc": 0.99, "fpr95": 0.02}}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"id_accuracy": 0.97, "methods": {"msp": {"score": per}}}))
+    out = runner.invoke(app, ["summary", "--metrics", str(path), "--set", "svhn"], terminal_width=200).output
+    assert "AUROC svhn" in out and "0.8125" in out and "near" not in out.split("\n", 2)[-1]
+    line = one_line_error(runner.invoke(app, ["summary", "--metrics", str(path), "--set", "cifar"], terminal_width=400))
+    assert "OOD set 'cifar' is not in" in line and "['mnist', 'svhn']" in line
     assert "does not exist" in one_line_error(runner.invoke(app, ["summary", "--metrics", str(tmp_path / "x.json")],
                                                             terminal_width=400))
 
