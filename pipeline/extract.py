@@ -300,6 +300,10 @@ def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width
         ArraySpec("logits", n_classes, "float32", dim="class"),
         ArraySpec("pred", None, "int64"),
         ArraySpec("label", None, "int64"),
+        # the ``sample`` dimension's coordinate: which image of its data set each row is
+        ArraySpec("sample", None, "int64", attrs={"what": "index of the row's image in its data set (the split's "
+                                                          "own file for digits; the torchvision or ImageFolder set, "
+                                                          "before any cap, for a sources benchmark)"}),
     ]
 
 
@@ -431,10 +435,12 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     head_width = None if head is None else head["weight"].shape[1]
     specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width, input_shape)
     if head is not None:
-        writer.write_constants("head", head)
+        writer.write_constants("head", head, dims={"weight": ("class", "head_input"), "bias": ("class",)})
     tasks = []
     for name, (dataset, attrs) in splits.items():
-        writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)})
+        # the ``layer`` dimension's coordinate (energy's columns): ``energy.sel(layer="layer3")`` in xarray
+        writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)},
+                            coords={"layer": np.asarray(plan.layers, dtype=str)})
         tasks += [(name, i, *writer.shard_range(i, len(dataset))) for i in writer.pending_shards(name, len(dataset))]
     model_source, data_source = sources or (InMemory(model), InMemory({n: ds for n, (ds, _) in splits.items()}))
     job = ShardJob(model_source, data_source, plan, str(writer.staged_store), writer.shard_rows, batch_size,
@@ -458,7 +464,15 @@ def _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num
         batch = extract_batch(model, x.to(device), recorder)
         batch["label"] = np.asarray(y, dtype=np.int64)
         parts.append(batch)
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    rows["sample"] = source_index(dataset)[start:stop]
+    return rows
+
+
+def source_index(dataset) -> np.ndarray:
+    """``(n,)`` int64: each row's index in its data set (an index split's chosen indices, else 0..n-1)."""
+    indices = getattr(dataset, "indices", None)
+    return np.asarray(indices if indices is not None else np.arange(len(dataset)), dtype=np.int64)
 
 
 def _batches(dataset, start, stop, batch_size, num_workers=0):

@@ -82,7 +82,13 @@ from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 log = logging.getLogger(__name__)
 
 ATTRS_KEY = "layerscope"
-STORE_FORMAT = 2  # 2: Zstd frame checksums, a manifest (layerscope.json), no clock in the provenance
+# 2: Zstd frame checksums, a manifest (layerscope.json), no clock in the provenance; 3: xarray-native (every
+# array has dimension names; ``layer`` and ``sample`` coordinates in each split: xr.open_datatree opens it all)
+STORE_FORMAT = 3
+# The ``layer`` coordinate is text: zarr-python's fixed-length UTF-32 data type, which has no v3
+# specification yet (other zarr libraries may not read that one small array). zarr warns on every
+# read and write of it; the choice is made once, here, so the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"The data type \(FixedLengthUTF32")
 RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head", "image")
 GRAD_PREFIX = "grad."  # `grad.<layer>`: NAC-UE's pooled KL gradient of that layer
 MAP_PREFIX = "map."  # `map.<layer>`: the unpooled (C, H, W) output of that layer (seed 002's decoder)
@@ -229,14 +235,21 @@ class StoreWriter:
         done = self.progress.get(split, set())
         return [i for i in range(self.n_shards(n_samples)) if i not in done]
 
-    def create_split(self, split: str, n_samples: int, specs: list[ArraySpec], attrs: dict):
-        """Create the split's group and arrays, unless a resumed run already did."""
+    def create_split(self, split: str, n_samples: int, specs: list[ArraySpec], attrs: dict, coords=None):
+        """Create the split's group and arrays, unless a resumed run already did.
+
+        ``coords`` maps a dimension name to its (small, constant) coordinate
+        values, written now: e.g. ``{"layer": names}`` for ``energy``'s columns.
+        """
         if split in self.progress:
             return
         root = _open_group(self.staged_store, mode="r+")
         group = root.create_group(split, overwrite=True, attributes=_jsonable(attrs))
         for spec in specs:
             self._create_array(group, spec, n_samples)
+        for name, values in (coords or {}).items():
+            group.create_array(name, data=np.asarray(values), compressors=self.compressor,
+                               dimension_names=(name,))
         self.progress[split] = set()
         self._save_progress()
 
@@ -257,12 +270,18 @@ class StoreWriter:
             compressors=self.compressor, dimension_names=dims, attributes=_jsonable(spec.attrs or {}),
         )
 
-    def write_constants(self, name: str, arrays: dict[str, np.ndarray]):
-        """Write small per-store arrays (e.g. the head's weight and bias) into group ``name``."""
+    def write_constants(self, name: str, arrays: dict[str, np.ndarray], dims: dict | None = None):
+        """Write small per-store arrays (e.g. the head's weight and bias) into group ``name``.
+
+        ``dims`` names each array's dimensions (xarray needs them); default ``<array>_<axis>``.
+        """
         root = _open_group(self.staged_store, mode="r+")
         group = root.require_group(name)
         for key, values in arrays.items():
-            group.create_array(key, data=np.asarray(values), compressors=self.compressor, overwrite=True)
+            values = np.asarray(values)
+            names = (dims or {}).get(key) or tuple(f"{key}_{axis}" for axis in range(values.ndim))
+            group.create_array(key, data=values, compressors=self.compressor, overwrite=True,
+                               dimension_names=tuple(names))
 
     def write_shard(self, split: str, index: int, data: dict[str, np.ndarray]):
         """Write one whole shard of every array of ``split``, then record it as done."""

@@ -207,3 +207,33 @@ def test_maps_must_be_spatial_layers(tiny_model, maps, message):
 
     with pytest.raises(ConfigError, match=message):
         resolve_plan(tiny_model, ["fc"], (1, 8, 8), maps=maps)
+
+
+def test_the_whole_store_opens_as_an_xarray_datatree(tiny_model, tiny_splits, store_path):
+    """Every array has dimension names, and each split has ``layer`` and ``sample`` coordinates."""
+    import warnings
+
+    import xarray as xr
+
+    from pipeline.userdata import IndexedDataset
+
+    plan = Plan(("layer1", "layer2", "fc"), grad_layers=("layer2",), head="fc", maps=("layer2",), images=True)
+    splits = {name: (SplitDataset(s), s.attrs) for name, s in tiny_splits.items()}
+    chosen = [5, 2, 30, 7, 11, 0, 19, 3, 8]  # a sources split reads chosen samples of its data set
+    base = SplitDataset(tiny_splits["id_train"])
+    splits["noise_test"] = (IndexedDataset(base, chosen, [-1] * len(chosen)), tiny_splits["noise_test"].attrs)
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, splits, plan, writer, batch_size=5)
+        writer.finalize({}, plan.layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec
+        tree = xr.open_datatree(store_path, engine="zarr")
+        head = xr.open_zarr(store_path, group="head")
+    train = tree["id_train"].ds
+    assert list(train["layer"].values) == ["layer1", "layer2", "fc"]
+    np.testing.assert_array_equal(train["energy"].sel(layer="layer2").values,
+                                  open_store(store_path).to_numpy("id_train", "energy")[:, 1])
+    np.testing.assert_array_equal(train["sample"].values, np.arange(len(tiny_splits["id_train"].labels)))
+    np.testing.assert_array_equal(tree["noise_test"].ds["sample"].values, chosen)  # rows -> source images
+    assert head["weight"].dims == ("class", "head_input") and head["bias"].dims == ("class",)
+    assert train["map.layer2"].dims[0] == "sample" and "image" in train

@@ -85,7 +85,8 @@ def test_a_pristine_store_passes_every_reader_and_verify(pristine):
     manifest = artifacts.read_seal(pristine)
     on_disk = [p for p in pristine.rglob("*") if p.is_file()]
     assert summary["files"] == len(manifest["files"]) == len(on_disk) - 1  # every file but the manifest itself
-    assert summary["arrays"] == 2 * 7 + 2  # layer1, fc, penultimate, energy, logits, pred, label; head/weight, bias
+    # layer1, fc, penultimate, energy, logits, pred, label, the sample and layer coordinates; head/weight, bias
+    assert summary["arrays"] == 2 * 9 + 2
     assert summary["bytes"] == sum(e["size"] for e in manifest["files"].values())
 
 
