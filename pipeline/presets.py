@@ -19,7 +19,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from pipeline.config import SECTIONS, load_section
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, invalid_param
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,6 @@ def check_consistency(configs: dict):
     configs : dict
         ``section -> config dataclass`` for every section of :data:`SECTIONS`.
     """
-    from pipeline.errors import invalid_param
     from pipeline.extract import resolve_plan
     from pipeline.models import untrained_model
 
@@ -128,19 +127,17 @@ def check_consistency(configs: dict):
     if stray:
         raise invalid_param("calibrate.layers", "calibrate", f"layers among extract.layers {list(plan.layers)}",
                             stray[0], hint="guard layers that extract stores.")
-    _check_methods_inputs(det, ext, fit, plan)
-    used = set(fit.heatmap.get("aux_sets", ())) if fit.heatmap is not None else set()
+    _check_methods_inputs(det, fit, plan)
+    aux_sets = (fit.heatmap or {}).get("aux_sets", ())
     if fit.heatmap is not None:
-        _check_aux_sets(fit.heatmap.get("aux_sets", ()), gen)
-    for name in sorted(set(gen.aux) - used):  # generate cannot know: it reads only its own section
+        _check_aux_sets(aux_sets, gen)
+    for name in sorted(set(gen.aux) - set(aux_sets)):  # generate cannot know: it reads only its own section
         log.warning("generate.aux.%s is used by nothing (fit.heatmap.aux_sets does not name it), but generate "
                     "still needs its files: remove it unless you will train the heatmap decoder on it", name)
 
 
-def _check_methods_inputs(det, ext, fit, plan):
-    """Each detect method's inputs are among what extract stores (and fit trains)."""
-    from pipeline.errors import invalid_param
-
+def _check_methods_inputs(det, fit, plan):
+    """Each detect method's inputs are among what extract stores (``plan``) and fit trains."""
     for name in det.methods:
         if name in HEAD_METHODS and plan.head is None:
             raise invalid_param("extract.head", "extract", f"the model's final linear layer: detect.methods.{name} "
@@ -167,7 +164,6 @@ def _check_methods_inputs(det, ext, fit, plan):
 def _check_aux_sets(aux_sets, gen):
     """fit.heatmap.aux_sets are sets generate writes (their val or aux splits), never a missing one."""
     from pipeline.datasets import digits_set_names
-    from pipeline.errors import invalid_param
 
     if gen.benchmark == "digits":
         known = digits_set_names(gen.holdout_classes)
