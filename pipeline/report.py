@@ -23,21 +23,33 @@ from pipeline.plots import plot_layer_auroc
 log = logging.getLogger(__name__)
 
 GROUPS = ("near", "far")
+# Role of an OOD set kept for selection only (OpenOOD v1.5's ``val_<set>`` lists,
+# ``generate.ood_val``): it stands for both groups on the val part and is never reported.
+OOD_VAL = "ood_val"
 
 
 def ood_sets(store, part="test") -> dict[str, dict]:
-    """OOD sets with a split of the given part: ``set name -> {"split", "role"}``."""
-    found = {}
+    """OOD sets with a split of the given part: ``set name -> {"split", "role"}``.
+
+    On the val part, when the benchmark has separate OOD val sets (role
+    ``"ood_val"``), those are the val sets, and the near/far sets' own val halves
+    (if any) are left out: selection then uses what OpenOOD selects on.
+    """
+    found, separate = {}, {}
     for split in store.splits:
         attrs = store.split_attrs(split)
-        if attrs.get("role") in GROUPS and attrs.get("part") == part:
+        if attrs.get("part") != part:
+            continue
+        if attrs.get("role") in GROUPS:
             found[attrs["set"]] = {"split": split, "role": attrs["role"]}
-    return found
+        elif attrs.get("role") == OOD_VAL and part == "val":
+            separate[attrs["set"]] = {"split": split, "role": OOD_VAL}
+    return separate or found
 
 
 def group_sets(sets: dict) -> dict[str, list[str]]:
-    """``{"near": [...], "far": [...]}`` from :func:`ood_sets`."""
-    return {g: [name for name, s in sets.items() if s["role"] == g] for g in GROUPS}
+    """``{"near": [...], "far": [...]}`` from :func:`ood_sets`; a separate OOD val set is in both groups."""
+    return {g: [name for name, s in sets.items() if s["role"] in (g, OOD_VAL)] for g in GROUPS}
 
 
 def with_aggregations(scores: dict, reference: dict, layers, aggregations) -> dict[str, dict[str, np.ndarray]]:

@@ -271,7 +271,9 @@ def plan_tasks(configs: list[Config], data_layers, aggregations, grids: dict) ->
 
 def load_split_set(store, part: str, ood_sets: dict, id_split: str, maps=False) -> SplitSet:
     """Features of ID-val, the ID split of ``part`` and every OOD set of that part (with maps and images if asked)."""
-    groups = {g: [n for n, s in ood_sets.items() if s["role"] == g] for g in ("near", "far")}
+    from pipeline.report import group_sets  # report draws figures: matplotlib only when a search runs
+
+    groups = group_sets(ood_sets)
     ood = {name: load_features(store, s["split"], maps=maps) for name, s in ood_sets.items()}
     id_val = load_features(store, "id_val", maps=maps)
     id_ref = id_val if id_split == "id_val" else load_features(store, id_split, maps=maps)
