@@ -95,9 +95,10 @@ def fit_and_detect(work: Path, store: Path, compute: dict, tag: str) -> dict:
     fit_s, fit_mib = run_stage(["fit", "--params", str(params), "--features", str(store), "--out", str(det)])
     detect_s, detect_mib = run_stage([
         "detect", "--params", str(params), "--features", str(store), "--detectors", str(det),
-        "--metrics", str(work / f"metrics-{tag}.json"), "--table", str(work / f"table-{tag}.csv"),
+        "--metrics", str(work / f"metrics-{tag}.json"), "--detail", str(work / f"detail-{tag}.json"),
+        "--table", str(work / f"table-{tag}.csv"),
         "--figures", str(work / f"fig-{tag}"), "--argmax", str(work / f"argmax-{tag}.json")])
-    auroc = json.loads((work / f"metrics-{tag}.json").read_text())["methods"]["mahalanobis"]["max_z"]["far"]["auroc"]
+    auroc = json.loads((work / f"detail-{tag}.json").read_text())["methods"]["mahalanobis"]["max_z"]["far"]["auroc"]
     return {"fit_s": round(fit_s, 2), "fit_peak_mib": round(fit_mib, 1), "detect_s": round(detect_s, 2),
             "detect_peak_mib": round(detect_mib, 1), "mahalanobis_auroc": round(auroc, 4)}
 

@@ -150,7 +150,15 @@ def _path(value, key):
     from pipeline.config import project_paths
     from pipeline.store import location
 
-    return location(value) if value is not None else Path(project_paths()[key])
+    if value is not None:
+        return location(value)
+    paths = project_paths()
+    if key not in paths:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"'dvc.yaml' has no paths.{key} under 'vars' (it has {sorted(paths)}). Hint: pass the "
+                          f"path as an option, or add paths.{key} as the project's dvc.yaml does.")
+    return Path(paths[key])
 
 
 def _logs_dir():
@@ -270,7 +278,8 @@ def fit(params: Path = ParamsOpt, features: str = FeaturesOpt,
 @user_errors
 def detect(params: Path = ParamsOpt, features: str = FeaturesOpt,
            detectors: Path = typer.Option(None, help="[paths.detectors]"),
-           metrics: Path = typer.Option(None, help="[paths.metrics]"),
+           metrics: Path = typer.Option(None, help="Headline metrics, what DVC shows [paths.metrics]."),
+           detail: Path = typer.Option(None, help="Every method, layer and OOD set [paths.detail]."),
            table: Path = typer.Option(None, help="[paths.per_layer]"),
            figures: Path = typer.Option(None, help="[paths.figures]"),
            argmax: Path = typer.Option(None, help="Per-layer argmax counts [paths.layer_argmax]."),
@@ -280,7 +289,7 @@ def detect(params: Path = ParamsOpt, features: str = FeaturesOpt,
 
     stage.run(params, _path(features, "features"), _path(detectors, "detectors"), _path(metrics, "metrics"),
               _path(table, "per_layer"), _path(figures, "figures"), _path(argmax, "layer_argmax"),
-              model=_model_to_check(model))
+              model=_model_to_check(model), detail_out=_path(detail, "detail"))
 
 
 @app.command()
@@ -337,18 +346,20 @@ def guard_evaluate(features: str = FeaturesOpt, detectors: Path = typer.Option(N
                    thresholds: Path = typer.Option(None, help="[paths.guard]"),
                    model: Path = typer.Option(None, help="[paths.model]"),
                    out: Path = typer.Option(None, help="Report JSON [paths.guard_report]."),
-                   recall: float = typer.Option(0.95, help="OOD recall of the FPR (FPR@95).")):
+                   recall: float = typer.Option(0.95, help="OOD recall of the FPR (0.95: FPR@95).")):
     """The cascade on the cached test splits: AUROC, FPR@95, achieved ID TPR and the FLOPs saved."""
+    from pipeline.metrics import fpr_key
     from stages import guard as stage
 
     r = stage.run(_path(features, "features"), _path(detectors, "detectors"), _path(thresholds, "guard"),
                   _path(model, "model"), _path(out, "guard_report"), recall=recall)
-    table = Table("test set", "AUROC", "FPR@95", "flagged", "FLOPs saved", *r["layers"], "none",
+    fpr = fpr_key(recall)
+    table = Table("test set", "AUROC", "FPR" + fpr[3:], "flagged", "FLOPs saved", *r["layers"], "none",
                   title=f"guard ({r['detector']} on {len(r['layers'])} layers): ID-test TPR {r['id_test_tpr']:.4f}, "
                         f"target {r['target_tpr']}, ID-val {r['val_tpr']:.4f}; exits per layer")
     rows = {"id_test": {**r["id_test"], "role": "id"}, **r["sets"]}
     for name, row in rows.items():
-        table.add_row(f"{name} ({row['role']})", _fmt(row.get("auroc")), _fmt(row.get("fpr95")), _fmt(row["flagged"]),
+        table.add_row(f"{name} ({row['role']})", _fmt(row.get("auroc")), _fmt(row.get(fpr)), _fmt(row["flagged"]),
                       _fmt(row["flops_saved"]), *(_fmt(row["exits"][k]) for k in [*r["layers"], "none"]))
     console.print(table)
 
@@ -391,21 +402,30 @@ def guard_predict(inputs: Path = typer.Argument(..., help="A folder of images, o
 
 @app.command()
 @user_errors
-def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
+def summary(detail: Path = typer.Option(None, "--detail", "--metrics", help="The detail file detect writes "
+                                        "[paths.detail]."),
             all_columns: bool = typer.Option(False, "--all", help="Every layer, not only the headline columns."),
             layer: str = typer.Option(None, help="The layer shown for per-layer detectors (default: the "
                                       "penultimate, as OpenOOD reports Mahalanobis and KNN)."),
             sets: list[str] = typer.Option(None, "--set", help="OOD test sets to show instead of the near/far "
-                                           "means; repeatable.")):
-    """Print the headline results of reports/metrics.json: near/far AUROC and FPR per method."""
+                                           "means; repeatable."),
+            exps: bool = typer.Option(False, "--exps", help="Compare the DVC experiments (`dvc exp show`): mean "
+                                      "± std over runs that differ only by train.seed."),
+            methods: list[str] = typer.Option(None, "--method", help="With --exps: the methods to show; "
+                                              "repeatable.")):
+    """Print the headline results: near/far AUROC and FPR per method (--exps: per experiment, over seeds)."""
+    if exps:
+        return _summary_exps(methods or [])
     from pipeline.errors import DataError
-    from pipeline.report import GROUPS, read_metrics, summary_rows
+    from pipeline.metrics import fpr_key
+    from pipeline.report import GROUPS, read_detail, summary_rows
 
-    path = _path(metrics, "metrics")
-    data = read_metrics(path)
-    fpr = f"FPR@{round(100 * data.get('recall', 0.95))}"
+    path = _path(detail, "detail")
+    data = read_detail(path)
+    recall = data.get("recall", 0.95)
+    fpr = "FPR" + fpr_key(recall)[3:]  # FPR@95
     rows = summary_rows(data["methods"], all_columns=all_columns, head=data.get("head"), layer=layer,
-                        groups=sets or GROUPS)
+                        groups=sets or GROUPS, recall=recall)
     available = sorted({k for cols in data["methods"].values() for per in cols.values() for k in per} - set(GROUPS))
     for name in sets or ():
         if name not in available:
@@ -415,11 +435,52 @@ def summary(metrics: Path = typer.Option(None, help="[paths.metrics]"),
     groups = sets or GROUPS
     table = Table("method", "column", *(f"{m} {g}" for g in groups for m in ("AUROC", fpr)),
                   title=f"{path} (ID accuracy {data['id_accuracy']:.4f}; {fpr} = ID FPR at "
-                        f"{round(100 * data.get('recall', 0.95))}% OOD recall)")
+                        f"{fpr[4:]}% OOD recall)")
     for row in rows:
         table.add_row(row["method"], row["column"], *(_fmt(row.get(f"{m}_{g}")) for g in groups
-                                                     for m in ("auroc", "fpr95")))
+                                                     for m in ("auroc", "fpr")))
     console.print(table)
+
+
+def _summary_exps(methods):
+    """``summary --exps``: every DVC experiment's headline metrics, grouped over seeds."""
+    from pipeline.config import project_paths
+    from pipeline.errors import DataError
+    from pipeline.experiments import SEED_PARAMS, dvc_exp_show, group_runs, parse_runs, summarise, varying_params
+
+    metrics_path = project_paths()["metrics"]
+    runs = parse_runs(dvc_exp_show(), metrics_path)
+    if not runs:
+        raise DataError(f"No run in `dvc exp show` has headline metrics in '{metrics_path}'. Hint: run `dvc repro` "
+                        "or `dvc exp run` first.")
+    known = sorted({m for r in runs for m in r.metrics["methods"]})
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise DataError(f"Method {unknown[0]!r} is not in the experiments' metrics. They have {known}. Hint: pass "
+                        "one of them to --method.")
+    groups = group_runs(runs)
+    varying = varying_params(groups)
+    table = Table("params", "runs", "method", "AUROC near", "AUROC far", "FPR near", "FPR far",
+                  title=f"{len(runs)} runs in {len(groups)} groups (mean ± sample std over {', '.join(SEED_PARAMS)}; "
+                        "FPR at each run's detect.recall)")
+    for group in groups:
+        label = "\n".join(f"{k}={group.params[k]}" for k in varying) or "(baseline)"
+        names = "\n".join(run.name for run in group.runs)
+        for i, row in enumerate(summarise(group, methods)):
+            fpr = next((k[:-5] for k in row if k.startswith("fpr@") and k.endswith("_near")), "fpr")
+            cells = ([_pm(row["id_accuracy"]), "", "", ""] if row["method"] == "id_accuracy" else
+                     [_pm(row.get(k)) for k in ("auroc_near", "auroc_far", f"{fpr}_near", f"{fpr}_far")])
+            table.add_row(label if i == 0 else "", names if i == 0 else "", row["method"], *cells)
+        table.add_section()
+    console.print(table)
+
+
+def _pm(stat):
+    """``(mean, std, n)`` as ``0.9123 ± 0.0041`` (the mean alone for one run)."""
+    if stat is None:
+        return "-"
+    mean, std, n = stat
+    return f"{mean:.4f}" if n < 2 else f"{mean:.4f} ± {std:.4f}"
 
 
 @app.command()

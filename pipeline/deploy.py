@@ -29,7 +29,7 @@ from pipeline import provenance
 from pipeline.artifacts import atomic_write
 from pipeline.cascade import Calibration, calibrate, cascade_score, exit_layers
 from pipeline.errors import DataError, invalid_param
-from pipeline.metrics import METRIC_NAMES, ood_metrics
+from pipeline.metrics import metric_names, ood_metrics
 from pipeline.report import group_sets, ood_sets
 
 if TYPE_CHECKING:  # torch is imported where it is used: calibration and evaluation run without it
@@ -142,7 +142,7 @@ def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.9
         FLOPs of one input up to each guarded layer, then the whole network's
         (:meth:`pipeline.guard.Guard.block_flops`).
     recall : float, default=0.95
-        OOD recall of the FPR (FPR@95).
+        OOD recall of the FPR: key ``fpr@95`` (``fpr@90`` at 0.9).
     thresholds_path : path-like, optional
         Where ``content`` came from, for messages.
 
@@ -168,12 +168,13 @@ def evaluate_guard(store, fitted, content: dict, cumulative_flops, *, recall=0.9
         per_set[name] = {**{m: round(v, 6) for m, v in metrics.items()}, "role": s["role"],
                          **_decisions(scores, cal, flops, list(detectors))}
     out = {"detector": content["detector"], "layers": content["layers"], "target_tpr": content["target_tpr"],
+           "recall": recall,
            "val_tpr": round(content["val_tpr"], 6), "id_test_tpr": round(1.0 - id_result["flagged"], 6),
            "flops_per_input": {"full": float(flops[-1]), **dict(zip(content["layers"], flops[:-1].tolist()))},
            "id_test": id_result, "sets": per_set}
     for group, names in group_sets(sets).items():
         if names:
-            keys = [*METRIC_NAMES, "flagged", "flops_saved"]
+            keys = [*metric_names(recall), "flagged", "flops_saved"]
             out[group] = {k: round(float(np.mean([per_set[n][k] for n in names])), 6) for k in keys}
     return out
 
@@ -286,9 +287,7 @@ def _as_pixels(x: np.ndarray, path, shape, hint) -> np.ndarray:
 
 def _read_image(path, shape):
     import torch
-    from PIL import Image
-
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     channels, height, width = shape
     try:

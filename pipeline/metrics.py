@@ -8,16 +8,19 @@ Conventions (normative for every number layerscope reports):
   detector worse than chance reports an AUROC below 0.5, not ``1 - AUROC``).
 - **AUROC**: the probability that a random OOD sample scores above a random
   ID sample, ties counting half.
-- **FPR@95** (key ``fpr95``): the fraction of ID samples flagged as OOD at the
-  threshold that detects 95% of the OOD samples, i.e. at the first operating
-  point of the ROC curve whose OOD recall (TPR) is at least 0.95. This is the
-  definition of OpenOOD v1.5 and pytorch-ood (``fpr_at_tpr``). It is **not**
-  the older ODIN mirror definition (fraction of OOD accepted at 95% ID recall).
+- **FPR@95** (key ``fpr@95``; ``fpr@90`` at recall 0.9, see :func:`fpr_key`):
+  the fraction of ID samples flagged as OOD at the threshold that detects 95%
+  of the OOD samples, i.e. at the first operating point of the ROC curve whose
+  OOD recall (TPR) is at least 0.95. This is the definition of OpenOOD v1.5 and
+  pytorch-ood (``fpr_at_tpr``). It is **not** the older ODIN mirror definition
+  (fraction of OOD accepted at 95% ID recall).
 - **AUPR-In**: ID is the positive class, ranked by the negated score.
   **AUPR-Out**: OOD is the positive class, ranked by the score.
-  Both are computed as average precision (scikit-learn's step-wise sum), not
-  by trapezoidal interpolation of the PR curve as OpenOOD and pytorch-ood do;
-  the two can differ slightly on small sets.
+  By default both are average precision (scikit-learn's step-wise sum,
+  ``aupr="average_precision"``). ``aupr="trapezoid"`` integrates the PR curve by
+  the trapezoid rule, as OpenOOD and pytorch-ood do (``auc(recall, precision)``);
+  the two differ slightly on small sets, and trapezoid is optimistic where the
+  curve jumps (Davis & Goadrich 2006).
 - Each OOD set is scored against the full ID test set; a group figure (near,
   far) is the unweighted mean over its data sets.
 """
@@ -28,13 +31,31 @@ import logging
 import numbers
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pipeline.errors import DataError, invalid_param
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("auroc", "fpr95", "aupr_in", "aupr_out")
+AUPR_RULES = ("average_precision", "trapezoid")
+
+
+def fpr_key(recall: float = 0.95) -> str:
+    """The FPR metric's key at OOD recall ``recall``: ``"fpr@95"`` for 0.95, ``"fpr@99.5"`` for 0.995."""
+    return f"fpr@{round(float(recall) * 100, 6):g}"
+
+
+def metric_names(recall: float = 0.95) -> tuple[str, ...]:
+    """The keys of :func:`ood_metrics` at ``recall``: ``("auroc", "fpr@95", "aupr_in", "aupr_out")``."""
+    return ("auroc", fpr_key(recall), "aupr_in", "aupr_out")
+
+
+def _aupr(y_true, scores, rule):
+    """Area under the precision-recall curve of positives ``y_true == 1`` ranked by ``scores``."""
+    if rule == "average_precision":
+        return float(average_precision_score(y_true, scores))
+    precision, recall, _ = precision_recall_curve(y_true, scores)
+    return float(auc(recall, precision))
 
 
 def _as_scores(values, name):
@@ -92,8 +113,8 @@ def _fpr_at_recall(y_true, scores, recall=0.95):
     return float(fpr[np.searchsorted(tpr, recall, side="left")])
 
 
-def ood_metrics(scores_id, scores_ood, *, recall=0.95):
-    """AUROC, FPR@95, AUPR-In and AUPR-Out of one ID set against one OOD set.
+def ood_metrics(scores_id, scores_ood, *, recall=0.95, aupr="average_precision"):
+    """AUROC, FPR at ``recall``, AUPR-In and AUPR-Out of one ID set against one OOD set.
 
     Parameters
     ----------
@@ -102,14 +123,16 @@ def ood_metrics(scores_id, scores_ood, *, recall=0.95):
     scores_ood : array-like of shape (n_ood,)
         Scores of the OOD samples (higher = more OOD).
     recall : float, default=0.95
-        OOD recall (TPR) at which the FPR is read, in (0, 1]. The key stays
-        ``fpr95`` whatever its value, so that tables keep one column name.
+        OOD recall (TPR) at which the FPR is read, in (0, 1]. It names the
+        key: ``fpr@95`` at 0.95, ``fpr@90`` at 0.9 (:func:`fpr_key`).
+    aupr : {"average_precision", "trapezoid"}, default="average_precision"
+        How the PR curves are integrated (see the module docstring).
 
     Returns
     -------
     dict of str to float
-        Keys ``auroc``, ``fpr95``, ``aupr_in``, ``aupr_out`` (see the module
-        docstring for their exact definitions).
+        Keys :func:`metric_names` ``(recall)``: ``auroc``, ``fpr@95``,
+        ``aupr_in``, ``aupr_out`` (see the module docstring for their exact definitions).
 
     Raises
     ------
@@ -120,15 +143,17 @@ def ood_metrics(scores_id, scores_ood, *, recall=0.95):
     """
     if isinstance(recall, bool) or not (isinstance(recall, numbers.Real) and 0 < recall <= 1):
         raise invalid_param("recall", "ood_metrics", "a float in (0, 1]", recall)
+    if aupr not in AUPR_RULES:
+        raise invalid_param("aupr", "ood_metrics", f"one of {list(AUPR_RULES)}", aupr)
     scores_id = _as_scores(scores_id, "scores_id")
     scores_ood = _as_scores(scores_ood, "scores_ood")
     scores = np.concatenate([scores_id, scores_ood])
     is_ood = np.concatenate([np.zeros(scores_id.size, int), np.ones(scores_ood.size, int)])
     return {
         "auroc": float(roc_auc_score(is_ood, scores)),
-        "fpr95": _fpr_at_recall(is_ood, scores, recall),
-        "aupr_in": float(average_precision_score(1 - is_ood, -scores)),
-        "aupr_out": float(average_precision_score(is_ood, scores)),
+        fpr_key(recall): _fpr_at_recall(is_ood, scores, recall),
+        "aupr_in": _aupr(1 - is_ood, -scores, aupr),
+        "aupr_out": _aupr(is_ood, scores, aupr),
     }
 
 

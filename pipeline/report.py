@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_write
 from pipeline.aggregate import AGGREGATIONS, aggregate, argmax_layer_counts
-from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
+from pipeline.artifacts import atomic_write
+from pipeline.metrics import fpr_key, group_means, ood_metrics
 from pipeline.plots import plot_layer_auroc
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def with_aggregations(scores: dict, reference: dict, layers, aggregations) -> di
     return out
 
 
-def evaluate(id_scores: dict, ood_scores: dict, groups: dict, *, recall=0.95) -> dict:
+def evaluate(id_scores: dict, ood_scores: dict, groups: dict, *, recall=0.95, aupr="average_precision") -> dict:
     """Metrics per method, column (layer or aggregation), OOD set and group.
 
     Parameters
@@ -82,6 +82,8 @@ def evaluate(id_scores: dict, ood_scores: dict, groups: dict, *, recall=0.95) ->
         ``set name -> method -> column -> (n_ood,)``.
     groups : dict
         ``group -> [set names]``.
+    recall, aupr
+        See :func:`pipeline.metrics.ood_metrics`.
 
     Returns
     -------
@@ -92,7 +94,8 @@ def evaluate(id_scores: dict, ood_scores: dict, groups: dict, *, recall=0.95) ->
     for method, columns in id_scores.items():
         results[method] = {}
         for col, s_id in columns.items():
-            per_set = {name: ood_metrics(s_id, ood[method][col], recall=recall) for name, ood in ood_scores.items()}
+            per_set = {name: ood_metrics(s_id, ood[method][col], recall=recall, aupr=aupr)
+                       for name, ood in ood_scores.items()}
             results[method][col] = {**per_set, **group_means(per_set, {g: v for g, v in groups.items() if v})}
     return results
 
@@ -105,7 +108,7 @@ def table_rows(results: dict, layers) -> list[dict]:
             kind = "layer" if col in layers else "method score" if col == "score" else "aggregation"
             row = {"key": f"{method}/{col}", "method": method, "layer": col, "kind": kind, "position": position}
             for group in GROUPS:
-                row.update({f"{m}_{group}": round(per[group][m], 6) for m in METRIC_NAMES if group in per})
+                row.update({f"{m}_{group}": round(value, 6) for m, value in per.get(group, {}).items()})
             rows.append(row)
     return rows
 
@@ -124,60 +127,123 @@ def write_csv(rows: list[dict], path) -> Path:
     return atomic_write(path, buffer.getvalue())
 
 
-def read_metrics(path) -> dict:
-    """``metrics.json`` as ``detect`` writes it, checked: one-line errors for a missing, garbage or foreign file."""
-    from pipeline.errors import DataError
-    from pipeline.files import load_json, require_keys
+def headline_column(columns, head=None, layer=None) -> str:
+    """The column a method is headlined on.
 
-    hint = "run `dvc repro` (or `layerscope detect`) to write it, or pass --metrics."
-    data = require_keys(load_json(path, "Metrics file", hint), ("id_accuracy", "methods"), path, "Metrics file", hint)
-    methods = data["methods"]
-    if not isinstance(methods, dict) or not all(
-            isinstance(columns, dict) and all(isinstance(per, dict) for per in columns.values())
-            for columns in methods.values()):
-        raise DataError(f"Metrics file '{path}': 'methods' must map each method to its columns' metrics, as "
-                        f"`layerscope detect` writes it. Hint: {hint}")
-    recall = data.get("recall", 0.95)
-    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
-        raise DataError(f"Metrics file '{path}': 'recall' must be a number in (0, 1]; got {recall!r}. Hint: {hint}")
-    if not isinstance(data["id_accuracy"], (int, float)):
-        raise DataError(f"Metrics file '{path}': 'id_accuracy' must be a number; got {data['id_accuracy']!r}. "
-                        f"Hint: {hint}")
-    return data
+    A network-level method's is its ``score``. A per-layer method's is ``layer``
+    when given, else the penultimate layer: the last one that is not ``head``
+    (the classifier's final linear layer, whose outputs are the logits), which
+    is where OpenOOD reports Mahalanobis and KNN.
+
+    Parameters
+    ----------
+    columns : iterable of str
+        The method's columns: layers, aggregations, or ``score``.
+    """
+    names = list(columns)
+    if "score" in names:
+        return "score"
+    layers = [c for c in names if c not in AGGREGATIONS]
+    if layer in layers:
+        return layer
+    return ([c for c in layers if c != head][-1:] or layers[-1:])[0]
 
 
-def summary_rows(results: dict, *, all_columns=False, head=None, layer=None, groups=GROUPS) -> list[dict]:
-    """Headline rows of ``metrics.json``'s methods: AUROC and FPR per group (near, far) or per set.
+def headline_metrics(results: dict, *, id_accuracy: float, recall: float, head=None) -> dict:
+    """The compact ``metrics.json`` DVC shows: a few numbers per method, not every set and layer.
 
-    A network-level method's headline is its ``score``. A per-layer method shows
-    one layer and its aggregations (every column with ``all_columns``): ``layer``
-    when given, else the penultimate layer (the last one that is not ``head``,
-    the classifier's final linear layer whose outputs are the logits), which is
-    where OpenOOD reports Mahalanobis and KNN.
+    Per method, on its :func:`headline_column`: near and far mean AUROC and FPR
+    at ``recall`` (keys ``auroc_near``, ``auroc_far``, ``fpr@95_near``,
+    ``fpr@95_far``). ``layer`` names the headline layer of the per-layer methods
+    (the penultimate one). Every set, layer and aggregation is in the detail
+    file (:func:`detail_metrics`), which is not a DVC metric.
 
     Parameters
     ----------
     results : dict
-        ``metrics.json``'s ``methods``.
+        ``method -> column -> {set or group -> {metric -> float}}`` (:func:`evaluate`).
+    """
+    fpr, methods, layers = fpr_key(recall), {}, set()
+    for method, columns in results.items():
+        column = headline_column(columns, head)
+        if column != "score":
+            layers.add(column)
+        per = columns[column]
+        methods[method] = {f"{m}_{g}": round(per[g][m], 6) for m in ("auroc", fpr) for g in GROUPS if g in per}
+    return {"id_accuracy": round(id_accuracy, 6), "recall": recall,
+            **({"layer": sorted(layers)[0]} if len(layers) == 1 else {}), "methods": methods}
+
+
+def detail_metrics(results: dict, *, id_accuracy: float, recall: float, head=None, aupr="average_precision") -> dict:
+    """The detail file: every method, column (layer or aggregation), OOD set and group (:func:`evaluate`)."""
+    return {"id_accuracy": round(id_accuracy, 6), "recall": recall, "aupr": aupr, "head": head, "methods": results}
+
+
+def read_detail(path) -> dict:
+    """The detail file ``detect`` writes (:func:`detail_metrics`), checked: one-line errors for a missing,
+    garbage, compact or foreign file."""
+    from pipeline.errors import DataError
+    from pipeline.files import load_json, require_keys
+
+    hint = "run `dvc repro` (or `layerscope detect`) to write it, or pass --detail."
+    data = require_keys(load_json(path, "Metrics detail file", hint), ("id_accuracy", "methods"), path,
+                        "Metrics detail file", hint)
+    methods = data["methods"]
+    if isinstance(methods, dict) and methods and all(isinstance(v, dict) and all(not isinstance(x, dict) for x in v.values())
+                                         for v in methods.values()):
+        raise DataError(f"Metrics detail file '{path}' holds only the headline numbers (the compact metrics.json "
+                        "DVC shows), not every layer and set. Hint: pass the detail file `detect --detail` wrote "
+                        "(paths.detail in dvc.yaml, reports/detail.json), or rerun `dvc repro`.")
+    if not isinstance(methods, dict) or not all(
+            isinstance(columns, dict) and all(isinstance(per, dict) for per in columns.values())
+            for columns in methods.values()):
+        raise DataError(f"Metrics detail file '{path}': 'methods' must map each method to its columns' metrics, "
+                        f"as `layerscope detect` writes it. Hint: {hint}")
+    recall = data.get("recall", 0.95)
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
+        raise DataError(f"Metrics detail file '{path}': 'recall' must be a number in (0, 1]; got {recall!r}. "
+                        f"Hint: {hint}")
+    if not isinstance(data["id_accuracy"], (int, float)):
+        raise DataError(f"Metrics detail file '{path}': 'id_accuracy' must be a number; got "
+                        f"{data['id_accuracy']!r}. Hint: {hint}")
+    return data
+
+
+def summary_rows(results: dict, *, all_columns=False, head=None, layer=None, groups=GROUPS, recall=0.95) -> list[dict]:
+    """Headline rows of the detail file's methods: AUROC and FPR per group (near, far) or per set.
+
+    A method shows its :func:`headline_column`, and a per-layer method also its
+    aggregations (every column with ``all_columns``).
+
+    Parameters
+    ----------
+    results : dict
+        The detail file's ``methods``.
     head : str, optional
-        The head's layer name (``metrics.json``'s ``head``); without it, the last layer.
+        The head's layer name (the detail file's ``head``); without it, the last layer.
     layer : str, optional
         The layer column to show for per-layer methods.
     groups : sequence of str
         The row's columns: ``("near", "far")``, or OOD set names.
+    recall : float
+        The FPR's recall (names its key, :func:`pipeline.metrics.fpr_key`).
+
+    Returns
+    -------
+    list of dict
+        ``{"method", "column", "auroc_<group>", "fpr_<group>", ...}``.
     """
-    rows = []
+    fpr, rows = fpr_key(recall), []
     for method, columns in results.items():
         names = list(columns)
         if not all_columns:
-            layers = [c for c in names if c not in AGGREGATIONS and c != "score"]
-            shown = [layer] if layer in layers else [c for c in layers if c != head][-1:] or layers[-1:]
-            names = ["score"] if "score" in columns else shown + [c for c in names if c in AGGREGATIONS]
+            shown = headline_column(columns, head, layer)
+            names = [shown] + ([c for c in names if c in AGGREGATIONS] if shown != "score" else [])
         for col in names:
             per = columns[col]
             rows.append({"method": method, "column": col,
-                         **{f"{m}_{g}": per[g].get(m) for g in groups if isinstance(per.get(g), dict)
-                            for m in ("auroc", "fpr95")}})
+                         **{f"{short}_{g}": per[g].get(m) for g in groups if isinstance(per.get(g), dict)
+                            for short, m in (("auroc", "auroc"), ("fpr", fpr))}})
     return rows
 
 

@@ -4,7 +4,8 @@ Protocol (METHODS.md, OpenOOD v1.5):
 
 1. every configuration is scored on ID-val against the OOD **val** sets;
 2. the best configuration per method is chosen on val only, by the selection
-   metric averaged over the val sets (AUROC by default, or FPR@95);
+   metric averaged over the val sets (AUROC by default, or the FPR at
+   ``search.recall``: ``metric: fpr``);
 3. only the winners are then evaluated on the **test** sets.
 
 No test number can influence a choice: test splits are not even read until the
@@ -35,13 +36,26 @@ from sklearn.base import clone
 from pipeline.aggregate import AGGREGATIONS, aggregate
 from pipeline.detectors import available_detectors, make_detector
 from pipeline.errors import in_context, invalid_param
-from pipeline.metrics import METRIC_NAMES, group_means, ood_metrics
+from pipeline.metrics import fpr_key, group_means, metric_names, ood_metrics
 from pipeline.scorers import SCORERS, available_scorers, make_scorer
 from pipeline.scoring import fit_on_train, load_features
 
 log = logging.getLogger(__name__)
 
-SELECTION = {"auroc": max, "fpr95": min}
+METRICS = ("auroc", "fpr")  # what search.metric names; "fpr" is read at search.recall (key fpr@95)
+
+
+def selection_key(metric: str, recall: float = 0.95) -> str:
+    """The metrics key ``metric`` selects on: ``"auroc"``, or ``"fpr@95"`` for ``"fpr"`` at recall 0.95.
+
+    The key itself (``"fpr@95"``) is accepted too when it matches ``recall``.
+    """
+    if metric == "auroc":
+        return metric
+    if metric in ("fpr", fpr_key(recall)):
+        return fpr_key(recall)
+    raise invalid_param("search.metric", "search", f"one of {set(METRICS)}", metric,
+                        hint=f"'fpr' selects on the FPR at search.recall ({recall}), key {fpr_key(recall)!r}.")
 
 
 # --------------------------------------------------------------------------- the grid
@@ -173,7 +187,7 @@ def val_metrics(id_scores, ood_scores: dict, groups: dict, recall=0.95) -> dict:
     """Metrics per OOD set, per group, and ``mean`` over all sets (the selection basis)."""
     per_set = {name: ood_metrics(id_scores, s, recall=recall) for name, s in ood_scores.items()}
     out = {**per_set, **group_means(per_set, {g: v for g, v in groups.items() if v})}
-    out["mean"] = {m: float(np.mean([per_set[s][m] for s in per_set])) for m in METRIC_NAMES}
+    out["mean"] = {m: float(np.mean([per_set[s][m] for s in per_set])) for m in metric_names(recall)}
     return out
 
 
@@ -323,8 +337,9 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     store : FeatureStore
     methods : dict
         ``method -> {param: values}`` (see the module docstring).
-    metric : {"auroc", "fpr95"}
-        Selection metric, averaged over the OOD val sets.
+    metric : {"auroc", "fpr"}
+        Selection metric, averaged over the OOD val sets; ``"fpr"`` is read at
+        ``recall`` (also accepted as its key, ``"fpr@95"``).
     n_jobs : int
         Parallel tasks on local threads; -1 = all local cores. A distributed
         ``runner`` runs as many as its workers have threads.
@@ -335,8 +350,7 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     """
     from pipeline.compute import Runner
 
-    if metric not in SELECTION:
-        raise invalid_param("search.metric", "search", f"one of {set(SELECTION)}", metric)
+    metric = selection_key(metric, recall)
     configs = expand_grid(methods, aggregations)
     tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
@@ -370,9 +384,12 @@ def _winner_task(row, methods):
 
 
 def select_winners(rows: list[dict], metric: str) -> dict:
-    """Best row per method by the val ``mean`` of ``metric`` (ties: the first in grid order)."""
+    """Best row per method by the val ``mean`` of ``metric``, a metrics key (ties: the first in grid order).
+
+    AUROC is maximised; an FPR (``fpr@95``) is minimised.
+    """
     best = {}
-    better = SELECTION[metric]
+    better = max if metric == "auroc" else min
     for row in rows:
         value = row["val"]["mean"][metric]
         current = best.get(row["method"])
@@ -396,7 +413,7 @@ def _flat(row) -> dict:
            "selected": bool(row.get("selected")), "seconds": row["seconds"]}
     for part in ("val", "test"):
         for group in ("mean", "near", "far"):
-            for m in METRIC_NAMES:
+            for m in row["val"]["mean"]:  # metric_names(recall): every row has its val means
                 value = row.get(part, {}).get(group, {}).get(m)
                 out[f"{part}_{m}_{group}"] = None if value is None else round(value, 6)
     return out

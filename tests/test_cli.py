@@ -139,16 +139,19 @@ def test_inspect_refuses_an_incomplete_store(tmp_path):
 def test_summary_shows_headline_columns(tmp_path):
     import json
 
-    per = {"near": {"auroc": 0.91, "fpr95": 0.2}, "far": {"auroc": 0.99, "fpr95": 0.01}}
+    per = {"near": {"auroc": 0.91, "fpr@95": 0.2}, "far": {"auroc": 0.99, "fpr@95": 0.01}}
     metrics = {"id_accuracy": 0.97, "methods": {"knn": {"layer1": per, "fc": per, "max_z": per},
-                                                 "msp": {"score": {**per, "near": {"auroc": 0.75, "fpr95": 0.5}}}}}
+                                                 "msp": {"score": {**per, "near": {"auroc": 0.75, "fpr@95": 0.5}}}}}
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(metrics))
     out = runner.invoke(app, ["summary", "--metrics", str(path)], terminal_width=200).output
     assert "0.9700" in out and "0.7500" in out and "max_z" in out and "fc" in out and "layer1" not in out
     assert "layer1" in runner.invoke(app, ["summary", "--metrics", str(path), "--all"], terminal_width=200).output
     # with the head recorded, per-layer detectors are shown on the penultimate layer (OpenOOD's choice)
-    path.write_text(json.dumps({**metrics, "head": "fc", "recall": 0.9}))
+    per90 = {g: {"auroc": v["auroc"], "fpr@90": v["fpr@95"]} for g, v in per.items()}
+    metrics90 = {"id_accuracy": 0.97, "methods": {"knn": {"layer1": per90, "fc": per90, "max_z": per90},
+                                                   "msp": {"score": per90}}}
+    path.write_text(json.dumps({**metrics90, "head": "fc", "recall": 0.9}))
     out = runner.invoke(app, ["summary", "--metrics", str(path)], terminal_width=200).output
     assert "layer1" in out and " fc " not in out and "FPR@90 near" in out and "90% OOD recall" in out
     assert " fc " in runner.invoke(app, ["summary", "--metrics", str(path), "--layer", "fc"], terminal_width=200).output
@@ -157,8 +160,8 @@ def test_summary_shows_headline_columns(tmp_path):
 def test_summary_per_set(tmp_path):
     import json
 
-    per = {"near": {"auroc": 0.91, "fpr95": 0.2}, "far": {"auroc": 0.99, "fpr95": 0.01},
-           "svhn": {"auroc": 0.8125, "fpr95": 0.3}, "mnist": {"auroc": 0.99, "fpr95": 0.02}}
+    per = {"near": {"auroc": 0.91, "fpr@95": 0.2}, "far": {"auroc": 0.99, "fpr@95": 0.01},
+           "svhn": {"auroc": 0.8125, "fpr@95": 0.3}, "mnist": {"auroc": 0.99, "fpr@95": 0.02}}
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"id_accuracy": 0.97, "methods": {"msp": {"score": per}}}))
     out = runner.invoke(app, ["summary", "--metrics", str(path), "--set", "svhn"], terminal_width=200).output
@@ -251,10 +254,15 @@ def test_a_full_disk_is_one_line(monkeypatch):
 @pytest.mark.parametrize("argv, match", [
     (["train", "--data", "nowhere", "--model", "{dir}", "--metrics", "m.json"],
      "--model '.*' is a directory; expected a file path for the checkpoint"),
-    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "{dir}", "--table", "t.csv",
-      "--figures", "figs", "--argmax", "a.json"], "--metrics '.*' is a directory; expected a file path for the metrics"),
-    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "m.json", "--table", "t.csv",
-      "--figures", "{file}", "--argmax", "a.json"], "--figures '.*' is an existing file; expected a directory"),
+    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "{dir}", "--detail", "d.json",
+      "--table", "t.csv", "--figures", "figs", "--argmax", "a.json"],
+     "--metrics '.*' is a directory; expected a file path for the metrics"),
+    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "m.json", "--detail", "{dir}",
+      "--table", "t.csv", "--figures", "figs", "--argmax", "a.json"],
+     "--detail '.*' is a directory; expected a file path for the metrics detail"),
+    (["detect", "--features", "nowhere", "--detectors", "nowhere", "--metrics", "m.json", "--detail", "d.json",
+      "--table", "t.csv", "--figures", "{file}", "--argmax", "a.json"],
+     "--figures '.*' is an existing file; expected a directory"),
     (["search", "--features", "nowhere", "--out", "{file}"], "--out '.*' is an existing file; expected a directory"),
     (["guard", "evaluate", "--features", "nowhere", "--detectors", "nowhere", "--thresholds", "nowhere",
       "--model", "nowhere", "--out", "{dir}"], "--out '.*' is a directory; expected a file path for the guard report"),

@@ -110,8 +110,8 @@ def _fit_detect(project, store_path, name, compute):
     out = project / name
     fit.run(params, store_path, out / "detectors")
     detect.run(params, store_path, out / "detectors", out / "metrics.json", out / "table.csv", out / "figures",
-               out / "argmax.json")
-    return json.loads((out / "metrics.json").read_text())
+               out / "argmax.json", detail_out=out / "detail.json")
+    return json.loads((out / "detail.json").read_text())
 
 
 def _flatten(tree, prefix=""):

@@ -85,7 +85,7 @@ def test_evaluation_reports_metrics_tpr_exits_and_flops_saved(project):
     r = evaluate_guard(project["store"], project["fitted"], content, flops)
     assert r["target_tpr"] == 0.8 and 0.0 <= r["id_test_tpr"] <= 1.0
     noise = r["sets"]["noise"]
-    assert {"auroc", "fpr95", "flagged", "exits", "flops_saved", "role"} <= set(noise)
+    assert {"auroc", "fpr@95", "flagged", "exits", "flops_saved", "role"} <= set(noise)
     exits = noise["exits"]
     assert sum(exits.values()) == pytest.approx(1.0)
     # saved = 1 - mean(spent) / full, spent = 10 at layer1, 60 at layer2, 100 through

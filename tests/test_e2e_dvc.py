@@ -99,22 +99,30 @@ def first_run(repo):
 
 def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
     assert ran_stages(first_run) == {"generate", "train", "extract", "fit", "detect", "search", "calibrate", "guard"}
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    metrics = json.loads((repo / "reports/detail.json").read_text())
     sets = {"digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"}
     for method in ("knn", "mahalanobis", "ecod", "iforest", "ocsvm", "energy"):
         for column in ("layer1", "fc", "max_z", "mean_z"):
             per = metrics["methods"][method][column]
             assert sets | {"near", "far"} <= set(per)
-            assert set(per["textures"]) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+            assert set(per["textures"]) == {"auroc", "fpr@95", "aupr_in", "aupr_out"}
     for method in ("msp", "maxlogit", "ebo", "scale", "ash_p", "ash_b", "ash_s", "react", "vim", "nac_ue", "heatmap"):
         assert sets | {"near", "far"} <= set(metrics["methods"][method]["score"])
+    # what DVC shows: the headline numbers, per method on the penultimate layer (avgpool; fc is the head)
+    headline = json.loads((repo / "reports/metrics.json").read_text())
+    assert headline["layer"] == "avgpool" and headline["recall"] == 0.95
+    assert headline["methods"]["mahalanobis"]["auroc_far"] == round(metrics["methods"]["mahalanobis"]["avgpool"]["far"]
+                                                                    ["auroc"], 6)
+    assert set(headline["methods"]) == set(metrics["methods"])
+    assert all(set(m) == {"auroc_near", "auroc_far", "fpr@95_near", "fpr@95_far"} for m in headline["methods"].values())
     decoder = json.loads((repo / "cache/detectors/methods/heatmap/heatmap.json").read_text())
     assert len(decoder["history"]) == 2 and decoder["n_outliers"] == 40 and decoder["skip_layers"] == ["layer3", "layer2"]
     assert "heatmap/score" in (repo / "reports/per_layer.csv").read_text()
     assert {"layer1", "avgpool", "score"} <= set(metrics["methods"]["nac_ue"])
     assert 0.0 <= metrics["id_accuracy"] <= 1.0
-    shown = run(["dvc", "metrics", "show", "--json"], repo)
-    assert "fpr95" in shown and "aupr_out" in shown
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, stderr=False))
+    flat = _flatten(next(iter(shown.values()))["data"]["reports/metrics.json"]["data"])
+    assert "methods.msp.fpr@95_far" in flat and 50 < len(flat) < 100, sorted(flat)  # tens of columns, not thousands
     assert (repo / "reports/figures/knn/textures.png").stat().st_size > 1000
     assert (repo / "cache/features.zarr/zarr.json").is_file()
 
@@ -196,7 +204,19 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
                for exp in _experiments(shown)]
     assert {"0.85", "0.9"} <= {str(d.get("recall")) for d in detects}, detects
     assert any(d.get("methods", {}).get("scale", {}).get("percentile") == 65 for d in detects), detects
+    # summary --exps reads the same records: one group per params set (no seeds vary here), FPR at each recall
+    proc = subprocess.run(["layerscope", "summary", "--exps", "--method", "msp"], cwd=repo, capture_output=True,
+                          text=True, env={**env(), "COLUMNS": "250"})
+    assert proc.returncode == 0, proc.stderr
+    assert "3 runs in 3 groups" in proc.stdout and "detect.recall=0.85" in proc.stdout, proc.stdout
+    assert "detect.recall=0.9" in proc.stdout and proc.stdout.count("msp") == 3, proc.stdout
     run(["git", "checkout", "-q", "--", "."], repo)
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def _experiments(shown):

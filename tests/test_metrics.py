@@ -4,12 +4,19 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.metrics import METRIC_NAMES, accuracy, group_means, ood_metrics
+from pipeline.metrics import accuracy, fpr_key, group_means, metric_names, ood_metrics
 
 
 def test_metric_names_match_keys():
-    assert set(ood_metrics([0.0], [1.0])) == set(METRIC_NAMES)
-    assert METRIC_NAMES == ("auroc", "fpr95", "aupr_in", "aupr_out")
+    assert set(ood_metrics([0.0], [1.0])) == set(metric_names())
+    assert metric_names() == ("auroc", "fpr@95", "aupr_in", "aupr_out")
+
+
+@pytest.mark.parametrize(("recall", "key"), [(0.95, "fpr@95"), (0.9, "fpr@90"), (0.85, "fpr@85"), (0.995, "fpr@99.5"),
+                                             (1.0, "fpr@100"), (0.8, "fpr@80")])
+def test_the_fpr_key_follows_the_recall(recall, key):
+    assert fpr_key(recall) == key
+    assert set(ood_metrics([0.0, 1.0], [2.0], recall=recall)) == {"auroc", key, "aupr_in", "aupr_out"}
 
 
 def test_values_are_python_floats():
@@ -19,7 +26,7 @@ def test_values_are_python_floats():
 
 def test_perfectly_separated():
     result = ood_metrics([0.0, 1.0, 2.0], [3.0, 4.0])
-    assert result == {"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    assert result == {"auroc": 1.0, "fpr@95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
 
 
 def test_fully_reversed_is_not_flipped():
@@ -28,7 +35,7 @@ def test_fully_reversed_is_not_flipped():
     result = ood_metrics([3.0, 4.0], [0.0, 1.0, 2.0])
     assert result["auroc"] == 0.0
     # Detecting all 3 OOD needs threshold 0, which flags both ID samples.
-    assert result["fpr95"] == 1.0
+    assert result["fpr@95"] == 1.0
     # AUPR-Out, ranking 4I 3I 2O 1O 0O: precision at each OOD = 1/3, 2/4, 3/5.
     assert result["aupr_out"] == pytest.approx((1 / 3 + 2 / 4 + 3 / 5) / 3)
     # AUPR-In, ranking by -score 0O 1O 2O 3I 4I: precision at each ID = 1/4, 2/5.
@@ -40,7 +47,7 @@ def test_ties_count_half():
     result = ood_metrics([0.0, 1.0], [1.0, 2.0])
     assert result["auroc"] == 0.875
     # Detecting both OOD needs threshold 1, which flags the ID sample at 1 (tie): 1/2.
-    assert result["fpr95"] == 0.5
+    assert result["fpr@95"] == 0.5
 
 
 def _mid_case():
@@ -56,7 +63,7 @@ def test_fpr95_between_zero_and_one():
     # AUROC: the 18 high OOD beat all 5 ID (90 pairs), 0.25 beats 0.1 and 0.2
     # (2 pairs), 0.05 beats none -> 92 / (20 * 5) = 0.92.
     result = ood_metrics(*_mid_case())
-    assert result["fpr95"] == pytest.approx(0.6)
+    assert result["fpr@95"] == pytest.approx(0.6)
     assert result["auroc"] == pytest.approx(0.92)
 
 
@@ -69,7 +76,7 @@ def test_fpr95_between_zero_and_one():
     ],
 )
 def test_recall_sets_the_operating_point(recall, expected):
-    assert ood_metrics(*_mid_case(), recall=recall)["fpr95"] == pytest.approx(expected)
+    assert ood_metrics(*_mid_case(), recall=recall)[fpr_key(recall)] == pytest.approx(expected)
 
 
 def test_aupr_in_and_out_differ_on_asymmetric_case():
@@ -83,7 +90,23 @@ def test_aupr_in_and_out_differ_on_asymmetric_case():
     assert result["aupr_out"] == pytest.approx(5 / 6)
     assert result["aupr_in"] == pytest.approx(11 / 12)
     assert result["auroc"] == pytest.approx(5 / 6)
-    assert result["fpr95"] == pytest.approx(1 / 3)
+    assert result["fpr@95"] == pytest.approx(1 / 3)
+
+
+def test_trapezoid_aupr_integrates_the_pr_curve_as_openood_does():
+    # Same case. AUPR-Out's PR points (recall, precision), threshold 5 down to 3:
+    # (0, 1) (0.5, 1) (0.5, 1/2) (1, 2/3): trapezoids 0.5 * 1 + 0.5 * (1/2 + 2/3) / 2 = 19/24.
+    # AUPR-In (ID positive, ranked by -score 1I 2I 3O 4I 5O): (0, 1) (1/3, 1) (2/3, 1) (2/3, 2/3) (1, 3/4):
+    # 2/3 + 1/3 * (2/3 + 3/4) / 2 = 65/72. AUROC and FPR do not change.
+    result = ood_metrics([1.0, 2.0, 4.0], [3.0, 5.0], aupr="trapezoid")
+    assert result["aupr_out"] == pytest.approx(19 / 24)
+    assert result["aupr_in"] == pytest.approx(65 / 72)
+    assert result["auroc"] == pytest.approx(5 / 6) and result["fpr@95"] == pytest.approx(1 / 3)
+
+
+def test_unknown_aupr_rule_is_refused():
+    with pytest.raises(ConfigError, match=r"'aupr' parameter of ood_metrics must be one of .*trapezoid.*Got 'trapz'"):
+        ood_metrics([0.0], [1.0], aupr="trapz")
 
 
 def test_fpr95_reads_the_exact_first_point_on_diagonal_ties():
@@ -93,7 +116,7 @@ def test_fpr95_reads_the_exact_first_point_on_diagonal_ties():
     # 19 of 20 ID flagged -> 0.95.
     scores = np.arange(20.0)
     result = ood_metrics(scores, scores)
-    assert result["fpr95"] == pytest.approx(0.95)
+    assert result["fpr@95"] == pytest.approx(0.95)
     assert result["auroc"] == pytest.approx(0.5)
 
 
@@ -104,21 +127,21 @@ def test_invariant_to_strictly_increasing_transform(rng, transform):
     base = ood_metrics(scores_id, scores_ood)
     moved = ood_metrics(transform(scores_id), transform(scores_ood))
     assert moved == pytest.approx(base)
-    assert 0.0 < base["fpr95"] < 1.0
+    assert 0.0 < base["fpr@95"] < 1.0
 
 
 def test_group_means_on_literal_dict():
     per_set = {
-        "cifar100": {"auroc": 0.8, "fpr95": 0.6},
-        "tin": {"auroc": 0.9, "fpr95": 0.4},
-        "svhn": {"auroc": 0.7, "fpr95": 0.5},
-        "mnist": {"auroc": 1.0, "fpr95": 0.0},
+        "cifar100": {"auroc": 0.8, "fpr@95": 0.6},
+        "tin": {"auroc": 0.9, "fpr@95": 0.4},
+        "svhn": {"auroc": 0.7, "fpr@95": 0.5},
+        "mnist": {"auroc": 1.0, "fpr@95": 0.0},
     }
     groups = {"near": ["cifar100", "tin"], "far": ["svhn", "mnist"], "none": []}
     means = group_means(per_set, groups)
     assert means == {
-        "near": {"auroc": pytest.approx(0.85), "fpr95": pytest.approx(0.5)},
-        "far": {"auroc": pytest.approx(0.85), "fpr95": pytest.approx(0.25)},
+        "near": {"auroc": pytest.approx(0.85), "fpr@95": pytest.approx(0.5)},
+        "far": {"auroc": pytest.approx(0.85), "fpr@95": pytest.approx(0.25)},
     }
 
 
@@ -163,7 +186,7 @@ def test_group_means_missing_set():
 
 def test_group_means_mismatched_metrics():
     with pytest.raises(DataError, match=r"Group 'near': data set 'tin' has metrics \['auroc'\]"):
-        group_means({"c100": {"auroc": 0.9, "fpr95": 0.3}, "tin": {"auroc": 0.8}}, {"near": ["c100", "tin"]})
+        group_means({"c100": {"auroc": 0.9, "fpr@95": 0.3}, "tin": {"auroc": 0.8}}, {"near": ["c100", "tin"]})
 
 
 @pytest.mark.parametrize(

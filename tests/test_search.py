@@ -69,11 +69,11 @@ def test_nac_configs_that_differ_only_in_O_share_one_fit():
 def test_winners_are_chosen_on_val_only():
     def row(method, val, test):
         return {"method": method, "params": {"v": val}, "column": "score",
-                "val": {"mean": {"auroc": val, "fpr95": 1 - val}}, "test": {"mean": {"auroc": test}}}
+                "val": {"mean": {"auroc": val, "fpr@95": 1 - val}}, "test": {"mean": {"auroc": test}}}
     rows = [row("a", 0.9, 0.5), row("a", 0.8, 0.99), row("b", 0.7, 0.1)]
     winners = select_winners(rows, "auroc")
     assert winners["a"]["params"] == {"v": 0.9} and winners["b"]["params"] == {"v": 0.7}
-    assert select_winners(rows, "fpr95")["a"]["params"] == {"v": 0.9}  # lowest FPR
+    assert select_winners(rows, "fpr@95")["a"]["params"] == {"v": 0.9}  # lowest FPR
 
 
 def test_search_end_to_end_on_a_store(store):
@@ -102,3 +102,22 @@ def test_parallel_search_equals_serial(store):
 def test_bad_metric(store):
     with pytest.raises(ConfigError, match=r"'search.metric' .* Got 'auc'"):
         run_search(store, {"ebo": {}}, metric="auc", ood_val=SETS_VAL, ood_test=SETS_TEST)
+
+
+@pytest.mark.parametrize(("metric", "recall", "key"), [("auroc", 0.95, "auroc"), ("fpr", 0.95, "fpr@95"),
+                                                      ("fpr", 0.9, "fpr@90"), ("fpr@90", 0.9, "fpr@90")])
+def test_selection_metric_names_the_key_at_the_recall(metric, recall, key):
+    from pipeline.search import selection_key
+
+    assert selection_key(metric, recall) == key
+
+
+def test_the_old_fpr95_metric_name_gets_a_hint():
+    from pipeline.config import SearchConfig
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'search.metric' parameter of search must be one of .*Got 'fpr95'.*"
+                                          r"Hint: 'fpr' selects on the FPR at search.recall \(0.95\), key 'fpr@95'"):
+        SearchConfig(metric="fpr95")
+    with pytest.raises(ConfigError, match=r"'search.recall' parameter of search must be a float in \(0, 1\]"):
+        SearchConfig(recall=95)
