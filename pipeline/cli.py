@@ -447,40 +447,46 @@ def _summary_exps(methods):
     from pipeline.config import project_paths
     from pipeline.errors import DataError
     from pipeline.experiments import SEED_PARAMS, dvc_exp_show, group_runs, parse_runs, summarise, varying_params
+    from pipeline.report import headline_methods
 
     metrics_path = project_paths()["metrics"]
     runs = parse_runs(dvc_exp_show(), metrics_path)
     if not runs:
         raise DataError(f"No run in `dvc exp show` has headline metrics in '{metrics_path}'. Hint: run `dvc repro` "
                         "or `dvc exp run` first.")
-    known = sorted({m for r in runs for m in r.metrics["methods"]})
+    known = sorted({m for r in runs for m in headline_methods(r.metrics)})
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise DataError(f"Method {unknown[0]!r} is not in the experiments' metrics. They have {known}. Hint: pass "
                         "one of them to --method.")
     groups = group_runs(runs)
     varying = varying_params(groups)
-    table = Table("params", "runs", "method", "AUROC near", "AUROC far", "FPR near", "FPR far",
-                  title=f"{len(runs)} runs in {len(groups)} groups (mean ± sample std over {', '.join(SEED_PARAMS)}; "
-                        "FPR at each run's detect.recall)")
-    for group in groups:
-        label = "\n".join(f"{k}={group.params[k]}" for k in varying) or "(baseline)"
-        names = "\n".join(run.name for run in group.runs)
+    labels = ["\n".join(f"{k}={group.params[k]}" for k in varying) or "(baseline)" for group in groups]
+    table = Table(title=f"{len(runs)} runs in {len(groups)} groups: mean ± sample std over "
+                        f"{', '.join(SEED_PARAMS)}, in % as OpenOOD reports them (FPR at each run's detect.recall)")
+    table.add_column("params", no_wrap=True)  # they tell the groups apart: never wrapped
+    table.add_column("runs (seed)")
+    table.add_column("method", no_wrap=True)
+    for header in ("AUROC near", "AUROC far", "FPR near", "FPR far"):
+        table.add_column(header)
+    for group, label in zip(groups, labels):
+        names = "\n".join(f"{run.name} ({seed[0]})" for run, seed in zip(group.runs, group.seeds))
         for i, row in enumerate(summarise(group, methods)):
             fpr = next((k[:-5] for k in row if k.startswith("fpr@") and k.endswith("_near")), "fpr")
             cells = ([_pm(row["id_accuracy"]), "", "", ""] if row["method"] == "id_accuracy" else
                      [_pm(row.get(k)) for k in ("auroc_near", "auroc_far", f"{fpr}_near", f"{fpr}_far")])
-            table.add_row(label if i == 0 else "", names if i == 0 else "", row["method"], *cells)
+            method = "ID acc." if row["method"] == "id_accuracy" else row["method"]
+            table.add_row(label if i == 0 else "", names if i == 0 else "", method, *cells)
         table.add_section()
     console.print(table)
 
 
 def _pm(stat):
-    """``(mean, std, n)`` as ``0.9123 ± 0.0041`` (the mean alone for one run)."""
+    """``(mean, std, n)`` of a fraction in %, OpenOOD's ``91.23±0.41`` (the mean alone for one run)."""
     if stat is None:
         return "-"
     mean, std, n = stat
-    return f"{mean:.4f}" if n < 2 else f"{mean:.4f} ± {std:.4f}"
+    return f"{100 * mean:.2f}" if n < 2 else f"{100 * mean:.2f}±{100 * std:.2f}"
 
 
 @app.command()

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 from pipeline.errors import DataError
+from pipeline.report import headline_methods
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Run:
     params : dict
         ``params.yaml`` flattened to ``"section.key" -> value`` (lists as JSON).
     metrics : dict
-        The compact ``metrics.json``: ``id_accuracy``, ``recall``, ``methods``.
+        The compact ``metrics.json``: ``id_accuracy``, ``recall``, and a mapping per method.
     """
 
     name: str
@@ -104,9 +105,9 @@ def parse_runs(shown: list, metrics_path: str) -> list[Run]:
     for name, data in _records(shown):
         metrics = ((data.get("metrics") or {}).get(metrics_path) or {}).get("data")
         params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
-        if not isinstance(metrics, dict) or not isinstance(metrics.get("methods"), dict) or params is None:
+        if not isinstance(metrics, dict) or "id_accuracy" not in metrics or params is None:
             continue  # a failed or queued experiment, or a commit before the pipeline ran
-        if any(isinstance(v, dict) for per in metrics["methods"].values() for v in per.values()):
+        if isinstance(metrics.get("methods"), dict):  # an older layerscope's metrics.json: every layer and set
             raise DataError(f"'{metrics_path}' of run '{name}' holds per-layer detail, not the headline numbers "
                             "this layerscope writes. Hint: rerun detect there (`dvc exp run`), or compare runs "
                             "made with one layerscope version.")
@@ -154,11 +155,11 @@ def summarise(group: Group, methods=None) -> list[dict]:
     """
     rows = [{"method": "id_accuracy",
              "id_accuracy": _stat([r.metrics.get("id_accuracy") for r in group.runs])}]
-    names = list(dict.fromkeys(m for r in group.runs for m in r.metrics["methods"]))
+    names = list(dict.fromkeys(m for r in group.runs for m in headline_methods(r.metrics)))
     for method in names:
         if methods and method not in methods:
             continue
-        per_run = [r.metrics["methods"].get(method, {}) for r in group.runs]
+        per_run = [r.metrics.get(method, {}) for r in group.runs]
         keys = list(dict.fromkeys(k for per in per_run for k in per))
         rows.append({"method": method, **{k: _stat([per.get(k) for per in per_run]) for k in keys}})
     return rows

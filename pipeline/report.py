@@ -18,7 +18,6 @@ import numpy as np
 from pipeline.aggregate import AGGREGATIONS, aggregate, argmax_layer_counts
 from pipeline.artifacts import atomic_write
 from pipeline.metrics import fpr_key, group_means, ood_metrics
-from pipeline.plots import plot_layer_auroc
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +151,9 @@ def headline_column(columns, head=None, layer=None) -> str:
 def headline_metrics(results: dict, *, id_accuracy: float, recall: float, head=None) -> dict:
     """The compact ``metrics.json`` DVC shows: a few numbers per method, not every set and layer.
 
-    Per method, on its :func:`headline_column`: near and far mean AUROC and FPR
-    at ``recall`` (keys ``auroc_near``, ``auroc_far``, ``fpr@95_near``,
+    Per method (a top-level key, so that ``dvc exp show`` columns read
+    ``msp.auroc_near``), on its :func:`headline_column`: near and far mean AUROC
+    and FPR at ``recall`` (keys ``auroc_near``, ``auroc_far``, ``fpr@95_near``,
     ``fpr@95_far``). ``layer`` names the headline layer of the per-layer methods
     (the penultimate one). Every set, layer and aggregation is in the detail
     file (:func:`detail_metrics`), which is not a DVC metric.
@@ -171,7 +171,12 @@ def headline_metrics(results: dict, *, id_accuracy: float, recall: float, head=N
         per = columns[column]
         methods[method] = {f"{m}_{g}": round(per[g][m], 6) for m in ("auroc", fpr) for g in GROUPS if g in per}
     return {"id_accuracy": round(id_accuracy, 6), "recall": recall,
-            **({"layer": sorted(layers)[0]} if len(layers) == 1 else {}), "methods": methods}
+            **({"layer": sorted(layers)[0]} if len(layers) == 1 else {}), **methods}
+
+
+def headline_methods(metrics: dict) -> dict:
+    """``method -> {metric -> float}`` of a compact ``metrics.json`` (:func:`headline_metrics`)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, dict)}
 
 
 def detail_metrics(results: dict, *, id_accuracy: float, recall: float, head=None, aupr="average_precision") -> dict:
@@ -186,14 +191,13 @@ def read_detail(path) -> dict:
     from pipeline.files import load_json, require_keys
 
     hint = "run `dvc repro` (or `layerscope detect`) to write it, or pass --detail."
-    data = require_keys(load_json(path, "Metrics detail file", hint), ("id_accuracy", "methods"), path,
-                        "Metrics detail file", hint)
-    methods = data["methods"]
-    if isinstance(methods, dict) and methods and all(isinstance(v, dict) and all(not isinstance(x, dict) for x in v.values())
-                                         for v in methods.values()):
+    data = load_json(path, "Metrics detail file", hint)
+    if isinstance(data, dict) and "methods" not in data and "id_accuracy" in data and headline_methods(data):
         raise DataError(f"Metrics detail file '{path}' holds only the headline numbers (the compact metrics.json "
                         "DVC shows), not every layer and set. Hint: pass the detail file `detect --detail` wrote "
                         "(paths.detail in dvc.yaml, reports/detail.json), or rerun `dvc repro`.")
+    data = require_keys(data, ("id_accuracy", "methods"), path, "Metrics detail file", hint)
+    methods = data["methods"]
     if not isinstance(methods, dict) or not all(
             isinstance(columns, dict) and all(isinstance(per, dict) for per in columns.values())
             for columns in methods.values()):
@@ -265,6 +269,8 @@ def write_figures(results: dict, layers, sets, directory) -> list[Path]:
 
     Methods with fewer than two layer columns get no figure.
     """
+    from pipeline.plots import plot_layer_auroc  # matplotlib: only when figures are drawn
+
     paths = []
     for method, columns in results.items():
         method_layers = [layer for layer in layers if layer in columns]

@@ -37,6 +37,7 @@ from pipeline.aggregate import AGGREGATIONS, aggregate
 from pipeline.detectors import available_detectors, make_detector
 from pipeline.errors import in_context, invalid_param
 from pipeline.metrics import fpr_key, group_means, metric_names, ood_metrics
+from pipeline.report import group_sets
 from pipeline.scorers import SCORERS, available_scorers, make_scorer
 from pipeline.scoring import fit_on_train, load_features
 
@@ -285,8 +286,6 @@ def plan_tasks(configs: list[Config], data_layers, aggregations, grids: dict) ->
 
 def load_split_set(store, part: str, ood_sets: dict, id_split: str, maps=False) -> SplitSet:
     """Features of ID-val, the ID split of ``part`` and every OOD set of that part (with maps and images if asked)."""
-    from pipeline.report import group_sets  # report draws figures: matplotlib only when a search runs
-
     groups = group_sets(ood_sets)
     ood = {name: load_features(store, s["split"], maps=maps) for name, s in ood_sets.items()}
     id_val = load_features(store, "id_val", maps=maps)

@@ -448,7 +448,7 @@ CASES = [
     Case("summary-a-dir", ["summary", "--metrics", "{bad}/mdir"], empty_dir("mdir"), ("mdir",),
          ("does not exist",)),
     Case("summary-compact-file", ["summary", "--metrics", "{bad}/m.json"],
-         json_file("m.json", {"id_accuracy": 0.9, "recall": 0.95, "methods": {"msp": {"auroc_near": 0.8}}}),
+         json_file("m.json", {"id_accuracy": 0.9, "recall": 0.95, "msp": {"auroc_near": 0.8}}),
          ("m.json", "headline numbers", "paths.detail")),
     Case("summary-exps-not-a-dvc-repo", ["summary", "--exps", "--method", "odin9"], None,
          ("dvc exp show", "not inside of a DVC repository", "DVC project")),

@@ -15,7 +15,7 @@ METRICS = "reports/metrics.json"
 
 def _metrics(auroc_near, fpr="fpr@95"):
     return {"id_accuracy": 0.9, "recall": 0.95,
-            "methods": {"msp": {"auroc_near": auroc_near, "auroc_far": 0.99, f"{fpr}_near": 0.5, f"{fpr}_far": 0.1}}}
+            "msp": {"auroc_near": auroc_near, "auroc_far": 0.99, f"{fpr}_near": 0.5, f"{fpr}_far": 0.1}}
 
 
 def _record(name, seed, auroc_near, recall=0.95, metrics=None):
@@ -77,7 +77,7 @@ def test_detail_metrics_from_an_older_layerscope_are_refused():
 STAGE = """import json, yaml
 s = yaml.safe_load(open("params.yaml"))["train"]["seed"]
 methods = {"msp": {"auroc_near": 0.8 + 0.02 * s, "auroc_far": 0.99, "fpr@95_near": 0.5, "fpr@95_far": 0.1}}
-json.dump({"id_accuracy": 0.9, "recall": 0.95, "methods": methods}, open("reports/metrics.json", "w"))
+json.dump({"id_accuracy": 0.9, "recall": 0.95, **methods}, open("reports/metrics.json", "w"))
 """
 
 
@@ -117,9 +117,9 @@ def test_summary_exps_gives_mean_and_std_over_seeds(dvc_project):
         _dvc(dvc_project, "exp", "run", "-S", f"train.seed={seed}")
     result = CliRunner().invoke(app, ["summary", "--exps"], terminal_width=200, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    # seeds 0, 1, 2: 0.80, 0.82, 0.84 -> 0.8200 ± 0.0200 (sample std)
-    assert "3 runs in 1 groups" in result.output and "0.8200 ± 0.0200" in result.output, result.output
-    assert "0.9900 ± 0.0000" in result.output
+    # seeds 0, 1, 2: 0.80, 0.82, 0.84 -> 82.00±2.00 (sample std, in %)
+    assert "3 runs in 1 groups" in result.output and "82.00±2.00" in result.output, result.output
+    assert "99.00±0.00" in result.output and "master (0)" in result.output
 
 
 def test_summary_exps_names_an_unknown_method(dvc_project):

@@ -42,8 +42,8 @@ def test_headline_metrics_are_compact_and_use_the_penultimate_layer():
 
     out = headline_metrics(_results(), id_accuracy=0.97123456789, recall=0.9, head="fc")
     assert out == {"id_accuracy": 0.971235, "recall": 0.9, "layer": "avgpool",
-                   "methods": {m: {"auroc_near": 0.9, "auroc_far": 0.95, "fpr@90_near": 0.3, "fpr@90_far": 0.2}
-                               for m in ("knn", "msp")}}
+                   **{m: {"auroc_near": 0.9, "auroc_far": 0.95, "fpr@90_near": 0.3, "fpr@90_far": 0.2}
+                      for m in ("knn", "msp")}}
 
 
 def test_detail_file_is_read_back_and_the_compact_file_is_refused(tmp_path):
