@@ -91,8 +91,9 @@ def _records(shown: list):
 def parse_runs(shown: list, metrics_path: str) -> list[Run]:
     """The runs of ``dvc exp show --json`` output that have headline metrics.
 
-    The workspace is kept only when it differs from every other run (otherwise
-    it is the baseline commit again, and would count twice in a seed group).
+    A run equal to an earlier one in params and metrics is left out (the
+    workspace is checked last): it is the same run again, and would count twice
+    in a seed group.
 
     Parameters
     ----------
@@ -112,10 +113,13 @@ def parse_runs(shown: list, metrics_path: str) -> list[Run]:
                             "this layerscope writes. Hint: rerun detect there (`dvc exp run`), or compare runs "
                             "made with one layerscope version.")
         runs.append(Run(name, flatten(params), metrics))
-    workspace = [r for r in runs if r.name == "workspace"]
-    others = [r for r in runs if r.name != "workspace"]
-    if workspace and any(r.params == workspace[0].params and r.metrics == workspace[0].metrics for r in others):
-        runs.remove(workspace[0])
+    # A run equal to an earlier one in params and metrics is the same run (outputs are byte-reproducible):
+    # the workspace after `dvc exp run`, or `-S train.seed=0` queued over a seed-0 baseline. Count it once.
+    unique = []
+    for run in sorted(runs, key=lambda r: r.name == "workspace"):
+        if not any(run.params == kept.params and run.metrics == kept.metrics for kept in unique):
+            unique.append(run)
+    runs = unique
     return runs
 
 

@@ -209,6 +209,11 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
     assert proc.returncode == 0, proc.stderr
     assert "3 runs in 3 groups" in proc.stdout and "detect.recall=0.85" in proc.stdout, proc.stdout
     assert "detect.recall=0.9" in proc.stdout and proc.stdout.count("msp") == 3, proc.stdout
+    # the README's screen-sized `dvc exp show`
+    proc = subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop",
+                           r"Created|recall|layer|.*\.(auroc|fpr)", "--keep", r"mahalanobis\.auroc|msp\.auroc"],
+                          cwd=repo, capture_output=True, text=True, env={**env(), "COLUMNS": "120"})
+    assert proc.returncode == 0 and "msp.auroc_near" in proc.stdout and "knn.auroc" not in proc.stdout, proc.stdout
     run(["git", "checkout", "-q", "--", "."], repo)
 
 

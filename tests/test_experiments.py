@@ -59,6 +59,13 @@ def test_runs_that_differ_only_by_seed_form_one_group():
     assert rows["id_accuracy"]["id_accuracy"] == (pytest.approx(0.9), 0.0, 3)
 
 
+def test_a_rerun_of_the_baseline_seed_counts_once():
+    shown = _shown()
+    shown[1]["experiments"].append({"revs": [_record("exp-seed0", 0, 0.80)]})  # -S train.seed=0 over a seed-0 baseline
+    runs = parse_runs(shown, METRICS)
+    assert [r.name for r in runs] == ["main", "exp-a", "exp-b", "exp-c"]
+
+
 def test_a_changed_workspace_is_a_run_of_its_own():
     shown = _shown()
     shown[0]["data"]["metrics"][METRICS]["data"] = _metrics(0.9)
