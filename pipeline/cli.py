@@ -298,15 +298,17 @@ def search(params: Path = ParamsOpt, features: str = FeaturesOpt,
            out: Path = typer.Option(None, help="Leaderboard directory [paths.search]."),
            grid: Path = typer.Option(None, help="A YAML file with the keys of params.yaml's search section.")):
     """Search hyperparameters on the cached store: select on val, report winners on test."""
+    from pipeline.search import selection_key
     from stages import search as stage
 
     rows, cfg = stage.run(params, _path(features, "features"), _path(out, "search"), grid, logs=_logs_dir())
-    table = Table("method", "column", "params", f"val {cfg.metric}", "val near", "val far", "test near",
+    key = selection_key(cfg.metric, cfg.recall)  # "auroc" or "fpr@95"
+    table = Table("method", "column", "params", f"val {key}", "val near", "val far", "test near",
                   "test far", "s/config", title=f"search: top {cfg.top} of {len(rows)} rows (selected on val)")
     for row in rows[:cfg.top]:
         table.add_row(row["method"], row["column"], row["params"], *(_fmt(row[k]) for k in (
-            f"val_{cfg.metric}_mean", f"val_{cfg.metric}_near", f"val_{cfg.metric}_far",
-            f"test_{cfg.metric}_near", f"test_{cfg.metric}_far", "seconds")),
+            f"val_{key}_mean", f"val_{key}_near", f"val_{key}_far", f"test_{key}_near", f"test_{key}_far",
+            "seconds")),
             style="bold" if row["selected"] else None)
     console.print(table)
 

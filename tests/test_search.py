@@ -1,9 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.search import (Config, expand_grid, expand_values, leaderboard, plan_tasks, run_search,
-                             select_winners)
+from pipeline.search import Config, expand_grid, expand_values, leaderboard, plan_tasks, run_search, select_winners
 from pipeline.store import ArraySpec, StoreWriter, open_store
 from tests.conftest import make_blobs
 
@@ -24,7 +25,10 @@ def store(tmp_path, rng):
     with StoreWriter(tmp_path / "s.zarr", "k", chunk_rows=16, shard_rows=64) as writer:
         for split, (X, y) in data.items():
             y = np.full(len(X), -1) if y is None else y
-            writer.create_split(split, len(X), specs, {"n_samples": len(X)})
+            role, _, part = split.partition("_")
+            attrs = {"n_samples": len(X)} if role == "id" else {"n_samples": len(X), "role": role, "set": role,
+                                                                "part": part}
+            writer.create_split(split, len(X), specs, attrs)
             for i in writer.pending_shards(split, len(X)):
                 a, z = writer.shard_range(i, len(X))
                 writer.write_shard(split, i, {"l1": X[a:z], "l2": X[a:z] ** 2, "logits": X[a:z, :3] * 3,
@@ -121,3 +125,20 @@ def test_the_old_fpr95_metric_name_gets_a_hint():
         SearchConfig(metric="fpr95")
     with pytest.raises(ConfigError, match=r"'search.recall' parameter of search must be a float in \(0, 1\]"):
         SearchConfig(recall=95)
+
+
+def test_search_cli_selects_on_the_fpr_at_its_recall(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("metric: fpr\nrecall: 0.9\nn_jobs: 1\nmethods: {knn: {n_neighbors: [1, 5]}}\n")
+    args = ["search", "--features", str(store.path), "--out", str(tmp_path / "out"), "--grid", str(grid)]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "fpr@90" in result.output  # the selection column, titled after the recall
+    board = json.loads((tmp_path / "out/leaderboard.json").read_text())
+    assert board["metric"] == "fpr@90" and "val_fpr@90_mean" in board["rows"][0]
+    winner = [r for r in board["rows"] if r["selected"]][0]
+    assert winner["val_fpr@90_mean"] == min(r["val_fpr@90_mean"] for r in board["rows"])  # lowest FPR wins
