@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, invalid_param
 DEVICE_HINT = "use 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."
 
 
-SOURCE_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagefolder", "constant")
+SOURCE_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashionmnist", "imagefolder", "imglist", "constant")
 BENCHMARKS = ("digits", "sources")
 
 
@@ -32,13 +32,17 @@ class SourceSpec:
 
     ``source`` names a loader of :mod:`pipeline.sources`; ``part`` is torchvision's
     train/test part; ``path`` is an ``imagefolder`` directory relative to
-    ``generate.root``; ``n`` caps this set (seeded, shuffled) or sizes ``constant``.
+    ``generate.root``, or the folder an ``imglist``'s image paths are relative to
+    (``generate.root`` itself when unset); ``n`` caps this set (seeded, shuffled)
+    or sizes ``constant``; ``list`` is an ``imglist``'s list file (relative to
+    ``generate.root``), e.g. OpenOOD v1.5's ``benchmark_imglist/cifar10/test_tin.txt``.
     """
 
     source: str
     part: str = "test"
     path: str | None = None
     n: int | None = None
+    list: str | None = None
 
     def check(self, name: str):
         """Validate, naming the entry's dotted parameter (e.g. ``generate.far.texture``)."""
@@ -47,6 +51,13 @@ class SourceSpec:
         if self.source == "imagefolder" and not self.path:
             raise invalid_param(f"{name}.path", "generate", "a directory (relative to generate.root) for "
                                 "source 'imagefolder'", self.path, hint="e.g. path: texture")
+        if self.source == "imglist" and not self.list:
+            raise invalid_param(f"{name}.list", "generate", "an image list file (relative to generate.root) for "
+                                "source 'imglist'", self.list, hint="e.g. list: benchmark_imglist/cifar10/"
+                                "test_tin.txt, path: images_classic (OpenOOD v1.5's layout).")
+        if self.source != "imglist" and self.list is not None:
+            raise invalid_param(f"{name}.list", "generate", f"null for source '{self.source}' (only source "
+                                "'imglist' reads a list file)", self.list, hint="set source: imglist, or remove list.")
         if self.n is not None:
             _check_positive(f"{name}.n", self.n)
 
@@ -54,6 +65,8 @@ class SourceSpec:
         """The data in a few words, for messages: ``"imagefolder places365"``, ``"svhn (test part)"``."""
         if self.source == "imagefolder":
             return f"imagefolder {self.path}"
+        if self.source == "imglist":
+            return f"imglist {self.list}"
         if self.source == "constant":
             return "constant colours"
         return f"{self.source} ({self.part} part)"
@@ -63,14 +76,19 @@ class SourceSpec:
 
         Image folders overlap when one directory (under ``root``, normalised,
         symlinks followed) is or contains the other: ``ImageFolder`` walks its
-        class folders recursively, and ignores ``part``. ``constant`` sets share
-        their colours (one seed). Any other source overlaps itself in the same part.
+        class folders recursively, and ignores ``part``. Image lists overlap when
+        they are the same list file (OpenOOD's ``val_tin.txt`` and ``test_tin.txt``
+        name disjoint images of one folder); no list is read here. ``constant``
+        sets share their colours (one seed). Any other source overlaps itself in
+        the same part.
         """
         if self.source != other.source:
             return False
         if self.source == "imagefolder":
             mine, theirs = Path(root, self.path).resolve(), Path(root, other.path).resolve()
             return mine == theirs or mine in theirs.parents or theirs in mine.parents
+        if self.source == "imglist":
+            return Path(root, self.list).resolve() == Path(root, other.list).resolve()
         return self.source == "constant" or self.part == other.part
 
 
@@ -88,6 +106,14 @@ class GenerateConfig:
     ``verify_checksums`` (sources): CIFAR-10/100 and SVHN files must have the
     official archives' md5 (True), or are used when they parse, each mismatch
     named in a warning (False); see :func:`pipeline.sources.load_source`.
+
+    Separate val sets, as OpenOOD v1.5 holds them out (its ``val_<set>.txt``
+    lists), leave the test sets whole: ``id_val`` is then ID-val, whole, and
+    ``id_test`` is ID-test, whole (no ``val_fraction`` cut). ``ood_val`` names
+    OOD sets kept for selection only: each becomes one ``<name>_val`` split
+    (role ``"ood_val"``, which :func:`pipeline.report.ood_sets` takes as the val
+    sets of both groups), and with any of them every near/far set is one whole
+    ``<set>_test`` split. Neither may read a test or ID-train sample.
 
     ``aux`` names auxiliary-outlier sets (seed 002's heatmap decoder trains on
     them, e.g. TinyImages-300k): each becomes one ``<name>_aux`` split, capped
@@ -114,12 +140,16 @@ class GenerateConfig:
     max_ood: int | None = 10_000
     id_train: SourceSpec | None = None
     id_test: SourceSpec | None = None
+    id_val: SourceSpec | None = None  # a separate ID-val set (OpenOOD's val_<id>.txt); unset: a cut of id_test
     near: Mapping[str, SourceSpec] = field(default_factory=dict)
     far: Mapping[str, SourceSpec] = field(default_factory=dict)
+    ood_val: Mapping[str, SourceSpec] = field(default_factory=dict)  # OOD sets for selection only (val_<set>.txt)
     aux: Mapping[str, SourceSpec] = field(default_factory=dict)  # auxiliary outliers: never a test OOD set
 
     _AUX_HINT: typing.ClassVar[str] = ("point it at a separate folder such as TinyImages-300k "
                                        "({source: imagefolder, path: tinyimages300k}).")
+    _VAL_HINT: typing.ClassVar[str] = ("point it at held-out data, e.g. OpenOOD's val lists ({source: imglist, "
+                                       "list: benchmark_imglist/cifar10/val_tin.txt, path: images_classic}).")
 
     def __post_init__(self):
         _check_choice("generate.benchmark", self.benchmark, BENCHMARKS)
@@ -150,8 +180,7 @@ class GenerateConfig:
         if both:
             raise invalid_param(f"generate.far.{both[0]}", "generate", "a name not also used in generate.near",
                                 both[0])
-        for name in ("id_train", "id_test"):
-            spec = getattr(self, name)
+        for name, spec in self.id_sets.items():
             spec.check(f"generate.{name}")
             if spec.source == "constant":
                 raise invalid_param(f"generate.{name}.source", "generate", "a data set with classes",
@@ -161,8 +190,43 @@ class GenerateConfig:
                 raise invalid_param(f"generate.{role}", "generate", "OOD set names that are identifiers not "
                                     "starting with 'id'", name)
             spec.check(f"generate.{role}.{name}")
+        if self.id_val is not None:  # after every spec is checked: overlaps compare valid specs
+            self._check_held_out("generate.id_val", self.id_val, self.ood_sets)
+        for name, spec in self.ood_val.items():
+            self._check_ood_val(name, spec)
         for name, spec in self.aux.items():
             self._check_aux(name, spec)
+
+    def _check_ood_val(self, name, spec):
+        """Validate OOD val set ``name``: its name, its spec, and that it reads no test or ID sample."""
+        if not name.isidentifier() or name.startswith("id"):
+            raise invalid_param("generate.ood_val", "generate", "OOD val set names that are identifiers not "
+                                "starting with 'id'", name, hint="e.g. ood_val: {val_tin: {source: imglist, "
+                                "list: benchmark_imglist/cifar10/val_tin.txt, path: images_classic}}.")
+        taken = {**{k: f"generate.{role}" for k, (role, _) in self.ood_sets.items()},
+                 **{k: "generate.aux" for k in self.aux}}
+        if name in taken:
+            raise invalid_param(f"generate.ood_val.{name}", "generate", "a name not also used in generate.near, "
+                                "generate.far or generate.aux", name, hint=f"rename it (e.g. val_{name}): "
+                                f"'{name}' is already a set in {taken[name]}.")
+        spec.check(f"generate.ood_val.{name}")
+        self._check_held_out(f"generate.ood_val.{name}", spec, self.ood_sets)
+
+    def _check_held_out(self, param, spec, ood_sets):
+        """Refuse a val set (``id_val``, an ``ood_val`` set) that reads the samples of a test set or of ID-train.
+
+        Selection on a test sample would leak it into the reported numbers.
+        """
+        for other, (role, ood) in ood_sets.items():
+            if spec.overlaps(ood, self.root):
+                raise invalid_param(param, "generate", f"data other than test OOD set '{other}' "
+                                    f"(generate.{role}.{other}: {ood.describe()}); a val set never overlaps a test "
+                                    "set", spec.describe(), hint=self._VAL_HINT)
+        for id_name, id_spec in self.id_sets.items():
+            if id_name != "id_val" and spec.overlaps(id_spec, self.root):
+                raise invalid_param(param, "generate", f"data other than generate.{id_name} "
+                                    f"({id_spec.describe()}); a val set never overlaps ID-train or a test set",
+                                    spec.describe(), hint=self._VAL_HINT)
 
     def _check_aux(self, name, spec):
         """Validate auxiliary-outlier set ``name``: its name, its spec, and that it reads no test or ID sample."""
@@ -184,16 +248,30 @@ class GenerateConfig:
                 raise invalid_param(f"generate.aux.{name}", "generate", f"data other than test OOD set '{other}' "
                                     f"(generate.{role}.{other}: {ood.describe()}); auxiliary outliers never "
                                     "overlap a test OOD set", spec.describe(), hint=self._AUX_HINT)
-        for id_name in ("id_train", "id_test"):
-            if spec.overlaps(getattr(self, id_name), self.root):
+        for id_name, id_spec in self.id_sets.items():
+            if spec.overlaps(id_spec, self.root):
                 raise invalid_param(f"generate.aux.{name}", "generate", f"data other than the ID data "
-                                    f"(generate.{id_name}: {getattr(self, id_name).describe()}); auxiliary "
+                                    f"(generate.{id_name}: {id_spec.describe()}); auxiliary "
                                     "outliers are never ID samples", spec.describe(), hint=self._AUX_HINT)
 
     @property
+    def id_sets(self) -> dict[str, SourceSpec]:
+        """``"id_train"``, ``"id_test"`` (and ``"id_val"`` when set) -> spec."""
+        sets = {"id_train": self.id_train, "id_test": self.id_test}
+        return sets if self.id_val is None else {**sets, "id_val": self.id_val}
+
+    @property
     def ood_sets(self) -> dict[str, tuple[str, SourceSpec]]:
-        """``name -> (role, spec)`` for every OOD set, near first."""
+        """``name -> (role, spec)`` for every OOD test set, near first (not ``ood_val``: those are never tested)."""
         return {**{k: ("near", v) for k, v in self.near.items()}, **{k: ("far", v) for k, v in self.far.items()}}
+
+    @property
+    def specs(self) -> dict[str, SourceSpec]:
+        """Every configured data set by its dotted parameter (``generate.far.texture``), in generate's order."""
+        return {**{f"generate.{name}": spec for name, spec in self.id_sets.items()},
+                **{f"generate.{role}.{name}": spec for name, (role, spec) in self.ood_sets.items()},
+                **{f"generate.ood_val.{name}": spec for name, spec in self.ood_val.items()},
+                **{f"generate.aux.{name}": spec for name, spec in self.aux.items()}}
 
 
 @dataclass(frozen=True)
@@ -358,6 +436,7 @@ class DetectConfig:
     methods: Mapping[str, Mapping] = field(default_factory=lambda: {"msp": {}, "maxlogit": {}, "ebo": {}})
     aggregations: tuple[str, ...] = ("max_z", "mean_z", "max")
     recall: float = 0.95
+    aupr: str = "average_precision"  # or "trapezoid", as OpenOOD and pytorch-ood integrate the PR curve
     figures: bool = True
 
     def __post_init__(self):
@@ -368,6 +447,9 @@ class DetectConfig:
             _check_choice("detect.aggregations", agg, ("max_z", "mean_z", "max"))
         if not 0.0 < self.recall <= 1.0:
             raise invalid_param("detect.recall", "detect", "a float in (0, 1]", self.recall)
+        from pipeline.metrics import AUPR_RULES
+
+        _check_choice("detect.aupr", self.aupr, AUPR_RULES)
         from pipeline.scorers import make_scorer
 
         for name, params in self.methods.items():  # names and values, before any data is read
@@ -393,7 +475,11 @@ class SearchConfig:
         for name, grid in self.methods.items():
             if grid is not None and not isinstance(grid, Mapping):
                 raise invalid_param(f"search.methods.{name}", "search", "a mapping of param -> values", grid)
-        _check_choice("search.metric", self.metric, ("auroc", "fpr95"))
+        if isinstance(self.recall, bool) or not isinstance(self.recall, (int, float)) or not 0 < self.recall <= 1:
+            raise invalid_param("search.recall", "search", "a float in (0, 1]", self.recall)
+        from pipeline.search import selection_key
+
+        selection_key(self.metric, self.recall)  # "auroc" or "fpr" (at search.recall)
         for agg in self.aggregations:
             _check_choice("search.aggregations", agg, ("max_z", "mean_z", "max"))
         if self.n_jobs == 0:

@@ -21,10 +21,15 @@ file always misses the cache, whatever its size, with one exception the cache
 guards against as git does ("racily clean" entries): a write within the same
 timestamp tick as the hash. An entry is therefore stored only for files whose
 mtime and ctime are :data:`RACY_SECONDS` older than the hashing.
+
+Which files a data set's loader reads is worked out here too, without torch
+(:func:`source_files`), including the image lists of OpenOOD v1.5
+(:func:`read_imglist`): the list file and every image it names.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -36,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError
@@ -327,31 +333,194 @@ def _folder_files(base):
     return files, []
 
 
-def source_files(name, root, part="test", path=None) -> SourceFiles:
+# ------------------------------------------------------------------ image lists (OpenOOD v1.5)
+
+IMGLIST_FORMAT = "'<image path> <label>' (OpenOOD v1.5's format: an int label, -1 for OOD, or a {'label': int} dict)"
+IMGLIST_HINT = ("fix that line: each line names one image, relative to the set's path (its image root), then its "
+                "label; OpenOOD's benchmark_imglist/ lists are in this format")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The entries of an image list file, in file order.
+
+    Attributes
+    ----------
+    file : str
+        The list file, as given.
+    images : list of str
+        Each entry's image path, relative to the set's image root (``path``).
+    labels : ndarray of shape (n_entries,), int64
+        Each entry's label: the ID class, or ``-1`` (any negative) for OOD.
+    """
+
+    file: str
+    images: list
+    labels: np.ndarray
+
+
+def _malformed(file, number, got, expected=IMGLIST_FORMAT) -> DataError:
+    return DataError(f"Image list '{file}' is malformed at line {number}: expected {expected}, got {got!r}. "
+                     f"Hint: {IMGLIST_HINT}.")
+
+
+def _imglist_label(rest: str):
+    """The label of a line's text after its image path, or None if it is not one.
+
+    OpenOOD's ``ImglistDataset`` reads ``int(rest)``, or ``ast.literal_eval(rest)``
+    when that is a dict of extras holding ``label``; ``int`` is tried first, so a
+    1.28M-line ImageNet list is not parsed by ``ast``.
+    """
+    try:
+        return int(rest)
+    except ValueError:
+        pass
+    if not rest.startswith("{"):
+        return None
+    try:
+        extras = ast.literal_eval(rest)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    label = extras.get("label") if isinstance(extras, dict) else None
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
+
+
+def read_imglist(file) -> ImageList:
+    """Parse an image list: one ``<image path> <label>`` per line, OpenOOD v1.5's ``benchmark_imglist`` format.
+
+    The first whitespace-separated token is the image path (relative to the
+    set's image root), the rest of the line its label (see :func:`_imglist_label`).
+    Blank lines are skipped.
+
+    Parameters
+    ----------
+    file : str or path-like
+
+    Returns
+    -------
+    ImageList
+
+    Raises
+    ------
+    DataError
+        A line without a label, with a label that is not an int, or with an
+        absolute image path (it would escape the image root), naming the file
+        and the line; or a list without any entry.
+    OSError
+        The file cannot be read (the caller names the data set).
+    """
+    file = os.fspath(file)
+    images, labels = [], []
+    with open(file, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            tokens = line.split(None, 1)
+            if not tokens:
+                continue
+            label = _imglist_label(tokens[1].strip()) if len(tokens) == 2 else None
+            if label is None:
+                raise _malformed(file, number, line.rstrip("\r\n"))
+            if os.path.isabs(tokens[0]):
+                raise _malformed(file, number, tokens[0], "an image path relative to the set's path (its image "
+                                 "root), as OpenOOD's lists have")
+            images.append(tokens[0])
+            labels.append(label)
+    if not images:
+        raise DataError(f"Image list '{file}' names no image: expected lines {IMGLIST_FORMAT}. Hint: point the "
+                        "set's list at a non-empty list file.")
+    return ImageList(file, images, np.asarray(labels, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class ImglistLayout:
+    """Where an image list set's files are, relative to one base directory (see :func:`imglist_layout`).
+
+    Attributes
+    ----------
+    base : str
+        The deepest directory holding both the list file and the image root.
+    location : str
+        ``base`` relative to ``root`` (``"."`` for OpenOOD's layout); absolute
+        when the list or the image root is configured absolute.
+    list_file : str
+        The list file, relative to ``base``.
+    image_root : str
+        The image root, relative to ``base`` (image paths are joined to it).
+    """
+
+    base: str
+    location: str
+    list_file: str
+    image_root: str
+
+    def image(self, relpath: str) -> str:
+        """An image named by the list, relative to ``base``."""
+        return os.path.normpath(os.path.join(self.image_root, relpath))
+
+
+def imglist_layout(root, path, list_file) -> ImglistLayout:
+    """The files of an ``imglist`` set relative to a directory that holds them all, wherever ``root`` is.
+
+    OpenOOD keeps the lists (``benchmark_imglist/``) beside the images
+    (``images_classic/``), so the base is usually ``root`` itself, and the same
+    data under another root gives the same relative paths (and fingerprints).
+    """
+    root = os.fspath(root)
+    listed = os.path.abspath(os.path.join(root, list_file))
+    images = os.path.abspath(os.path.join(root, path or "."))
+    base = os.path.commonpath([os.path.dirname(listed), images])
+    absolute = os.path.isabs(list_file) or os.path.isabs(path or ".")
+    location = base if absolute else os.path.relpath(base, os.path.abspath(root))
+    return ImglistLayout(base, location, os.path.relpath(listed, base), os.path.relpath(images, base))
+
+
+def _imglist_files(root, path, list_file) -> SourceFiles:
+    """The list file and every image it names; the list is read (to know the images), no image is."""
+    layout = imglist_layout(root, path, list_file)
+    if not os.path.isfile(os.path.join(layout.base, layout.list_file)):
+        return SourceFiles(layout.base, layout.location, [], [layout.list_file])
+    present, missing = [layout.list_file], []
+    for rel in dict.fromkeys(layout.image(rel) for rel in read_imglist(os.path.join(root, list_file)).images):
+        (present if os.path.isfile(os.path.join(layout.base, rel)) else missing).append(rel)
+    return SourceFiles(layout.base, layout.location, sorted(present), missing)
+
+
+def source_files(name, root, part="test", path=None, list_file=None) -> SourceFiles:
     """The files :func:`pipeline.sources.load_source` reads for one data set, found without reading them.
 
     Parameters
     ----------
     name : str
-        A source name (``"cifar10"``, ``"imagefolder"``, ...).
+        A source name (``"cifar10"``, ``"imagefolder"``, ``"imglist"``, ...).
     root : str or path-like
     part : {"train", "test"}
-        Ignored by ``imagefolder``.
+        Ignored by ``imagefolder`` and ``imglist``.
     path : str, optional
-        The ``imagefolder`` directory (relative to ``root`` unless absolute).
+        The ``imagefolder`` directory, or the ``imglist`` image root (relative
+        to ``root`` unless absolute; ``root`` itself when None for ``imglist``).
+    list_file : str, optional
+        The ``imglist`` list file (relative to ``root`` unless absolute).
 
     Returns
     -------
     SourceFiles
         For ``imagefolder`` every image under its class folders, in
-        ``ImageFolder``'s order; for the torchvision sets the files of
-        ``part`` and their meta file; nothing for ``constant``.
+        ``ImageFolder``'s order; for ``imglist`` the list file and every image
+        it names (``missing``: the list, or the images absent, in list order);
+        for the torchvision sets the files of ``part`` and their meta file;
+        nothing for ``constant``.
+
+    Raises
+    ------
+    DataError
+        An ``imglist`` list file is malformed (see :func:`read_imglist`).
     """
     root = os.fspath(root)
     if name == "imagefolder":
         base = os.path.join(root, path)
         files, missing = _folder_files(base)
         return SourceFiles(base, os.fspath(path), files, missing)
+    if name == "imglist":
+        return _imglist_files(root, path, list_file)
     if name not in _TORCHVISION_FILES:  # constant: generated, nothing on disk
         return SourceFiles(root, ".", [], [])
     location, per_part, common = _TORCHVISION_FILES[name]
@@ -365,7 +534,14 @@ def source_files(name, root, part="test", path=None) -> SourceFiles:
 
 
 def input_key(spec) -> str:
-    """How ``generate.json`` names the files of one data set: ``"cifar10:train"``, ``"imagefolder:texture"``."""
+    """How ``generate.json`` names the files of one data set.
+
+    ``"cifar10:train"``, ``"imagefolder:texture"``, or for an image list its
+    list and image root, ``"imglist:benchmark_imglist/cifar10/test_tin.txt@images_classic"``
+    (two sets with one key read the same files).
+    """
+    if spec.source == "imglist":
+        return f"imglist:{spec.list}@{spec.path or '.'}"
     return f"imagefolder:{spec.path}" if spec.source == "imagefolder" else f"{spec.source}:{spec.part}"
 
 
@@ -391,18 +567,14 @@ def generate_inputs(cfg, cache: HashCache | None = None) -> dict:
     data = {}
     if cfg.benchmark == "sources":
         with _cache_or(cache) as hashes:
-            for spec in _specs(cfg):
+            for spec in cfg.specs.values():
                 key = input_key(spec)
                 if spec.source == "constant" or key in data:
                     continue
-                found = source_files(spec.source, cfg.root, spec.part, spec.path)
+                found = source_files(spec.source, cfg.root, spec.part, spec.path, spec.list)
                 data[key] = {"location": found.location, **digest_files(found.base, found.files, hashes),
                              "missing": found.missing}
     return {"params": params, "data": dict(sorted(data.items()))}
-
-
-def _specs(cfg):
-    return [cfg.id_train, cfg.id_test, *(spec for _, spec in cfg.ood_sets.values()), *cfg.aux.values()]
 
 
 # torchvision weights enums of the backbones that take ``train.weights`` (see pipeline.backbones)

@@ -162,17 +162,23 @@ def _check_methods_inputs(det, fit, plan):
 
 
 def _check_aux_sets(aux_sets, gen):
-    """fit.heatmap.aux_sets are sets generate writes (their val or aux splits), never a missing one."""
+    """fit.heatmap.aux_sets are sets generate writes a val or aux split of, never a missing one.
+
+    With ``generate.ood_val``, the near/far sets are whole test splits: only the
+    OOD val sets and the aux sets can then serve (the decoder never trains on a
+    test split, :func:`pipeline.scoring.outlier_splits`).
+    """
     from pipeline.datasets import digits_set_names
 
     if gen.benchmark == "digits":
         known = digits_set_names(gen.holdout_classes)
     else:
-        known = sorted([*gen.ood_sets, *gen.aux])
+        known = sorted([*(gen.ood_val or gen.ood_sets), *gen.aux])
     stray = [name for name in aux_sets if name not in known]
     if stray:
         raise invalid_param("fit.heatmap.aux_sets", "fit", f"sets the benchmark has, among {known}", stray[0],
-                            hint="name an OOD set's val half or a generate.aux set.")
+                            hint="name a generate.ood_val set, a generate.aux set, or (without ood_val) an OOD "
+                            "set's val half.")
 
 
 def _represent_none(representer, _data):

@@ -12,6 +12,10 @@ and ``label`` a Python ``int``.
 * ``imagefolder``: torchvision's ``ImageFolder`` at ``path`` (one sub-folder per
   class), for LSUN-crop/resize, iSUN, Textures/DTD, Places365, TinyImageNet,
   iNaturalist, SUN, OpenImage-O, TinyImages-300k and the like.
+* ``imglist``: an image list file (``list``), one ``<image path> <label>`` per
+  line with paths relative to ``path``: OpenOOD v1.5's
+  ``benchmark_imglist/<id>/<split>_<set>.txt`` over ``images_classic/`` or
+  ``images_largescale/`` (:class:`ImageListDataset`). Its labels are the list's.
 * ``constant``: LA-OOD's synthetic constant-colour set, generated from a seed.
 
 Every image goes through the same transform (:func:`make_transform`): it is
@@ -35,7 +39,7 @@ import torch
 from torchvision import datasets, transforms
 
 from pipeline.errors import DataError, invalid_param
-from pipeline.fingerprint import digest_files, source_files  # noqa: F401  (source_files: re-exported)
+from pipeline.fingerprint import digest_files, imglist_layout, read_imglist, source_files
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ CONSTANT_DEFAULT_N = 10_000
 MISSING_HINT = "pass download: true on a machine that is online, or point root at the data"
 # ImageFolder has no download: its data sets are fetched by hand.
 FOLDER_HINT = "point root (and path) at the extracted data"
+LIST_HINT = ("point root at the data, list at the image list file and path at the folder its image paths are "
+             "relative to (OpenOOD v1.5: list: benchmark_imglist/<id>/test_<set>.txt, path: images_classic)")
 
 EXPECTED_LAYOUT = {
     "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
@@ -55,6 +61,8 @@ EXPECTED_LAYOUT = {
     "mnist": "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "fashionmnist": "ROOT/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "imagefolder": "PATH/<class>/<image>.{png,jpg,...} (PATH relative to ROOT unless absolute)",
+    "imglist": "LIST with one '<image path> <label>' per line, the images at PATH/<image path> (LIST and PATH "
+               "relative to ROOT unless absolute; OpenOOD v1.5: ROOT/benchmark_imglist/, ROOT/images_classic/)",
     "constant": "nothing on disk: the images are generated from the seed",
 }
 
@@ -74,7 +82,7 @@ class SourceRequest:
     transform : callable
         PIL image -> float32 tensor (channels, image_size, image_size).
     path : str or None
-        The ``imagefolder`` directory.
+        The ``imagefolder`` directory, or the ``imglist`` image root.
     n : int or None
         The ``constant`` set's size.
     seed : int
@@ -86,6 +94,8 @@ class SourceRequest:
     verify_checksums : bool
         Refuse CIFAR/SVHN files whose md5 differs from the official archives'
         (True), or use them with a warning naming each (False).
+    list_file : str or None
+        The ``imglist`` list file.
     """
 
     root: str
@@ -98,6 +108,7 @@ class SourceRequest:
     image_size: int
     channels: int
     verify_checksums: bool = True
+    list_file: object = None
 
 
 class ConstantColours(torch.utils.data.Dataset):
@@ -241,6 +252,62 @@ def _imagefolder(req):
     return datasets.ImageFolder(os.path.join(req.root, req.path), transform=req.transform)
 
 
+class ImageListDataset(torch.utils.data.Dataset):
+    """The images an image list names, with its labels (OpenOOD v1.5's ``ImglistDataset``, without its extras).
+
+    Parameters
+    ----------
+    root : str
+        ``generate.root``.
+    path : str or None
+        The image root the list's paths are relative to (relative to ``root``
+        unless absolute); ``root`` itself when None.
+    list_file : str
+        The list file (relative to ``root`` unless absolute), parsed by
+        :func:`pipeline.fingerprint.read_imglist`.
+    transform : callable
+        PIL image -> tensor (:func:`make_transform`).
+
+    Attributes
+    ----------
+    samples : list of (str, int)
+        Each entry's image file and label, in list order (as ``ImageFolder``'s).
+    targets : list of int
+        The labels: class indices for an ID list, ``-1`` for an OOD one.
+    classes : None
+        A list names no classes; the ID classes are ``0..max label``
+        (:func:`pipeline.userdata.make_source_benchmark`).
+
+    Notes
+    -----
+    Images are opened as ``ImageFolder`` opens them (``pil_loader``: PIL, RGB),
+    then ``transform`` makes them grey or RGB of the benchmark's size.
+    """
+
+    classes = None
+
+    def __init__(self, root, path, list_file, transform):
+        entries = read_imglist(os.path.join(root, list_file))
+        images = os.path.join(root, path or ".")
+        self.samples = [(os.path.join(images, rel), label) for rel, label in zip(entries.images,
+                                                                                 entries.labels.tolist())]
+        self.targets = entries.labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        file, label = self.samples[index]
+        return self.transform(datasets.folder.pil_loader(file)), label
+
+
+def _imglist(req):
+    if req.list_file is None:
+        raise invalid_param("list_file", _OWNER, "an image list file for source 'imglist'", None)
+    return ImageListDataset(req.root, req.path, req.list_file, req.transform)
+
+
 def _constant(req):
     n = CONSTANT_DEFAULT_N if req.n is None else req.n
     return ConstantColours(n, req.seed, req.image_size, req.channels)
@@ -253,6 +320,7 @@ SOURCES = {
     "mnist": _TrainPart(datasets.MNIST),
     "fashionmnist": _TrainPart(datasets.FashionMNIST),
     "imagefolder": _imagefolder,
+    "imglist": _imglist,
     "constant": _constant,
 }
 
@@ -311,6 +379,9 @@ def make_transform(image_size, channels, resize=None):
     ])
 
 
+_HINTS = {"imagefolder": FOLDER_HINT, "imglist": LIST_HINT}
+
+
 def _missing(name, exc, root):
     """A one-line DataError for a data set whose files are missing or unreadable, naming where it looked."""
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -320,12 +391,12 @@ def _missing(name, exc, root):
     where = "which does not exist" if not os.path.isdir(root) else "under it"
     return DataError(
         f"Could not read data set '{name}' under generate.root '{root}' ({where}; {reason}). Expected "
-        f"{EXPECTED_LAYOUT[name]}. Hint: {FOLDER_HINT if name == 'imagefolder' else MISSING_HINT}."
+        f"{EXPECTED_LAYOUT[name]}. Hint: {_HINTS.get(name, MISSING_HINT)}."
     )
 
 
 def load_source(name, *, root, part="test", download=False, image_size=32, channels=3,
-                n=None, seed=0, path=None, resize=None, verify_checksums=True):
+                n=None, seed=0, path=None, resize=None, verify_checksums=True, list_file=None):
     """Load one benchmark data set as a torch ``Dataset``.
 
     Parameters
@@ -336,7 +407,7 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
         Directory holding the data, laid out as :data:`EXPECTED_LAYOUT` says.
     part : {"train", "test"}, default="test"
         torchvision's ``train=True/False`` (SVHN: ``split``). Ignored by
-        ``imagefolder`` and ``constant``.
+        ``imagefolder``, ``imglist`` and ``constant``.
     download : bool, default=False
         Let torchvision download missing files (needs a network).
     image_size : int, default=32
@@ -349,33 +420,36 @@ def load_source(name, *, root, part="test", download=False, image_size=32, chann
     seed : int, default=0
         Seed of the cap and of the constant colours.
     path : str or path-like, optional
-        The ``imagefolder`` directory, relative to ``root`` unless absolute.
+        The ``imagefolder`` directory, or the ``imglist`` image root (``root``
+        itself when None), relative to ``root`` unless absolute.
     resize : int, optional
         Shorter side before the centre crop (see :func:`make_transform`).
     verify_checksums : bool, default=True
         CIFAR-10/100 and SVHN: refuse a file whose md5 is not the official
         archive's (a :class:`ChecksumError` naming it), or, when False, use it
         if it parses and name it in a warning.
+    list_file : str or path-like, optional
+        The ``imglist`` list file, relative to ``root`` unless absolute.
 
     Returns
     -------
     torch.utils.data.Dataset
         Items ``(image, label)``: float32 tensor (channels, image_size,
-        image_size) in [0, 1], and an ``int`` (the data set's own class index;
-        ``-1`` for ``constant``).
+        image_size) in [0, 1], and an ``int`` (the data set's own class index,
+        or the list's label; ``-1`` for ``constant``).
 
     Raises
     ------
     ConfigError
         An unknown name or an invalid argument.
     DataError
-        The files are missing or unreadable.
+        The files are missing or unreadable, or an image list is malformed.
     """
     _check_args(name, part, image_size, channels, n)
     if resize is not None and not (_is_int(resize) and resize >= image_size):
         raise invalid_param("resize", _OWNER, f"None or an int >= image_size={image_size}", resize)
     req = SourceRequest(os.fspath(root), part, download, make_transform(image_size, channels, resize),
-                        path, n, seed, image_size, channels, verify_checksums)
+                        path, n, seed, image_size, channels, verify_checksums, list_file)
     try:
         dataset = SOURCES[name](req)
     except ChecksumError:
@@ -428,7 +502,8 @@ def source_targets(dataset):
     Returns
     -------
     ndarray of shape (len(dataset),), int64
-        torchvision's ``targets`` (``labels`` for SVHN); ``-1`` for ``constant``.
+        torchvision's ``targets`` (``labels`` for SVHN), an image list's labels;
+        ``-1`` for ``constant``.
     """
     if isinstance(dataset, ConstantColours):
         return np.full(len(dataset), -1, dtype=np.int64)
@@ -439,12 +514,12 @@ def source_targets(dataset):
 
 
 def source_classes(dataset):
-    """Class names of a source, or None for one without classes (``constant``, SVHN)."""
+    """Class names of a source, or None for one without classes (``constant``, SVHN, ``imglist``)."""
     classes = getattr(dataset, "classes", None)
     return list(classes) if classes is not None else None
 
 
-def data_signature(name, root, part, dataset, indices, path=None, cache=None):
+def data_signature(name, root, part, dataset, indices, path=None, cache=None, list_file=None):
     """The content of the files behind the chosen samples, wherever ``root`` is.
 
     Parameters
@@ -455,12 +530,14 @@ def data_signature(name, root, part, dataset, indices, path=None, cache=None):
         The data root the source was read from.
     part : {"train", "test"}
     dataset : torch.utils.data.Dataset
-        The uncapped source (``imagefolder``: its ``samples`` give the chosen files).
+        The uncapped source (``imagefolder``, ``imglist``: its ``samples`` give the chosen files).
     indices : ndarray of int
         The chosen samples.
     path : str, optional
-        The ``imagefolder`` directory.
+        The ``imagefolder`` directory, or the ``imglist`` image root.
     cache : pipeline.fingerprint.HashCache, optional
+    list_file : str, optional
+        The ``imglist`` list file.
 
     Returns
     -------
@@ -469,10 +546,18 @@ def data_signature(name, root, part, dataset, indices, path=None, cache=None):
         paths relative to the data set's folder, contents by SHA-256 (from the
         stat-keyed cache when unchanged), so a same-size edit changes it and an
         identical copy under another root does not. Empty (no files) for ``constant``.
+        An image list's file is part of it (the labels are there), with the
+        chosen images, all relative to the directory holding both
+        (:func:`pipeline.fingerprint.imglist_layout`).
     """
     if name == "imagefolder":
         base = os.path.join(os.fspath(root), path)
         files = [os.path.relpath(dataset.samples[i][0], base) for i in np.asarray(indices).tolist()]
+    elif name == "imglist":
+        layout = imglist_layout(root, path, list_file)
+        base = layout.base
+        files = [layout.list_file, *(os.path.relpath(os.path.abspath(dataset.samples[i][0]), base)
+                                     for i in np.asarray(indices).tolist())]
     else:
         found = source_files(name, root, part, path)
         base, files = found.base, found.files

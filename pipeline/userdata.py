@@ -24,6 +24,18 @@ Splits, as in the digits benchmark (so every later stage is the same):
   never reported (:func:`pipeline.report.ood_sets` takes near and far only), and
   ``GenerateConfig`` refuses one that reads a near/far or ID sample.
 
+Separate val sets, as OpenOOD v1.5 holds them out, keep its test lists whole:
+
+* with ``generate.id_val``, ``id_val`` is that set (capped at ``max_test`` or
+  its own ``n``) and ``id_test`` the whole (capped) ID test set: no cut;
+* with ``generate.ood_val``, each of its sets is one ``<set>_val`` split (role
+  :data:`pipeline.report.OOD_VAL`, part ``"val"``, labels ``-1``), which
+  :func:`pipeline.report.ood_sets` takes as the val sets of both groups, and
+  every near/far set is one whole ``<set>_test`` split.
+
+Data sets may be OpenOOD's image lists (source ``imglist``): an ID list's
+labels are its classes, ``0..max label``; an OOD list's labels are ignored (-1).
+
 Caps are seeded uniform choices, never the first ``n`` of a class-sorted set
 (METHODS.md), and each set draws from its own named random stream, so adding a
 set never changes another one's samples.
@@ -47,8 +59,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.datasets import (GENERATE_HINT, SplitDataset, _canonical_json, _check_name, _stream, check_benchmark,
-                               load_split)
+from pipeline.datasets import (
+    GENERATE_HINT,
+    SplitDataset,
+    _canonical_json,
+    _check_name,
+    _stream,
+    check_benchmark,
+    load_split,
+)
 from pipeline.errors import DataError
 from pipeline.fingerprint import HashCache
 from pipeline.sources import EXPECTED_LAYOUT, data_signature, load_source, source_classes, source_targets
@@ -129,11 +148,16 @@ def load_index(path) -> IndexSplit:
 # ------------------------------------------------------------------ generate
 
 def _loader_args(cfg, spec) -> dict:
-    """The :func:`load_source` arguments of one configured data set (without a cap, and without ``root``)."""
-    return {"name": spec.source, "part": spec.part, "path": spec.path,
-            "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
-            "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None,
-            "verify_checksums": cfg.verify_checksums}
+    """The :func:`load_source` arguments of one configured data set (without a cap, and without ``root``).
+
+    ``list_file`` is there for an image list only, so that the index files of
+    other sources (and their fingerprints) are what they were before image lists.
+    """
+    loader = {"name": spec.source, "part": spec.part, "path": spec.path,
+              "image_size": cfg.image_size, "channels": cfg.channels, "resize": cfg.resize,
+              "seed": cfg.seed, "n": spec.n if spec.source == "constant" else None,
+              "verify_checksums": cfg.verify_checksums}
+    return {**loader, "list_file": spec.list} if spec.source == "imglist" else loader
 
 
 def _open_source(loader: dict, root, download=False):
@@ -162,13 +186,16 @@ def _describe(loader, root=None) -> str:
     where = "" if root is None else f" under {root}"
     if loader["name"] == "imagefolder":
         return f"imagefolder {loader['path']}{where}"
+    if loader["name"] == "imglist":
+        return f"imglist {loader['list_file']}{where}"
     if loader["name"] == "constant":
         return "constant colours"
     return f"{loader['name']} ({loader['part']} part){where}"
 
 
 def _signature(loader, root, dataset, indices, cache):
-    return data_signature(loader["name"], root, loader["part"], dataset, indices, path=loader["path"], cache=cache)
+    return data_signature(loader["name"], root, loader["part"], dataset, indices, path=loader["path"], cache=cache,
+                          list_file=loader.get("list_file"))
 
 
 def _split(cfg, name, set_name, part, role, indices, labels, loader, dataset, cache, extra=None):
@@ -178,30 +205,59 @@ def _split(cfg, name, set_name, part, role, indices, labels, loader, dataset, ca
     return IndexSplit(name, indices, labels, attrs)
 
 
+class _IdSet:
+    """One opened ID data set: its loader arguments, dataset and every sample's label."""
+
+    def __init__(self, cfg, spec):
+        self.loader = _loader_args(cfg, spec)
+        self.dataset = _open_source(self.loader, cfg.root, cfg.download)
+        self.labels = source_targets(self.dataset)
+        self.what = _describe(self.loader, cfg.root)
+
+
+def _id_classes(train: _IdSet) -> list:
+    """The ID class names: the source's own, else ``"0".."max label"`` (SVHN, an image list)."""
+    classes = source_classes(train.dataset)
+    if classes is not None:
+        return classes
+    return [str(c) for c in range(int(train.labels.max()) + 1 if len(train.labels) else 0)]
+
+
+def _check_id_labels(name, part, ids: _IdSet, classes, train: _IdSet):
+    """Refuse an ID set with a negative label (an OOD list), or with other classes than ID-train's."""
+    if len(ids.labels) and ids.labels.min() < 0:
+        at = int(np.argmin(ids.labels))
+        raise DataError(f"The ID {part} set {ids.what} has label {int(ids.labels[at])} at sample {at}: expected "
+                        f"class indices 0..{max(len(classes) - 1, 0)} (an OOD list's -1 is not a class). Hint: point "
+                        f"generate.{name} at an ID data set (OpenOOD: benchmark_imglist/<id>/{part}_<id>.txt).")
+    if ids is not train and (source_classes(ids.dataset) not in (None, classes)
+                             or (len(ids.labels) and ids.labels.max() >= len(classes))):
+        raise DataError(f"The ID {part} set {ids.what} does not have the classes of the ID train set {train.what} "
+                        f"({len(classes)} classes). Hint: point generate.{name} at the same data set's "
+                        f"{part} part{' or list' if name == 'id_val' else ''}.")
+
+
 def _id_splits(cfg, cache):
-    """``id_train``, ``id_val`` and ``id_test`` with the ID class list."""
-    train_loader, test_loader = _loader_args(cfg, cfg.id_train), _loader_args(cfg, cfg.id_test)
-    train_ds = _open_source(train_loader, cfg.root, cfg.download)
-    test_ds = _open_source(test_loader, cfg.root, cfg.download)
-    classes = source_classes(train_ds)
-    train_y, test_y = source_targets(train_ds), source_targets(test_ds)
-    if classes is None:
-        classes = [str(c) for c in np.unique(train_y)]
-    if source_classes(test_ds) not in (None, classes) or (len(test_y) and test_y.max() >= len(classes)):
-        raise DataError(f"The ID test set {_describe(test_loader, cfg.root)} does not have the classes of the ID "
-                        f"train set {_describe(train_loader, cfg.root)} ({len(classes)} classes). Hint: point "
-                        "generate.id_test at the same data set's test part.")
+    """``id_train``, ``id_val`` and ``id_test`` with the ID class list.
+
+    ID-val is a ``val_fraction`` cut of the ID test set, or the separate
+    ``generate.id_val`` set, whole (the test set is then whole too).
+    """
+    train, test = _IdSet(cfg, cfg.id_train), _IdSet(cfg, cfg.id_test)
+    val = None if cfg.id_val is None else _IdSet(cfg, cfg.id_val)
+    classes = _id_classes(train)
+    for name, part, ids in (("id_train", "train", train), ("id_test", "test", test), ("id_val", "val", val)):
+        if ids is not None:
+            _check_id_labels(name, part, ids, classes, train)
     extra = {"classes": classes}
-    train_idx = _choose(len(train_ds), cfg.id_train.n or cfg.max_train, _stream(cfg.seed, "id_train"))
-    test_idx = _choose(len(test_ds), cfg.id_test.n or cfg.max_test, _stream(cfg.seed, "id_test"))
-    val_idx, test_idx = _halves(test_idx, cfg.val_fraction, _stream(cfg.seed, "id_val"),
-                                _describe(test_loader, cfg.root))
-    return [
-        _split(cfg, "id_train", "id", "train", "id", train_idx, train_y[train_idx], train_loader, train_ds, cache,
-               extra),
-        _split(cfg, "id_val", "id", "val", "id", val_idx, test_y[val_idx], test_loader, test_ds, cache, extra),
-        _split(cfg, "id_test", "id", "test", "id", test_idx, test_y[test_idx], test_loader, test_ds, cache, extra),
-    ]
+    train_idx = _choose(len(train.dataset), cfg.id_train.n or cfg.max_train, _stream(cfg.seed, "id_train"))
+    test_idx = _choose(len(test.dataset), cfg.id_test.n or cfg.max_test, _stream(cfg.seed, "id_test"))
+    if val is None:
+        val, (val_idx, test_idx) = test, _halves(test_idx, cfg.val_fraction, _stream(cfg.seed, "id_val"), test.what)
+    else:
+        val_idx = _choose(len(val.dataset), cfg.id_val.n or cfg.max_test, _stream(cfg.seed, "id_val"))
+    return [_split(cfg, f"id_{part}", "id", part, "id", idx, ids.labels[idx], ids.loader, ids.dataset, cache, extra)
+            for part, ids, idx in (("train", train, train_idx), ("val", val, val_idx), ("test", test, test_idx))]
 
 
 def _ood_cap(cfg, spec):
@@ -210,13 +266,28 @@ def _ood_cap(cfg, spec):
 
 
 def _ood_splits(cfg, set_name, role, spec, cache):
+    """``<set>_val`` and ``<set>_test`` of a near/far set; ``<set>_test`` whole when ``generate.ood_val`` is set."""
     loader = _loader_args(cfg, spec)
     dataset = _open_source(loader, cfg.root, cfg.download)
     chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"ood/{set_name}"))
-    val_idx, test_idx = _halves(chosen, cfg.val_fraction, _stream(cfg.seed, f"ood/{set_name}/val"),
-                                f"'{set_name}' ({_describe(loader, cfg.root)})")
+    if cfg.ood_val:
+        parts = [("test", chosen)]
+    else:
+        parts = zip(("val", "test"), _halves(chosen, cfg.val_fraction, _stream(cfg.seed, f"ood/{set_name}/val"),
+                                             f"'{set_name}' ({_describe(loader, cfg.root)})"))
     return [_split(cfg, f"{set_name}_{part}", set_name, part, role, idx, np.full(len(idx), -1, np.int64), loader,
-                   dataset, cache) for part, idx in (("val", val_idx), ("test", test_idx))]
+                   dataset, cache) for part, idx in parts]
+
+
+def _ood_val_split(cfg, set_name, spec, cache):
+    """``<set>_val``: the chosen samples of one separate OOD val set, whole (role ``ood_val``, never reported)."""
+    from pipeline.report import OOD_VAL  # report imports matplotlib and sklearn: only when such a set is configured
+
+    loader = _loader_args(cfg, spec)
+    dataset = _open_source(loader, cfg.root, cfg.download)
+    chosen = _choose(len(dataset), _ood_cap(cfg, spec), _stream(cfg.seed, f"ood_val/{set_name}"))
+    return _split(cfg, f"{set_name}_val", set_name, "val", OOD_VAL, chosen, np.full(len(chosen), -1, np.int64),
+                  loader, dataset, cache)
 
 
 def _aux_split(cfg, set_name, spec, cache):
@@ -228,24 +299,37 @@ def _aux_split(cfg, set_name, spec, cache):
                   dataset, cache)
 
 
+def _absent(spec, found) -> str:
+    """What is missing of one data set, for :func:`check_sources_present`: the whole set, or some listed images."""
+    if spec.source != "imglist":
+        return ""
+    if not found.files:
+        return "the list file is missing; "
+    return (f"{len(found.missing)} of the {len(found.files) - 1 + len(found.missing)} images it names are missing, "
+            f"e.g. '{found.missing[0]}'; ")
+
+
 def check_sources_present(cfg):
     """Raise one DataError naming every configured data set whose files are missing under ``generate.root``.
 
     Each is named by its parameter (``generate.far.texture``) with what it is
     and the layout expected; nothing is read (file names only, see
-    :func:`pipeline.fingerprint.source_files`).
+    :func:`pipeline.fingerprint.source_files`), but image lists, which name
+    the images: a missing list, or images it names that are missing, are
+    reported the same way, and a malformed list is an error naming its parameter.
     """
+    from pipeline.errors import in_context
     from pipeline.fingerprint import source_files
 
-    sets = {"generate.id_train": cfg.id_train, "generate.id_test": cfg.id_test,
-            **{f"generate.{role}.{name}": spec for name, (role, spec) in cfg.ood_sets.items()},
-            **{f"generate.aux.{name}": spec for name, spec in cfg.aux.items()}}
+    sets = cfg.specs
     missing = []
     for param, spec in sets.items():
-        found = source_files(spec.source, cfg.root, spec.part, spec.path)
+        with in_context(param):
+            found = source_files(spec.source, cfg.root, spec.part, spec.path, spec.list)
         if found.missing:
             layout = EXPECTED_LAYOUT[spec.source].replace("PATH", spec.path or "PATH")
-            missing.append(f"{param} ({spec.describe()}: expected {layout})")
+            layout = layout.replace("LIST", spec.list) if spec.list else layout
+            missing.append(f"{param} ({spec.describe()}: {_absent(spec, found)}expected {layout})")
     if missing:
         where = "" if os.path.isdir(cfg.root) else ", which does not exist"
         raise DataError(f"{len(missing)} of the {len(sets)} configured data sets are missing under generate.root "
@@ -260,27 +344,34 @@ def make_source_benchmark(cfg) -> list[IndexSplit]:
     Parameters
     ----------
     cfg : pipeline.config.GenerateConfig
-        With ``id_train``, ``id_test``, at least one near or far set, and any ``aux`` sets.
+        With ``id_train``, ``id_test`` (and any ``id_val``), at least one near
+        or far set, and any ``ood_val`` and ``aux`` sets.
 
     Returns
     -------
     list of IndexSplit
-        ``id_train``, ``id_val``, ``id_test``, then ``<set>_val``, ``<set>_test`` per OOD set,
-        then ``<set>_aux`` per auxiliary-outlier set.
+        ``id_train``, ``id_val``, ``id_test``, then ``<set>_val``, ``<set>_test`` per OOD set
+        (``<set>_test`` only with ``ood_val``), then ``<set>_val`` per ``ood_val`` set, then
+        ``<set>_aux`` per auxiliary-outlier set.
 
     Raises
     ------
     DataError
         A data set is missing (the message gives the expected layout under
-        ``root``), too small, or the ID test set has other classes.
+        ``root``), too small, an image list is malformed, or an ID set has
+        other classes (or OOD labels).
     """
     if not cfg.download:  # every missing set in one message, before any is read
         check_sources_present(cfg)
     with HashCache() as cache:
         splits = _id_splits(cfg, cache)
         for set_name, (role, spec) in cfg.ood_sets.items():
-            splits += _ood_splits(cfg, set_name, role, spec, cache)
-            log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in splits[-2:]))
+            indexed = _ood_splits(cfg, set_name, role, spec, cache)
+            splits += indexed
+            log.info("indexed %s (%s): %d samples", set_name, role, sum(s.attrs["n_samples"] for s in indexed))
+        for set_name, spec in cfg.ood_val.items():
+            splits.append(_ood_val_split(cfg, set_name, spec, cache))
+            log.info("indexed %s (OOD val): %d samples", set_name, splits[-1].attrs["n_samples"])
         for set_name, spec in cfg.aux.items():
             splits.append(_aux_split(cfg, set_name, spec, cache))
             log.info("indexed %s (aux): %d samples", set_name, splits[-1].attrs["n_samples"])

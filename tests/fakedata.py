@@ -1,7 +1,8 @@
 """Tiny data sets written in each one's real on-disk format, for offline tests.
 
 CIFAR-10/100 as torchvision's pickled batches, SVHN as ``.mat`` files, MNIST and
-FashionMNIST as idx files, image-folder sets as PNG trees. The real torchvision
+FashionMNIST as idx files, image-folder sets as PNG trees, image lists as
+OpenOOD v1.5 writes them (a list file naming PNGs under an image root). The real
 loaders read them back; the only patch tests need is the md5 check of the
 CIFAR and SVHN files (the ``no_md5`` fixture in ``conftest.py``).
 """
@@ -92,6 +93,28 @@ def write_imagefolder(directory, rng, classes=("a", "b"), per_class=N // 2, side
     return images
 
 
+def write_imglist(root, list_file, image_root, rng, labels, side=32):
+    """An OpenOOD-style image list: ``root/list_file`` naming PNGs under ``root/image_root``, one per label.
+
+    The images go to ``<image_root>/<list file stem>/<i>.png``, so that two lists
+    over one image root (OpenOOD's ``val_tin.txt`` and ``test_tin.txt``) name
+    different images. Returns the images (n, 3, side, side) in list order.
+    """
+    from pathlib import Path
+
+    root, stem = Path(root), Path(list_file).stem
+    images = rgb(rng, len(labels), side)
+    lines = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        rel = f"{stem}/{i:04d}.png"
+        (root / image_root / stem).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.transpose(1, 2, 0)).save(root / image_root / rel)
+        lines.append(f"{rel} {label}\n")
+    (root / list_file).parent.mkdir(parents=True, exist_ok=True)
+    (root / list_file).write_text("".join(lines))
+    return images
+
+
 WRITERS = {
     "cifar10": write_cifar10,
     "cifar100": write_cifar100,
@@ -105,21 +128,27 @@ def write_sources(cfg, rng, n=N, id_classes=("c0", "c1", "c2")):
     """Write every data set (ID, OOD, aux) a ``sources`` :class:`~pipeline.config.GenerateConfig` names, under root.
 
     Image folders used as ID (train and test) share the class names
-    ``id_classes``; other image folders get two classes.
+    ``id_classes``; other image folders get two classes. Image lists get ``n``
+    images each: an ID list's labels cycle through ``len(id_classes)``
+    classes, an OOD list's are ``-1``.
     """
     from pathlib import Path
 
     root = Path(cfg.root)
-    specs = [cfg.id_train, cfg.id_test, *(spec for _, spec in cfg.ood_sets.values()), *cfg.aux.values()]
-    id_folders = {spec.path for spec in (cfg.id_train, cfg.id_test) if spec.source == "imagefolder"}
+    id_specs = cfg.id_sets.values()
+    id_folders = {spec.path for spec in id_specs if spec.source == "imagefolder"}
+    id_lists = {spec.list for spec in id_specs if spec.source == "imglist"}
     done = set()
-    for spec in specs:
-        key = spec.path if spec.source == "imagefolder" else spec.source
+    for spec in cfg.specs.values():
+        key = {"imagefolder": spec.path, "imglist": spec.list}.get(spec.source, spec.source)
         if key in done or spec.source == "constant":
             continue
         done.add(key)
         if spec.source == "imagefolder":
             classes = id_classes if spec.path in id_folders else ("a", "b")
             write_imagefolder(root / spec.path, rng, classes, per_class=max(2, n // len(classes)))
+        elif spec.source == "imglist":
+            labels = [i % len(id_classes) if spec.list in id_lists else -1 for i in range(n)]
+            write_imglist(root, spec.list, spec.path or ".", rng, labels)
         else:
             WRITERS[spec.source](root, rng, n)

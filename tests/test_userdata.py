@@ -18,8 +18,15 @@ from pipeline.config import GenerateConfig, build_config
 from pipeline.datasets import SplitDataset, make_digits_benchmark, write_benchmark
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import EXPECTED_LAYOUT, load_source, source_targets
-from pipeline.userdata import (INDEX_SUFFIX, BenchmarkSplit, IndexedDataset, IndexSplit, channel_stats,
-                               make_source_benchmark, open_benchmark)
+from pipeline.userdata import (
+    INDEX_SUFFIX,
+    BenchmarkSplit,
+    IndexedDataset,
+    IndexSplit,
+    channel_stats,
+    make_source_benchmark,
+    open_benchmark,
+)
 from tests import fakedata
 
 N = 10  # images per fake file: cifar10 train has 5 * N, every test part N
@@ -576,7 +583,7 @@ def test_channel_stats_of_an_indexed_dataset_do_not_depend_on_batching(bench, da
     ({"id_train": {"source": "cifar10", "part": "val"}}, r"'generate.id_train.part' parameter .* Got 'val'"),
     ({"far": {"svhn": {"source": "svhn", "size": 5}}},
      (r"Unknown parameter 'generate.far.svhn.size'. Valid parameters of 'generate.far.svhn' are "
-      r"\['n', 'part', 'path', 'source'\]")),
+      r"\['list', 'n', 'part', 'path', 'source'\]")),
     ({"near": {"cifar100": {"source": "cifar100", "n": 0}}}, r"'generate.near.cifar100.n' parameter .* positive"),
     ({"far": {"id_like": {"source": "svhn"}}}, r"'generate.far' parameter .* not starting with 'id'"),
     ({"near": ["cifar100"]}, r"'generate.near' parameter of params.yaml must be a mapping"),
