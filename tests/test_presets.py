@@ -38,7 +38,7 @@ def private_hash_cache(tmp_path_factory, monkeypatch):
 
 
 def _params(tmp_path, name, extra=()):
-    caps = IMAGENET_SMALL if name.startswith("imagenet") else SMALL
+    caps = IMAGENET_SMALL if "imagenet" in name else SMALL
     overrides = [f"generate.root={tmp_path / 'raw'}", "generate.val_fraction=0.5",
                  *(f"generate.{key}={value}" for key, value in caps.items()),
                  "extract.batch_size=4", "extract.chunk_rows=2", "extract.shard_rows=4",
@@ -108,8 +108,9 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
     store_path = tmp_path / "features.zarr"
     extract.run(params, data, model, store_path)
     store = open_store(store_path)
-    expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ("val", "test")),
-                *(f"{s}_aux" for s in gen.aux)}
+    ood_parts = ("test",) if gen.ood_val else ("val", "test")  # separate OOD val sets leave the test sets whole
+    expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ood_parts),
+                *(f"{s}_val" for s in gen.ood_val), *(f"{s}_aux" for s in gen.aux)}
     assert set(store.splits) == expected
     for aux_set in gen.aux:  # auxiliary outliers are extracted like every split
         split = f"{aux_set}_aux"
@@ -143,7 +144,7 @@ def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(tmp
     decoder = yaml.safe_load((det / "methods/heatmap/heatmap.json").read_text())
     assert decoder["skip_layers"] == ["block3", "block2"] and decoder["n_outliers"] == 8
     detect.run(params, store, det, tmp_path / "m.json", tmp_path / "t.csv", tmp_path / "figs", tmp_path / "a.json")
-    assert "far" in yaml.safe_load((tmp_path / "m.json").read_text())["methods"]["heatmap"]["score"]
+    assert "auroc_far" in yaml.safe_load((tmp_path / "m.json").read_text())["heatmap"]
     calibrate.run(params, store, det, tmp_path / "guard.json")
     report = guard.run(store, det, tmp_path / "guard.json", tmp_path / "model.pt", tmp_path / "guard_report.json")
     assert report["layers"] == ["block1", "block2", "block3"] and 0 < report["flops_per_input"]["block1"]
