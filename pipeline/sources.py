@@ -61,8 +61,8 @@ EXPECTED_LAYOUT = {
     "mnist": "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "fashionmnist": "ROOT/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
     "imagefolder": "PATH/<class>/<image>.{png,jpg,...} (PATH relative to ROOT unless absolute)",
-    "imglist": "LIST with one '<image path> <label>' per line, the images at PATH/<image path> (LIST and PATH "
-               "relative to ROOT unless absolute; OpenOOD v1.5: ROOT/benchmark_imglist/, ROOT/images_classic/)",
+    "imglist": "LIST: one '<image path> <label>' per line, naming PATH/<image path> (both relative to ROOT unless "
+               "absolute)",
     "constant": "nothing on disk: the images are generated from the seed",
 }
 

@@ -322,20 +322,23 @@ def check_sources_present(cfg):
     from pipeline.fingerprint import source_files
 
     sets = cfg.specs
-    missing = []
+    missing = {}
     for param, spec in sets.items():
         with in_context(param):
             found = source_files(spec.source, cfg.root, spec.part, spec.path, spec.list)
         if found.missing:
             layout = EXPECTED_LAYOUT[spec.source].replace("PATH", spec.path or "PATH")
             layout = layout.replace("LIST", spec.list) if spec.list else layout
-            missing.append(f"{param} ({spec.describe()}: {_absent(spec, found)}expected {layout})")
+            missing[param] = f"{param} ({spec.describe()}: {_absent(spec, found)}expected {layout})"
     if missing:
         where = "" if os.path.isdir(cfg.root) else ", which does not exist"
+        # only torchvision's sets download; image folders and lists are fetched by hand
+        download = any(sets[param].source not in ("imagefolder", "imglist") for param in missing)
         raise DataError(f"{len(missing)} of the {len(sets)} configured data sets are missing under generate.root "
-                        f"'{cfg.root}'{where}: {'; '.join(missing)}. Hint: point generate.root at the data, put "
-                        "the missing sets there, remove the sets you do not use, or set generate.download: true "
-                        "(torchvision's sets, on a machine that is online).")
+                        f"'{cfg.root}'{where}: {'; '.join(missing.values())}. Hint: point generate.root at the data, "
+                        "put the missing sets there, remove the sets you do not use"
+                        + (", or set generate.download: true (torchvision's sets, on a machine that is online)."
+                           if download else "."))
 
 
 def make_source_benchmark(cfg) -> list[IndexSplit]:

@@ -132,8 +132,8 @@ def test_an_empty_list_and_a_missing_list_are_data_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DataError, match=r"Image list '.*empty\.txt' names no image: expected lines "):
         read_imglist(tmp_path / "empty.txt")
-    with pytest.raises(DataError, match=r"Could not read data set 'imglist' .*No such file.*nope\.txt.*Expected LIST "
-                                        r"with one '<image path> <label>' per line.*Hint: point root at the data, "
+    with pytest.raises(DataError, match=r"Could not read data set 'imglist' .*No such file.*nope\.txt.*Expected LIST: "
+                                        r"one '<image path> <label>' per line.*Hint: point root at the data, "
                                         r"list at the image list file"):
         load_source("imglist", root=tmp_path, list_file="nope.txt")
     with pytest.raises(ConfigError, match=r"'list_file' parameter of load_source must be an image list file"):
@@ -163,7 +163,9 @@ def test_a_missing_list_and_missing_images_are_named_by_their_parameter(openood)
                                         rf"generate.far.svhn \(imglist {LISTS}/test_svhn.txt: 1 of the 6 images it "
                                         rf"names are missing, e.g. '{IMAGES}/test_svhn/0003.png'; expected {layout}\); "
                                         rf"generate.ood_val.val_tin \(imglist {LISTS}/val_tin.txt: the list file is "
-                                        rf"missing; expected {LISTS}/val_tin.txt with one"):
+                                        rf"missing; expected {LISTS}/val_tin.txt: one .*\)\. Hint: point "
+                                        r"generate.root at the data, put the missing sets there, remove the sets "
+                                        r"you do not use\.$"):
         check_sources_present(_cfg(root))
 
 
