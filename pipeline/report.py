@@ -18,13 +18,10 @@ import numpy as np
 from pipeline.aggregate import AGGREGATIONS, aggregate, argmax_layer_counts
 from pipeline.artifacts import atomic_write
 from pipeline.metrics import fpr_key, group_means, ood_metrics
+from pipeline.roles import GROUPS, OOD_VAL
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("near", "far")
-# Role of an OOD set kept for selection only (OpenOOD v1.5's ``val_<set>`` lists,
-# ``generate.ood_val``): it stands for both groups on the val part and is never reported.
-OOD_VAL = "ood_val"
 
 
 def ood_sets(store, part="test") -> dict[str, dict]:

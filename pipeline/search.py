@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
@@ -355,7 +356,9 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
     runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
     maps = reads_maps(methods)
-    job = SearchJob(str(store.path), store.key, ood_val, tuple(aggregations), recall, maps)
+    # absolute: loky's reusable workers keep the working directory they started in
+    where = store.path if isinstance(store.path, str) else str(Path(store.path).resolve())
+    job = SearchJob(where, store.key, ood_val, tuple(aggregations), recall, maps)
     # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
                                                                       unit="task", processes=True)}

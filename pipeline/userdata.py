@@ -29,7 +29,7 @@ Separate val sets, as OpenOOD v1.5 holds them out, keep its test lists whole:
 * with ``generate.id_val``, ``id_val`` is that set (capped at ``max_test`` or
   its own ``n``) and ``id_test`` the whole (capped) ID test set: no cut;
 * with ``generate.ood_val``, each of its sets is one ``<set>_val`` split (role
-  :data:`pipeline.report.OOD_VAL`, part ``"val"``, labels ``-1``), which
+  :data:`pipeline.roles.OOD_VAL`, part ``"val"``, labels ``-1``), which
   :func:`pipeline.report.ood_sets` takes as the val sets of both groups, and
   every near/far set is one whole ``<set>_test`` split.
 
@@ -70,6 +70,7 @@ from pipeline.datasets import (
 )
 from pipeline.errors import DataError
 from pipeline.fingerprint import HashCache
+from pipeline.roles import OOD_VAL
 from pipeline.sources import EXPECTED_LAYOUT, data_signature, load_source, source_classes, source_targets
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,6 @@ def _ood_splits(cfg, set_name, role, spec, cache):
 
 def _ood_val_split(cfg, set_name, spec, cache):
     """``<set>_val``: the chosen samples of one separate OOD val set, whole (role ``ood_val``, never reported)."""
-    from pipeline.report import OOD_VAL  # report imports matplotlib and sklearn: only when such a set is configured
 
     loader = _loader_args(cfg, spec)
     dataset = _open_source(loader, cfg.root, cfg.download)

@@ -20,7 +20,7 @@ from pipeline.datasets import write_benchmark
 from pipeline.errors import ConfigError, DataError
 from pipeline.fingerprint import generate_inputs, input_key, read_imglist, source_files
 from pipeline.presets import render_params
-from pipeline.report import OOD_VAL
+from pipeline.roles import OOD_VAL
 from pipeline.sources import EXPECTED_LAYOUT, load_source, make_transform, source_classes, source_targets
 from pipeline.userdata import check_sources_present, make_source_benchmark, open_benchmark
 from tests import fakedata

@@ -15,14 +15,19 @@ SETS_TEST = {"far": {"split": "far_test", "role": "far"}, "near": {"split": "nea
 @pytest.fixture
 def store(tmp_path, rng):
     """Two layers of blob features, logits, for ID train/val/test and near/far OOD val/test."""
+    return write_search_store(tmp_path / "s.zarr", rng)
+
+
+def write_search_store(path, rng, stretch=1.6):
+    """The ``store`` fixture's store at ``path``; near OOD is ID stretched by ``stretch``."""
     b = make_blobs(rng, n_per_class=80, n_ood=40)
-    near = b.X_id[:40] * 1.6  # stretched ID: harder than the far outliers
+    near = b.X_id[:40] * stretch  # stretched ID: harder than the far outliers
     data = {"id_train": (b.X_train, b.y_train), "id_val": (b.X_id[:60], b.y_id[:60]),
             "id_test": (b.X_id[60:], b.y_id[60:]), "far_val": (b.X_ood[:20], None), "far_test": (b.X_ood[20:], None),
             "near_val": (near[:20], None), "near_test": (near[20:], None)}
     specs = [ArraySpec("l1", 8, "float32"), ArraySpec("l2", 8, "float32"), ArraySpec("logits", 3, "float32"),
              ArraySpec("label", None, "int64")]
-    with StoreWriter(tmp_path / "s.zarr", "k", chunk_rows=16, shard_rows=64) as writer:
+    with StoreWriter(path, "k", chunk_rows=16, shard_rows=64) as writer:
         for split, (X, y) in data.items():
             y = np.full(len(X), -1) if y is None else y
             role, _, part = split.partition("_")
@@ -34,7 +39,7 @@ def store(tmp_path, rng):
                 writer.write_shard(split, i, {"l1": X[a:z], "l2": X[a:z] ** 2, "logits": X[a:z, :3] * 3,
                                               "label": y[a:z]})
         writer.finalize({"checkpoint_sha256": "x"}, ["l1", "l2"])
-    return open_store(tmp_path / "s.zarr")
+    return open_store(path)
 
 
 def test_values_from_lists_ranges_and_logspaces():
@@ -142,3 +147,20 @@ def test_search_cli_selects_on_the_fpr_at_its_recall(store, tmp_path):
     assert board["metric"] == "fpr@90" and "val_fpr@90_mean" in board["rows"][0]
     winner = [r for r in board["rows"] if r["selected"]][0]
     assert winner["val_fpr@90_mean"] == min(r["val_fpr@90_mean"] for r in board["rows"])  # lowest FPR wins
+
+
+def test_a_relative_store_path_is_read_from_where_the_search_runs(store, tmp_path, monkeypatch):
+    # loky's workers are reused across searches and keep the directory they started in: a relative path
+    # must not send a later search, run from elsewhere, to another store that happens to share the name
+    from pipeline.store import open_store
+
+    methods, kwargs = {"knn": {"n_neighbors": [1, 3]}}, {"ood_val": SETS_VAL, "ood_test": SETS_TEST}
+    elsewhere = tmp_path / "elsewhere"
+    write_search_store(elsewhere / "s.zarr", np.random.default_rng(7), stretch=1.2)
+    monkeypatch.chdir(tmp_path)
+    here = leaderboard(run_search(open_store("s.zarr"), methods, n_jobs=2, **kwargs))  # starts the workers here
+    monkeypatch.chdir(elsewhere)
+    relative = leaderboard(run_search(open_store("s.zarr"), methods, n_jobs=2, **kwargs))
+    absolute = leaderboard(run_search(open_store(elsewhere / "s.zarr"), methods, n_jobs=2, **kwargs))
+    assert [r["val_auroc_mean"] for r in relative] == [r["val_auroc_mean"] for r in absolute]
+    assert [r["val_auroc_mean"] for r in relative] != [r["val_auroc_mean"] for r in here]
