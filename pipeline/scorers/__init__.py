@@ -13,12 +13,16 @@ from pipeline.errors import ConfigError, invalid_param
 from pipeline.scorers.ash import AshScorer
 from pipeline.scorers.base import BaseScorer, Features
 from pipeline.scorers.energy import EnergyScorer
+from pipeline.scorers.entropy import EntropyScorer
+from pipeline.scorers.gen import GENScorer
 from pipeline.scorers.heatmap import HeatmapScorer
+from pipeline.scorers.klm import KLMatchingScorer
 from pipeline.scorers.maxlogit import MaxLogitScorer
 from pipeline.scorers.msp import MSPScorer
 from pipeline.scorers.nac import NACScorer
 from pipeline.scorers.react import ReActScorer
 from pipeline.scorers.scale import ScaleScorer
+from pipeline.scorers.tempscale import TempScaleScorer
 from pipeline.scorers.vim import ViMScorer
 
 #: name -> (class, fixed constructor arguments)
@@ -26,6 +30,10 @@ SCORERS = {
     "msp": (MSPScorer, {}),
     "maxlogit": (MaxLogitScorer, {}),
     "ebo": (EnergyScorer, {}),
+    "tempscale": (TempScaleScorer, {}),
+    "entropy": (EntropyScorer, {}),
+    "gen": (GENScorer, {}),
+    "klm": (KLMatchingScorer, {}),
     "scale": (ScaleScorer, {}),
     "ash_p": (AshScorer, {"variant": "p"}),
     "ash_b": (AshScorer, {"variant": "b"}),
