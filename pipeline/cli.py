@@ -414,10 +414,13 @@ def summary(detail: Path = typer.Option(None, "--detail", "--metrics", help="The
             exps: bool = typer.Option(False, "--exps", help="Compare the DVC experiments (`dvc exp show`): mean "
                                       "± std over runs that differ only by train.seed."),
             methods: list[str] = typer.Option(None, "--method", help="With --exps: the methods to show; "
-                                              "repeatable.")):
+                                              "repeatable."),
+            over: list[str] = typer.Option(None, "--over", help="With --exps: the params runs may differ by "
+                                           "within a group (default train.seed; e.g. train.checkpoint for "
+                                           "OpenOOD's s0/s1/s2 checkpoints); repeatable.")):
     """Print the headline results: near/far AUROC and FPR per method (--exps: per experiment, over seeds)."""
     if exps:
-        return _summary_exps(methods or [])
+        return _summary_exps(methods or [], over or ["train.seed"])
     from pipeline.errors import DataError
     from pipeline.metrics import fpr_key
     from pipeline.report import GROUPS, read_detail, summary_rows
@@ -444,11 +447,11 @@ def summary(detail: Path = typer.Option(None, "--detail", "--metrics", help="The
     console.print(table)
 
 
-def _summary_exps(methods):
-    """``summary --exps``: every DVC experiment's headline metrics, grouped over seeds."""
+def _summary_exps(methods, over):
+    """``summary --exps``: every DVC experiment's headline metrics, grouped over the ``over`` params."""
     from pipeline.config import project_paths
     from pipeline.errors import DataError
-    from pipeline.experiments import SEED_PARAMS, dvc_exp_show, group_runs, parse_runs, summarise, varying_params
+    from pipeline.experiments import dvc_exp_show, group_runs, parse_runs, summarise, varying_params
     from pipeline.report import headline_methods
 
     metrics_path = project_paths()["metrics"]
@@ -461,18 +464,22 @@ def _summary_exps(methods):
     if unknown:
         raise DataError(f"Method {unknown[0]!r} is not in the experiments' metrics. They have {known}. Hint: pass "
                         "one of them to --method.")
-    groups = group_runs(runs)
+    unknown = [p for p in over if not any(p in r.params for r in runs)]
+    if unknown:
+        raise DataError(f"--over {unknown[0]!r} is not a param of any run. Hint: pass a dotted params.yaml key, "
+                        "e.g. --over train.seed or --over train.checkpoint.")
+    groups = group_runs(runs, over)
     varying = varying_params(groups)
     labels = ["\n".join(f"{k}={group.params[k]}" for k in varying) or "(baseline)" for group in groups]
     table = Table(title=f"{len(runs)} runs in {len(groups)} groups: mean ± sample std over "
-                        f"{', '.join(SEED_PARAMS)}, in % as OpenOOD reports them (FPR at each run's detect.recall)")
+                        f"{', '.join(over)}, in % as OpenOOD reports them (FPR at each run's detect.recall)")
     table.add_column("params", no_wrap=True)  # they tell the groups apart: never wrapped
     table.add_column("runs (seed)")
     table.add_column("method", no_wrap=True)
     for header in ("AUROC near", "AUROC far", "FPR near", "FPR far"):
         table.add_column(header)
     for group, label in zip(groups, labels):
-        names = "\n".join(f"{run.name} ({seed[0]})" for run, seed in zip(group.runs, group.seeds))
+        names = "\n".join(f"{run.name} ({', '.join(map(str, seed))})" for run, seed in zip(group.runs, group.seeds))
         for i, row in enumerate(summarise(group, methods)):
             fpr = next((k[:-5] for k in row if k.startswith("fpr@") and k.endswith("_near")), "fpr")
             cells = ([_pm(row["id_accuracy"]), "", "", ""] if row["method"] == "id_accuracy" else

@@ -54,11 +54,13 @@ class Group:
     """Runs with equal params once the seed params are set aside."""
 
     params: dict                      # the shared params (seed params left out)
+    seed_params: tuple = SEED_PARAMS
     runs: list[Run] = field(default_factory=list)
 
     @property
     def seeds(self) -> list:
-        return [tuple(run.params.get(p) for p in SEED_PARAMS) for run in self.runs]
+        """Per run, the values of the seed params (what varies inside the group)."""
+        return [tuple(run.params.get(p) for p in self.seed_params) for run in self.runs]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -124,12 +126,17 @@ def parse_runs(shown: list, metrics_path: str) -> list[Run]:
 
 
 def group_runs(runs: list[Run], seed_params=SEED_PARAMS) -> list[Group]:
-    """Group ``runs`` by their params without ``seed_params``, in first-seen order."""
+    """Group ``runs`` by their params without ``seed_params``, in first-seen order.
+
+    ``seed_params`` are dotted params (``train.seed``); with OpenOOD's three
+    checkpoints per benchmark, the runs differ by ``train.checkpoint`` instead.
+    """
+    seed_params = tuple(seed_params)
     groups: dict[str, Group] = {}
     for run in runs:
         shared = {k: v for k, v in run.params.items() if k not in seed_params}
         key = json.dumps(shared, sort_keys=True, default=str)
-        groups.setdefault(key, Group(shared)).runs.append(run)
+        groups.setdefault(key, Group(shared, seed_params)).runs.append(run)
     return list(groups.values())
 
 

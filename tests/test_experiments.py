@@ -129,6 +129,22 @@ def test_summary_exps_gives_mean_and_std_over_seeds(dvc_project):
     assert "99.00±0.00" in result.output and "master (0)" in result.output
 
 
+def test_summary_exps_groups_over_another_param(dvc_project):
+    # OpenOOD's three checkpoints: runs differ by train.checkpoint; grouping over train.seed keeps them apart
+    for seed in (1, 2):
+        _dvc(dvc_project, "exp", "run", "-S", f"train.seed={seed}", "-S", f"train.epochs={seed + 2}")
+    apart = CliRunner().invoke(app, ["summary", "--exps"], terminal_width=200, env={"COLUMNS": "200"})
+    assert "3 runs in 3 groups" in apart.output, apart.output
+    together = CliRunner().invoke(app, ["summary", "--exps", "--over", "train.seed", "--over", "train.epochs"],
+                                  terminal_width=200, env={"COLUMNS": "200"})
+    assert "3 runs in 1 groups" in together.output and "82.00±2.00" in together.output, together.output
+    assert "master (0, 2)" in together.output
+    line = CliRunner().invoke(app, ["summary", "--exps", "--over", "train.sed"], terminal_width=400).output
+    assert line.strip().splitlines()[-1] == ("error: --over 'train.sed' is not a param of any run. Hint: pass a "
+                                             "dotted params.yaml key, e.g. --over train.seed or --over "
+                                             "train.checkpoint.")
+
+
 def test_summary_exps_names_an_unknown_method(dvc_project):
     result = CliRunner().invoke(app, ["summary", "--exps", "--method", "knn"], terminal_width=400)
     assert result.exit_code != 0
