@@ -37,6 +37,78 @@ def vim_null_space(covariance, dim):
     return np.ascontiguousarray(vectors[:, :covariance.shape[0] - dim])
 
 
+def vim_origin(weight, bias):
+    """ViM's origin ``u = -pinv(W) @ b``: the feature the head maps closest to all-zero logits.
+
+    Parameters
+    ----------
+    weight : ndarray of shape (n_classes, n_features)
+    bias : ndarray of shape (n_classes,)
+
+    Returns
+    -------
+    origin : ndarray of shape (n_features,)
+    """
+    return -np.linalg.pinv(weight) @ bias
+
+
+def vim_residual_space(centred, dim):
+    """``NS``: the residual space of the (uncentred) covariance of ``centred = a - origin``.
+
+    Parameters
+    ----------
+    centred : ndarray of shape (n_samples, n_features)
+        ID features minus the origin.
+    dim : int
+        Dimension of the principal subspace left out, ``0 < dim < D``.
+
+    Returns
+    -------
+    null_space : ndarray of shape (n_features, n_features - dim)
+    """
+    covariance = EmpiricalCovariance(assume_centered=True).fit(centred).covariance_
+    return vim_null_space(covariance, dim)
+
+
+def vim_residuals(a, origin, null_space):
+    """Norm of each feature's projection onto the residual space, ``||(a - origin) @ NS||``.
+
+    Parameters
+    ----------
+    a : ndarray of shape (n_samples, n_features)
+    origin : ndarray of shape (n_features,)
+    null_space : ndarray of shape (n_features, n_null)
+
+    Returns
+    -------
+    residuals : ndarray of shape (n_samples,)
+    """
+    return np.linalg.norm((a - origin) @ null_space, axis=1)
+
+
+def resolve_dim(dim, n_features, owner):
+    """The principal dimension: ``dim``, or ``D // 2`` when None; ``ConfigError`` unless ``0 < dim < D``.
+
+    Parameters
+    ----------
+    dim : int or None
+    n_features : int
+        ``D``.
+    owner : str
+        The scorer, for the message.
+
+    Returns
+    -------
+    dim : int
+    """
+    resolved = n_features // 2 if dim is None else dim
+    if (isinstance(resolved, bool) or not isinstance(resolved, numbers.Integral)
+            or not (0 < resolved < n_features)):
+        raise invalid_param("dim", owner, f"None or an int in [1, {n_features - 1}] (0 < dim < D = {n_features})",
+                            dim)
+    return int(resolved)
+
+
 def vim_scores(a, weight, bias, origin, null_space, alpha):
     """ViM's score, ``alpha * ||(a - origin) @ NS|| - logsumexp(a @ W.T + b)``; higher = more OOD.
 
@@ -54,8 +126,7 @@ def vim_scores(a, weight, bias, origin, null_space, alpha):
     scores : ndarray of shape (n_samples,)
         float64; the negation of ViM's ID score (energy minus virtual logit).
     """
-    residual = np.linalg.norm((a - origin) @ null_space, axis=1)
-    return alpha * residual - logsumexp(head_logits(a, weight, bias), axis=1)
+    return alpha * vim_residuals(a, origin, null_space) - logsumexp(head_logits(a, weight, bias), axis=1)
 
 
 class ViMScorer(BaseScorer):
@@ -119,12 +190,11 @@ class ViMScorer(BaseScorer):
         self : ViMScorer
         """
         a, weight, bias = read_head(features, "ViM")
-        self.dim_ = self._resolve_dim(a.shape[1])
-        self.origin_ = -np.linalg.pinv(weight) @ bias
+        self.dim_ = resolve_dim(self.dim, a.shape[1], "ViM")
+        self.origin_ = vim_origin(weight, bias)
         centred = a - self.origin_
-        covariance = EmpiricalCovariance(assume_centered=True).fit(centred).covariance_
-        self.null_space_ = vim_null_space(covariance, self.dim_)
-        residual = np.linalg.norm(centred @ self.null_space_, axis=1).mean()
+        self.null_space_ = vim_residual_space(centred, self.dim_)
+        residual = vim_residuals(a, self.origin_, self.null_space_).mean()
         if not residual > 1e-12 * np.linalg.norm(centred, axis=1).mean():
             raise DataError(f"ViM's ID features have no residual off their {self.dim_}-dimensional principal "
                             "subspace, so alpha is undefined. Hint: lower 'dim'.")
@@ -149,10 +219,3 @@ class ViMScorer(BaseScorer):
         self._check_fitted()
         a, weight, bias = read_head(features, "ViM", self.n_features_in_)
         return vim_scores(a, weight, bias, self.origin_, self.null_space_, self.alpha_)
-
-    def _resolve_dim(self, n_features):
-        dim = n_features // 2 if self.dim is None else self.dim
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not (0 < dim < n_features):
-            raise invalid_param("dim", "ViM", f"None or an int in [1, {n_features - 1}] (0 < dim < D = {n_features})",
-                                self.dim)
-        return int(dim)
