@@ -12,16 +12,24 @@ import inspect
 from pipeline.errors import ConfigError, invalid_param
 from pipeline.scorers.ash import AshScorer
 from pipeline.scorers.base import BaseScorer, Features
+from pipeline.scorers.dice import DICEScorer
 from pipeline.scorers.energy import EnergyScorer
 from pipeline.scorers.entropy import EntropyScorer
+from pipeline.scorers.fdbd import FDBDScorer
 from pipeline.scorers.gen import GENScorer
+from pipeline.scorers.gradnorm import GradNormScorer
 from pipeline.scorers.heatmap import HeatmapScorer
 from pipeline.scorers.klm import KLMatchingScorer
 from pipeline.scorers.maxlogit import MaxLogitScorer
 from pipeline.scorers.msp import MSPScorer
 from pipeline.scorers.nac import NACScorer
+from pipeline.scorers.nnguide import NNGuideScorer
+from pipeline.scorers.openmax import OpenMaxScorer
 from pipeline.scorers.react import ReActScorer
+from pipeline.scorers.relation import RelationScorer
+from pipeline.scorers.residual import ResidualScorer
 from pipeline.scorers.scale import ScaleScorer
+from pipeline.scorers.she import SHEScorer
 from pipeline.scorers.tempscale import TempScaleScorer
 from pipeline.scorers.vim import ViMScorer
 
@@ -42,6 +50,14 @@ SCORERS = {
     "vim": (ViMScorer, {}),
     "nac_ue": (NACScorer, {}),
     "heatmap": (HeatmapScorer, {}),
+    "dice": (DICEScorer, {}),
+    "gradnorm": (GradNormScorer, {}),
+    "residual": (ResidualScorer, {}),
+    "fdbd": (FDBDScorer, {}),
+    "nnguide": (NNGuideScorer, {}),
+    "relation": (RelationScorer, {}),
+    "she": (SHEScorer, {}),
+    "openmax": (OpenMaxScorer, {}),
 }
 
 
