@@ -17,6 +17,7 @@ from pipeline.scorers.base import Features
 from pipeline.scorers.entropy import EntropyScorer, entropy_scores
 from pipeline.scorers.gen import GENScorer, gen_scores
 from pipeline.scorers.klm import KLMatchingScorer, klm_scores, klm_templates
+from pipeline.scorers.msp import MSPScorer
 from pipeline.scorers.tempscale import TempScaleScorer, fit_temperature, temperature_nll
 from tests.test_scorers_posthoc import ROC_FLOOR, auroc, make_penultimate
 
@@ -130,12 +131,13 @@ def test_tempscale_ignores_unlabelled_rows():
     assert TempScaleScorer().fit(f).temperature_ == pytest.approx(1 / np.log(2.0), rel=1e-8)
 
 
-def test_tempscale_refuses_rows_that_are_all_classified_right():
-    # every label is the arg max: the NLL falls as T -> 0 and has no minimum
+def test_tempscale_keeps_t_1_when_rows_are_all_classified_right(caplog):
+    # every label is the arg max: the NLL falls as T -> 0 and has no minimum, so no T is identifiable
     f = Features(logits=np.array([[2.0, 0.0], [0.0, 1.0]]), labels=np.array([0, 1]))
-    with pytest.raises(DataError, match=r"TempScale's 2 labelled ID rows are all classified correctly, so the NLL "
-                                        r"falls as T -> 0 and no temperature can be fitted\. Hint"):
-        TempScaleScorer().fit(f)
+    scorer = TempScaleScorer().fit(f)
+    assert scorer.temperature_ == 1.0 and scorer.identifiable_ is False
+    assert "all 2 labelled ID rows are classified correctly" in caplog.text and "T = 1" in caplog.text
+    np.testing.assert_allclose(scorer.score(f), MSPScorer().fit(f).score(f))
 
 
 @pytest.mark.parametrize("labels, match", [

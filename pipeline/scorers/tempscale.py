@@ -9,6 +9,8 @@ no arguments), pytorch-ood's ``src/pytorch_ood/detector/tscaling.py``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import logsumexp, softmax
@@ -20,6 +22,8 @@ from pipeline.scorers.msp import msp_scores
 
 #: The range ``T`` is searched in (a log-scale bracket wide enough for any logit scale met in practice).
 T_BOUNDS = (1e-4, 1e4)
+
+log = logging.getLogger(__name__)
 
 
 def temperature_nll(logits, labels, temperature):
@@ -112,8 +116,7 @@ def labelled_rows(features):
     Raises
     ------
     DataError
-        No labelled row, a label out of range, or no misclassified row (then
-        the NLL has no minimum: it falls as ``T -> 0``).
+        No labelled row, or a label out of range.
     """
     logits, labels = features.require("logits", "labels", owner="TempScale")
     logits, labels = check_matrix(logits, "logits", "TempScale"), np.asarray(labels)
@@ -122,12 +125,12 @@ def labelled_rows(features):
         raise DataError("TempScale needs ID rows with class labels (>= 0) to fit its temperature; got none.")
     if labels.max() >= logits.shape[1]:
         raise DataError(f"TempScale got label {labels.max()} for logits with {logits.shape[1]} classes.")
-    logits, labels = logits[known], labels[known]
-    if not (logits.max(axis=1) > logits[np.arange(len(labels)), labels]).any():
-        raise DataError(f"TempScale's {len(labels)} labelled ID rows are all classified correctly, so the NLL "
-                        "falls as T -> 0 and no temperature can be fitted. Hint: fit it on data with errors, "
-                        "or use msp (T = 1) or ebo with a set temperature.")
-    return logits, labels
+    return logits[known], labels[known]
+
+
+def has_errors(logits, labels) -> bool:
+    """Whether any row's arg max is not its label: without one, the NLL has no minimum (it falls as ``T -> 0``)."""
+    return bool((logits.max(axis=1) > logits[np.arange(len(labels)), labels]).any())
 
 
 class TempScaleScorer(BaseScorer):
@@ -149,8 +152,9 @@ class TempScaleScorer(BaseScorer):
       selection). A network that fits its training set closely is more
       confident there than on held-out data, so this ``T`` is lower than a
       held-out one. If no labelled row is misclassified, the NLL falls
-      without end as ``T -> 0`` (every score would become -1): ``fit`` then
-      raises ``DataError`` rather than return a meaningless ``T``.
+      without end as ``T -> 0`` (every score would become -1): no temperature
+      is identifiable, so ``fit`` keeps ``T = 1`` (the scorer is then MSP),
+      sets ``identifiable_ = False`` and logs a warning saying so.
     - OpenOOD runs one ``LBFGS(lr=0.01, max_iter=50)`` step from ``T = 1.5``,
       which can stop well short of the minimum; here the one-dimensional
       objective is minimised to float precision (:func:`fit_temperature`).
@@ -163,7 +167,9 @@ class TempScaleScorer(BaseScorer):
     Attributes
     ----------
     temperature_ : float
-        The fitted ``T``.
+        The fitted ``T`` (1.0 when not identifiable).
+    identifiable_ : bool
+        Whether some labelled row was misclassified, so that the NLL has a minimum.
     n_classes_ : int
         Logit columns seen during ``fit``.
     """
@@ -187,7 +193,13 @@ class TempScaleScorer(BaseScorer):
         self : TempScaleScorer
         """
         logits, labels = labelled_rows(features)
-        self.temperature_ = fit_temperature(logits, labels)
+        self.identifiable_ = has_errors(logits, labels)
+        if self.identifiable_:
+            self.temperature_ = fit_temperature(logits, labels)
+        else:
+            log.warning("TempScale: all %d labelled ID rows are classified correctly, so the NLL falls as T -> 0 "
+                        "and no temperature is identifiable; keeping T = 1 (the scores are MSP's).", len(labels))
+            self.temperature_ = 1.0
         self.n_classes_ = logits.shape[1]
         return self
 
