@@ -1,27 +1,31 @@
-"""Class-conditional Mahalanobis distance with a tied covariance.
+"""Class-conditional Mahalanobis distance with a tied covariance, optionally on L2-normalised features (Mahalanobis++).
 
 Lee, Lee, Lee & Shin (2018), "A Simple Unified Framework for Detecting
 Out-of-Distribution Samples and Adversarial Attacks", NeurIPS.
+Mueller & Hein (2025), "Mahalanobis++: Improving OOD Detection via Feature
+Normalization", ICML.
 """
 
 import numbers
 from numbers import Real
 
 import numpy as np
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import column_or_1d
 
 from ..errors import DataError, invalid_param
 from .base import BaseDetector
+from .knn_l2 import l2_normalise
+
+#: Values of the ``normalize`` parameter (None means "none").
+NORMALIZE = ("none", "l2")
 
 
 def mahalanobis_scores(X, means, precision):
     """Squared Mahalanobis distance to the closest class mean.
 
-    ``score(x) = min_c (x - mu_c)^T P (x - mu_c)``, computed with the
-    expansion ``x'Px - 2 x'P mu_c + mu_c'P mu_c`` (``P`` symmetrised), so
-    memory stays at O(n_samples * n_classes). Tiny negative values from
-    round-off are clipped to 0.
+    ``score(x) = min_c (x - mu_c)^T P (x - mu_c)``: the row minimum of
+    :func:`mahalanobis_distances`, clipped at 0 (round-off).
 
     Parameters
     ----------
@@ -37,12 +41,32 @@ def mahalanobis_scores(X, means, precision):
     scores : ndarray of shape (n_samples,)
         Higher means more out-of-distribution.
     """
+    return np.maximum(mahalanobis_distances(X, means, precision).min(axis=1), 0.0)
+
+
+def mahalanobis_distances(X, means, precision):
+    """Squared Mahalanobis distance of every sample to every mean, with one shared precision.
+
+    ``D[i, k] = (x_i - mu_k)^T P (x_i - mu_k)``, computed with the expansion
+    ``x'Px - 2 x'P mu_k + mu_k'P mu_k`` (``P`` symmetrised), so memory stays
+    at O(n_samples * n_means): no (n_samples, n_samples) matrix.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    means : ndarray of shape (n_means, n_features)
+    precision : ndarray of shape (n_features, n_features)
+
+    Returns
+    -------
+    distances : ndarray of shape (n_samples, n_means)
+        May hold tiny negative values from round-off.
+    """
     X, means, precision = _check_shapes(X, means, precision)
     P = (precision + precision.T) / 2
     XP = X @ P
     sq = np.einsum("ij,ij->i", XP, X)[:, None] - 2 * XP @ means.T
-    sq += np.einsum("kj,kj->k", means @ P, means)[None, :]
-    return np.maximum(sq.min(axis=1), 0.0)
+    return sq + np.einsum("kj,kj->k", means @ P, means)[None, :]
 
 
 def _check_shapes(X, means, precision):
@@ -58,12 +82,12 @@ def _check_shapes(X, means, precision):
 
 
 class ClassConditionalMahalanobis(BaseDetector):
-    """Mahalanobis distance to the closest class mean (Lee et al., 2018).
+    """Mahalanobis distance to the closest class mean (Lee et al., 2018), or Mahalanobis++ (Mueller & Hein, 2025).
 
     Each class ``c`` is modelled as a Gaussian ``N(mu_c, Sigma)`` with a
     covariance shared by all classes; the score is
 
-    ``score(x) = min_c (x - mu_c)^T P (x - mu_c)``, ``P = pinv(Sigma + reg * I)``,
+    ``score(x) = min_c (z - mu_c)^T P (z - mu_c)``, ``P = pinv(Sigma + reg * I)``,
 
     the squared distance to the closest class mean (Lee, Lee, Lee & Shin,
     "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
@@ -71,20 +95,34 @@ class ClassConditionalMahalanobis(BaseDetector):
     ``n_samples``) covariance of the class-centred features, as in
     :class:`sklearn.covariance.EmpiricalCovariance`.
 
+    ``z = x`` by default. With ``normalize="l2"``, ``z = x / ||x||_2`` for
+    training and scored rows alike, before anything else: Mahalanobis++
+    (Mueller & Hein, "Mahalanobis++: Improving OOD Detection via Feature
+    Normalization", ICML 2025; reference code ``mueller-mp/maha-norm``,
+    ``OpenOOD/openood/postprocessors/mdsn_postprocessor.py``). The norm is
+    then the layer's pooled features' own, so the registry does not
+    standardise them first (``reads_raw_features``). ``reg=0`` reproduces the
+    reference (``EmpiricalCovariance``'s pseudo-inverse); note that unit-norm
+    features have a covariance of trace at most 1, so the default ridge
+    weighs more next to its smallest eigenvalues than on z-scored features.
+
     Parameters
     ----------
     reg : float, default=1e-6
         Non-negative ridge added to the covariance's diagonal before the
         pseudo-inverse.
+    normalize : {"none", "l2"} or None, default="none"
+        ``"l2"``: divide every row by its Euclidean norm (plus 1e-10, so a
+        zero row stays zero) first, as Mahalanobis++.
 
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
         Class labels seen during ``fit``.
     means_ : ndarray of shape (n_classes, n_features)
-        Per-class means, in the order of ``classes_``.
+        Per-class means of ``z``, in the order of ``classes_``.
     covariance_ : ndarray of shape (n_features, n_features)
-        Shared (tied) covariance.
+        Shared (tied) covariance of ``z``.
     precision_ : ndarray of shape (n_features, n_features)
         ``pinv(covariance_ + reg * I)``.
     n_features_in_ : int
@@ -94,10 +132,17 @@ class ClassConditionalMahalanobis(BaseDetector):
     requires_labels = True
     supports_dask = True  # fit_dask: out of core, from a dask array
 
-    _parameter_constraints = {"reg": [Interval(Real, 0, None, closed="left")]}
+    _parameter_constraints = {"reg": [Interval(Real, 0, None, closed="left")],
+                              "normalize": [StrOptions(set(NORMALIZE)), None]}
 
-    def __init__(self, *, reg=1e-6):
+    def __init__(self, *, reg=1e-6, normalize="none"):
         self.reg = reg
+        self.normalize = normalize
+
+    @property
+    def reads_raw_features(self):
+        """bool: with ``normalize="l2"``, fit and score the layer's features as stored (not z-scored)."""
+        return self.normalize == "l2"
 
     def fit(self, X, y=None):
         """Estimate class means and the tied covariance.
@@ -114,7 +159,7 @@ class ClassConditionalMahalanobis(BaseDetector):
         self : ClassConditionalMahalanobis
         """
         self._check_reg()
-        X = self._validate_fit_input(X)
+        X = normalise_rows(self._validate_fit_input(X), self.normalize, type(self).__name__)
         y = self._check_labels(X, y)
         self.classes_, inverse = np.unique(y, return_inverse=True)
         self.means_ = _class_means(X, inverse, len(self.classes_))
@@ -140,16 +185,18 @@ class ClassConditionalMahalanobis(BaseDetector):
         y : array-like of shape (n_samples,)
             Class labels; required (n_samples integers fit in memory).
         transform : callable, optional
-            Applied to each block first (e.g. a fitted scaler's ``transform``).
+            Applied to each block first (e.g. a fitted scaler's ``transform``),
+            before the ``normalize`` step.
 
         Returns
         -------
         self : ClassConditionalMahalanobis
         """
         self._check_reg()
+        prepare = block_transform(transform, self.normalize, type(self).__name__)
         y = self._check_labels(X, y)
         self.classes_, inverse = np.unique(y, return_inverse=True)
-        counts, sums, scatter = blockwise_sum(_class_stats, X, inverse, len(self.classes_), transform=transform)
+        counts, sums, scatter = blockwise_sum(_class_stats, X, inverse, len(self.classes_), transform=prepare)
         self.means_ = sums / counts[:, None]
         self.covariance_ = (scatter - (self.means_.T * counts) @ self.means_) / X.shape[0]
         ridge = self.reg * np.eye(X.shape[1])
@@ -170,7 +217,8 @@ class ClassConditionalMahalanobis(BaseDetector):
             Higher means more out-of-distribution.
         """
         X = self._validate_score_input(X)
-        return mahalanobis_scores(X, self.means_, self.precision_)
+        return mahalanobis_scores(normalise_rows(X, self.normalize, type(self).__name__), self.means_,
+                                  self.precision_)
 
     def _check_reg(self):
         """Raise ``ConfigError`` unless ``reg`` is a non-negative real number."""
@@ -182,19 +230,64 @@ class ClassConditionalMahalanobis(BaseDetector):
 
     def _check_labels(self, X, y):
         """Return ``y`` as a 1-D array matching ``X``, or raise."""
-        if y is None:
-            raise invalid_param(
-                "y", "ClassConditionalMahalanobis.fit",
-                "an array of class labels of shape (n_samples,)", y,
-                hint="this detector is class-conditional; pass the ID labels.",
-            )
-        try:
-            y = column_or_1d(y)
-        except ValueError as exc:
-            raise DataError(f"y must be 1-D class labels: {exc}") from exc
-        if y.shape[0] != X.shape[0]:
-            raise DataError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels.")
-        return y
+        return check_labels(X, y, type(self).__name__)
+
+
+def check_labels(X, y, owner):
+    """Return ``y`` as a 1-D array matching ``X``; ``ConfigError`` without labels, ``DataError`` on bad ones.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,) or None
+    owner : str
+        The class-conditional detector, for the message.
+    """
+    if y is None:
+        raise invalid_param(
+            "y", f"{owner}.fit",
+            "an array of class labels of shape (n_samples,)", y,
+            hint="this detector is class-conditional; pass the ID labels.",
+        )
+    try:
+        y = column_or_1d(y)
+    except ValueError as exc:
+        raise DataError(f"y must be 1-D class labels: {exc}") from exc
+    if y.shape[0] != X.shape[0]:
+        raise DataError(f"X has {X.shape[0]} samples but y has {y.shape[0]} labels.")
+    return y
+
+
+def normalise_rows(X, normalize, owner):
+    """``X`` itself, or its rows divided by their L2 norm (``normalize="l2"``); ``ConfigError`` on another value.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    normalize : {"none", "l2"} or None
+    owner : str
+        The detector, for the message.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_features)
+    """
+    if normalize is None or (isinstance(normalize, str) and normalize == "none"):
+        return X
+    if isinstance(normalize, str) and normalize == "l2":
+        return l2_normalise(X)
+    raise invalid_param("normalize", owner, f"one of {sorted(NORMALIZE)} or None", normalize)
+
+
+def block_transform(transform, normalize, owner):
+    """What ``fit_dask`` applies to each block: ``transform`` (if any), then :func:`normalise_rows`.
+
+    The ``normalize`` value is checked at once, before any block is read.
+    """
+    normalise_rows(np.zeros((1, 1)), normalize, owner)
+    if transform is None and normalize in (None, "none"):
+        return None
+    return lambda block: normalise_rows(block if transform is None else transform(block), normalize, owner)
 
 
 def _class_means(X, inverse, n_classes):
