@@ -35,7 +35,8 @@ from pipeline import artifacts, persist, provenance
 from pipeline.detectors import make_detector
 from pipeline.errors import DataError, IntegrityError, in_context, invalid_param
 from pipeline.scorers import SCORERS, Features, make_scorer
-from pipeline.store import GRAD_PREFIX, MAP_PREFIX
+from pipeline.scorers.base import LazyArrays
+from pipeline.store import GRAD_PREFIX, GRAM_PREFIX, MAP_PREFIX, ODIN, RANKFEAT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,11 @@ def load_features(store, split: str, rows=None, *, maps=False) -> Features:
         Also read the unpooled maps and the input images (float32), if stored:
         they are far larger than the pooled features, so only scorers that
         ``reads_maps`` ask for them.
+
+    Gram row sums and RankFeat's logits (``extract.gram``, ``extract.rankfeat``)
+    come as :class:`~pipeline.scorers.base.LazyArrays`: read only when a scorer
+    asks for them (the Gram arrays are ``n_powers`` times a layer's pooled
+    features). ODIN's confidences, a few values per sample, are read when stored.
     """
     if rows is not None and not isinstance(rows, tuple):
         index = np.asarray(rows, dtype=np.int64)
@@ -268,8 +274,26 @@ def load_features(store, split: str, rows=None, *, maps=False) -> Features:
         logits=logits, penultimate=penultimate,
         head_weight=head.get("weight"), head_bias=head.get("bias"), layers=layers, grads=grads,
         spatial_size=spatial, labels=read("label"), pred=read("pred") if store.has(split, "pred") else None,
-        maps=unpooled, images=images,
+        maps=unpooled, images=images, **_method_features(store, split, read),
     )
+
+
+def _method_features(store, split, read) -> dict:
+    """The opt-in extraction-time fields of :class:`Features` that ``split`` holds (none for a default store)."""
+    names = store.array_names(split)
+
+    def lazy(prefix):
+        layers = [name[len(prefix):] for name in names if name.startswith(prefix)]
+        return LazyArrays(layers, lambda layer: read(f"{prefix}{layer}").astype(np.float64))
+
+    out = {"gram": lazy(GRAM_PREFIX), "rankfeat": lazy(RANKFEAT_PREFIX)}
+    if out["gram"]:
+        out["gram_powers"] = tuple(int(p) for p in store.to_numpy(split, "gram_power"))
+    if ODIN in names:
+        out["odin"] = read(ODIN).astype(np.float64)
+        out["odin_grid"] = (tuple(float(t) for t in store.to_numpy(split, "odin_temperature")),
+                            tuple(float(e) for e in store.to_numpy(split, "odin_noise")))
+    return out
 
 
 def fit_scorers(store, method_params: dict, trained=None) -> dict:
@@ -512,8 +536,24 @@ def load_detectors(directory, scorers=()) -> FittedDetectors:
 
 
 def _load_one(path):
-    return persist.load(path, trusted_types(), hint=f"this is not a detector `layerscope fit` wrote; "
-                                                    f"{DETECTORS.hint}")
+    detector = persist.load(path, trusted_types(), hint=f"this is not a detector `layerscope fit` wrote; "
+                                                        f"{DETECTORS.hint}")
+    try:  # a file from before a detector gained a parameter lacks it: refuse it rather than fail mid-score
+        _check_params_present(detector)
+    except AttributeError as exc:
+        raise IntegrityError(f"Detector file '{path}' was written by an older layerscope ({exc}). Hint: "
+                             f"{DETECTORS.hint}") from None
+    return detector
+
+
+def _check_params_present(estimator):
+    """Raise AttributeError unless ``estimator`` and every estimator it holds (fitted ones too) has all its params."""
+    from sklearn.base import BaseEstimator
+
+    estimator.get_params(deep=False)  # reads every constructor parameter
+    for value in vars(estimator).values():
+        if isinstance(value, BaseEstimator):
+            _check_params_present(value)
 
 
 def verify_detectors(directory) -> dict:

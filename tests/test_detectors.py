@@ -31,7 +31,7 @@ def auroc(scores_id, scores_ood):
 
 def test_registry_lists_every_required_detector():
     expected = {"iforest", "ecod", "knn", "ocsvm", "lof", "copod", "hbos", "pca", "mahalanobis",
-                "laood_ocsvm", "knn_l2"}
+                "laood_ocsvm", "knn_l2", "rmds", "gmm", "ssd", "mahalanobis_pp", "rmds_pp"}
     assert set(available_detectors()) == expected
     assert available_detectors() == sorted(available_detectors())
 
@@ -184,7 +184,7 @@ def test_unknown_pyod_method_is_rejected(blobs):
 
 def test_unknown_mahalanobis_param_is_rejected():
     with pytest.raises(ConfigError, match=r"Unknown parameter 'fit.detectors.mahalanobis.shrinkage'. Valid "
-                                          r"parameters of 'fit.detectors.mahalanobis' are \['reg'\]"):
+                                          r"parameters of 'fit.detectors.mahalanobis' are \['normalize', 'reg'\]"):
         make_detector("mahalanobis", {"shrinkage": 0.1})
 
 

@@ -70,6 +70,18 @@ def test_save_and_load_round_trip(tmp_path, blobs):
     assert [p.name for p in (tmp_path / ".staging").glob("det*")] == ["det.lock"]  # nothing staged is left behind
 
 
+def test_a_detector_saved_before_it_gained_a_parameter_is_refused(tmp_path, blobs):
+    store = write_store(tmp_path / "s.zarr", blobs)
+    fitted = fit_detectors(store, {"mahalanobis": {}})
+    for detector in fitted.detectors.values():
+        del detector.detector_.normalize  # as saved before Mahalanobis++'s `normalize` existed
+    save_detectors(fitted, tmp_path / "det")
+    with pytest.raises(IntegrityError, match=r"^Detector file '.*det/.*' was written by an older layerscope "
+                                             r"\('ClassConditionalMahalanobis' object has no attribute 'normalize'\)\. "
+                                             r"Hint: .*fit"):
+        load_detectors(tmp_path / "det")
+
+
 def test_detectors_from_another_checkpoint_are_refused(tmp_path, blobs):
     fitted = fit_detectors(write_store(tmp_path / "a.zarr", blobs, checkpoint="aaa111"), {"knn": {}})
     other = write_store(tmp_path / "b.zarr", blobs, checkpoint="bbb222")
