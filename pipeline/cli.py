@@ -500,6 +500,19 @@ def _pm(stat):
 
 @app.command()
 @user_errors
+def methods():
+    """List every method: what it reads from the feature store, whether it is per-layer, and its paper."""
+    from pipeline.catalogue import METHODS
+
+    table = Table("name", "reads", "per layer", "configured in", "paper",
+                  title=f"{len(METHODS)} methods, all scored from the feature store (no pass through the network)")
+    for name, m in sorted(METHODS.items(), key=lambda item: (item[1].per_layer, item[1].configured_in, item[0])):
+        table.add_row(name, ", ".join(m.reads), "yes" if m.per_layer else "", m.configured_in, m.paper)
+    console.print(table)
+
+
+@app.command()
+@user_errors
 def layers(params: Path = ParamsOpt,
            model: Path = typer.Option(None, help="A checkpoint; default: the configured, untrained backbone.")):
     """List the hookable layer names of the model, with their output shapes."""
