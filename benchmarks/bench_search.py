@@ -21,6 +21,14 @@ the data ``data/benchmark`` and the checkpoint ``cache/model.pt``; settings from
    (what a tool holding features in memory pays), plus the same scoring.
 3. Ratio (2) / (1); the goal is >= 100.
 4. Wall time of the ``search.methods.nac_ue`` grid alone, n_jobs=-1 and n_jobs=1.
+6. ``--methods-cost``: what each ``detect`` method adds to the ``detect`` stage on
+   the default store. For each network-level method of ``detect.methods``: its
+   fit on ID-train plus its scores of every split ``detect`` scores (ID-val,
+   ID-test, the OOD test sets), as ``detect`` runs them (``fit_scorers``,
+   ``score_methods``). For each per-layer detector of ``fit.detectors``: its
+   scores of the same splits on every layer (``score_split``; its fit is the
+   ``fit`` stage's, reported apart). Medians over ``--repeats`` interleaved
+   rounds; the sum over the methods issue 17 added is the figure (goal < 30 s).
 5. Read cost of the store's integrity checks on the default store: open, and
    open + read every array, through ``open_store`` (manifest check, Zstd
    checksums) against the format-1 path (zarr alone, a copy without checksums);
@@ -60,15 +68,21 @@ from pipeline.extract import LayerRecorder, extract_batch, extract_to_store, res
 from pipeline.models import load_checkpoint, resolve_device  # noqa: E402
 from pipeline.report import ood_sets  # noqa: E402
 from pipeline.scorers import SCORERS  # noqa: E402
+from pipeline.scoring import fit_detectors, fit_scorers, score_methods, score_split  # noqa: E402
 from pipeline.search import leaderboard, load_split_set, run_scorer_group, run_search  # noqa: E402
 from pipeline.store import StoreWriter, open_store  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_search.json"
+METHODS_OUT = REPO / "benchmarks" / "results" / "bench_methods.json"
 RATIO_GOAL = 100
 CLEAN_SHARE = 0.10  # a pass is "clean" when other processes used < 10% of the cores meanwhile
 UNCACHED_METHOD = "nac_ue"
+# what issue 17 added: its network-level scorers and per-layer detectors (ODIN, RankFeat, Gram: extraction-time)
+ISSUE17_SCORERS = ("tempscale", "entropy", "gen", "klm", "dice", "gradnorm", "residual", "fdbd", "nnguide",
+                   "relation", "she", "openmax")
+ISSUE17_DETECTORS = ("rmds", "mahalanobis_pp", "rmds_pp", "gmm", "ssd")
 
 
 def dvc_paths() -> dict:
@@ -285,6 +299,52 @@ def run_benchmark(args) -> dict:
             "config": json.loads(json.dumps(config, default=list)), **result}
 
 
+def detect_splits(store) -> list[str]:
+    """The splits ``detect`` scores: ID-val (standardisation), ID-test and every OOD test set."""
+    return ["id_val", "id_test", *(s["split"] for s in ood_sets(store, "test").values())]
+
+
+def methods_cost(store, repeats) -> dict:
+    """Seconds each detect method costs on ``store`` (median over interleaved rounds); see the module docstring."""
+    detect, fit = load_section("detect", PARAMS), load_section("fit", PARAMS)
+    splits = detect_splits(store)
+    scorers = {m: p for m, p in detect.methods.items() if m != "heatmap"}  # the decoder is trained by fit
+    seconds = {name: [] for name in [*scorers, *fit.detectors]}
+    fit_seconds = {name: [] for name in fit.detectors}
+    for _ in range(repeats):
+        for name, params in scorers.items():
+            start = time.perf_counter()
+            fitted = fit_scorers(store, {name: params})
+            for split in splits:
+                score_methods(store, split, fitted)
+            seconds[name].append(time.perf_counter() - start)
+        for name, params in fit.detectors.items():
+            start = time.perf_counter()
+            fitted = fit_detectors(store, {name: params}, standardize=fit.standardize, seed=fit.seed)
+            fit_seconds[name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for split in splits:
+                score_split(store, split, fitted)
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: round(statistics.median(v), 3) for name, v in seconds.items()}
+    added = [n for n in median if n in ISSUE17_SCORERS or n in ISSUE17_DETECTORS]
+    return {"splits": splits, "repeats": repeats, "detect_seconds": median,
+            "fit_seconds": {n: round(statistics.median(v), 3) for n, v in fit_seconds.items()},
+            "issue17_added_detect_seconds": round(sum(median[n] for n in added), 3), "issue17_methods": added,
+            "goal_seconds": 30}
+
+
+def _methods_cost_table(res) -> Table:
+    table = Table("method", "detect s (fit + score)", "fit stage s",
+                  title=f"detect cost per method over {len(res['splits'])} splits (median of {res['repeats']}); "
+                        f"issue 17's {len(res['issue17_methods'])} methods add {res['issue17_added_detect_seconds']} s "
+                        f"(goal < {res['goal_seconds']} s)")
+    for name, sec in sorted(res["detect_seconds"].items(), key=lambda kv: -kv[1]):
+        table.add_row(name + (" *" if name in res["issue17_methods"] else ""), f"{sec:.3f}",
+                      f"{res['fit_seconds'][name]:.3f}" if name in res["fit_seconds"] else "")
+    return table
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -345,11 +405,13 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: one round, no JSON unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--read-cost", action="store_true", help="only the read cost of the integrity checks, printed")
+    parser.add_argument("--methods-cost", action="store_true", help="only what each detect method costs; writes "
+                        "benchmarks/results/bench_methods.json unless --quick")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
     if args.out is None and not (args.quick or args.read_cost):
-        args.out = DEFAULT_OUT
+        args.out = METHODS_OUT if args.methods_cost else DEFAULT_OUT
     return args
 
 
@@ -364,8 +426,15 @@ def main(argv=None):
         Console(width=140).print(_read_cost_table(result, "the default store"))
         print(json.dumps(result))
         return
-    result = run_benchmark(args)
-    print_report(result, Console(width=140))
+    if args.methods_cost:
+        machine = machine_info()
+        result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+                  **methods_cost(open_store(dvc_paths()["features"]), args.repeats)}
+        machine["loadavg_end"] = os.getloadavg()
+        Console(width=140).print(_methods_cost_table(result))
+    else:
+        result = run_benchmark(args)
+        print_report(result, Console(width=140))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
