@@ -329,8 +329,71 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GramSpec:
+    """``extract.gram``: Gram-matrix statistics (Sastry & Oore, ICML 2020) of these layers' maps, at these powers."""
+
+    layers: tuple[str, ...] = ()
+    powers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # the paper's
+
+    def __post_init__(self):
+        if not self.layers:
+            raise invalid_param("extract.gram.layers", "extract", "a non-empty list of layers with (C, H, W) outputs",
+                                list(self.layers), hint="e.g. layers: [layer1, layer2, layer3]; `layerscope layers` "
+                                "lists them.")
+        if not _distinct(self.powers, lambda p: isinstance(p, int) and not isinstance(p, bool) and p >= 1):
+            raise invalid_param("extract.gram.powers", "extract", "a non-empty list of distinct ints >= 1",
+                                list(self.powers), hint="the paper uses 1 to 10.")
+
+
+@dataclass(frozen=True)
+class OdinSpec:
+    """``extract.odin``: ODIN's confidence (Liang et al., ICLR 2018) for every (temperature, noise) pair."""
+
+    temperatures: tuple[float, ...] = (1000.0,)  # OpenOOD v1.5's default; its sweep: 1, 10, 100, 1000
+    noises: tuple[float, ...] = (0.0014,)  # OpenOOD v1.5's default; its sweep: 0.0014, 0.0028
+
+    def __post_init__(self):
+        if not _distinct(self.temperatures, lambda t: 0 < t < float("inf")):
+            raise invalid_param("extract.odin.temperatures", "extract", "a non-empty list of distinct positive floats",
+                                list(self.temperatures), hint="OpenOOD v1.5 sweeps [1, 10, 100, 1000].")
+        if not _distinct(self.noises, lambda e: 0 <= e < float("inf")):
+            raise invalid_param("extract.odin.noises", "extract", "a non-empty list of distinct floats >= 0",
+                                list(self.noises), hint="OpenOOD v1.5 sweeps [0.0014, 0.0028].")
+
+
+@dataclass(frozen=True)
+class RankFeatSpec:
+    """``extract.rankfeat``: RankFeat's logits (Song et al., NeurIPS 2022) with each layer's rank-1 part removed."""
+
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.layers:
+            raise invalid_param("extract.rankfeat.layers", "extract", "a non-empty list of layers with (C, H, W) "
+                                "outputs", list(self.layers), hint="OpenOOD v1.5 uses a ResNet's last two blocks, "
+                                "e.g. layers: [layer3, layer4].")
+
+
+def _distinct(values, valid) -> bool:
+    """Whether ``values`` is non-empty, every value ``valid`` and none repeated."""
+    return bool(values) and all(valid(v) for v in values) and len(set(values)) == len(values)
+
+
+#: ``extract``'s opt-in extraction-time methods: each costs passes through the network (see ExtractConfig).
+EXTRACT_METHODS = {"gram": GramSpec, "odin": OdinSpec, "rankfeat": RankFeatSpec}
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
-    """Parameters of the ``extract`` stage (which layers, and the store's format)."""
+    """Parameters of the ``extract`` stage (which layers, and the store's format).
+
+    ``gram``, ``odin`` and ``rankfeat`` (off by default) compute methods that
+    need the network itself at extraction: Gram row sums of some layers'
+    maps, ODIN's confidence for a grid of (temperature, noise), RankFeat's
+    logits for some layers. Each ODIN setting and each RankFeat layer costs a
+    pass through the network; the scorers ``gram``, ``odin`` and ``rankfeat``
+    then read what was stored.
+    """
 
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3", "avgpool", "fc")
     grad_layers: tuple[str, ...] = ()  # NAC-UE: layers whose KL gradient is stored (one backward pass)
@@ -344,6 +407,9 @@ class ExtractConfig:
     shard_rows: int = 4096
     compression_level: int = 3
     num_workers: int | str = 0  # DataLoader workers for data read from files; "auto": see data_workers
+    gram: GramSpec | None = None  # {layers, powers}: Gram row sums per power (Sastry & Oore)
+    odin: OdinSpec | None = None  # {temperatures, noises}: ODIN's confidence per pair, one pass each
+    rankfeat: RankFeatSpec | None = None  # {layers}: RankFeat's logits per layer, one pass each
 
     @property
     def workers(self) -> int:
@@ -351,6 +417,12 @@ class ExtractConfig:
         return data_workers(self.num_workers, "extract.num_workers")
 
     def __post_init__(self):
+        for name, spec in EXTRACT_METHODS.items():  # a plain mapping (built in code) is checked as params.yaml's
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, spec):
+                if not isinstance(value, Mapping):
+                    raise invalid_param(f"extract.{name}", "extract", "a mapping of its settings, or null (off)", value)
+                object.__setattr__(self, name, build_config(spec, value, prefix=f"extract.{name}"))
         data_workers(self.num_workers, "extract.num_workers")
         if not self.layers:
             raise invalid_param("extract.layers", "extract", "a non-empty list", list(self.layers))

@@ -9,10 +9,27 @@ Per hooked layer and sample it keeps
 - the energy of the **full, unpooled** activation, ``-logsumexp`` over all of
   its elements with temperature 1 (seed 000). It cannot be recovered from the
   pooled vector, so it has to be computed here.
+
+Opt-in methods that need the network itself (``extract.gram``, ``extract.odin``,
+``extract.rankfeat``; none by default, and then the store is exactly what it
+was without them) are computed here too, once per declared setting:
+
+- Gram row sums (Sastry & Oore, ICML 2020): for a chosen layer's map ``F``
+  (C x HW) and each power p, ``sign(s) |s|^(1/p)`` with ``s`` the row sums of
+  ``F^p (F^p)^T`` (:func:`gram_rowsums`): statistics of the full map, which the
+  pooled vector does not determine;
+- ODIN (Liang et al., ICLR 2018): the confidence after temperature scaling and
+  an input perturbation along the sign of the input gradient
+  (:func:`odin_steps`, :func:`odin_confidences`): one backward pass per
+  temperature, one forward pass per (temperature, noise);
+- RankFeat (Song et al., NeurIPS 2022): the logits after removing the rank-1
+  part of a chosen layer's map inside the network (:func:`rankfeat_logits`):
+  one forward pass per layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,9 +38,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from pipeline.errors import ConfigError
-from pipeline.store import GRAD_PREFIX, MAP_PREFIX, RESERVED, ArraySpec, StoreWriter, feature_dim, write_shard_data
+from pipeline.store import (
+    GRAD_PREFIX,
+    GRAM_PREFIX,
+    MAP_PREFIX,
+    ODIN,
+    RANKFEAT_PREFIX,
+    RESERVED,
+    ArraySpec,
+    StoreWriter,
+    feature_dim,
+    write_shard_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +189,22 @@ class Plan:
     head: str | None = None
     maps: tuple = ()  # layers whose unpooled (C, H, W) output is kept (seed 002's decoder skips)
     images: bool = False  # keep the input images (the decoder's targets)
+    # opt-in extraction-time methods (all empty: the store is exactly what it is without them)
+    gram: tuple = ()  # layers whose Gram row sums are kept, one set per power of gram_powers
+    gram_powers: tuple = ()
+    odin_temperatures: tuple = ()  # ODIN's grid: every (temperature, noise) pair is computed
+    odin_noises: tuple = ()
+    rankfeat: tuple = ()  # layers whose rank-1 part RankFeat removes (one forward pass each)
 
 
 def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, device="cpu", maps=(),
-                 images=False) -> Plan:
-    """Validate the layer spec against the model; layers come back in network order."""
+                 images=False, gram=(), gram_powers=tuple(range(1, 11)), odin_temperatures=(), odin_noises=(),
+                 rankfeat=()) -> Plan:
+    """Validate the layer spec against the model; layers come back in network order.
+
+    ``gram`` and ``rankfeat`` name layers with (C, H, W) outputs; ODIN's grid is
+    every pair of ``odin_temperatures`` and ``odin_noises`` (both or neither).
+    """
     layers = resolve_layers(model, layers, input_shape, device)
     stray = [name for name in grad_layers if name not in layers]
     if stray:
@@ -173,35 +213,51 @@ def resolve_plan(model, layers, input_shape, *, grad_layers=(), head=None, devic
     if head is not None:
         head_parameters(model, head)  # checks that it is a Linear module
     shapes = layer_shapes(model, input_shape, device)
-    flat = [name for name in maps if name in shapes and len(shapes[name]) != 3]
-    unknown = [name for name in maps if name not in shapes]
+    if bool(odin_temperatures) != bool(odin_noises):
+        raise ConfigError("ODIN's grid needs both extract.odin.temperatures and extract.odin.noises (or neither). "
+                          f"Got temperatures {list(odin_temperatures)} and noises {list(odin_noises)}.")
+    return Plan(tuple(layers), tuple(n for n in layers if n in grad_layers), head,
+                _spatial_layers("extract.maps", maps, shapes), bool(images),
+                gram=_spatial_layers("extract.gram.layers", gram, shapes),
+                gram_powers=tuple(int(p) for p in gram_powers) if gram else (),
+                odin_temperatures=tuple(float(t) for t in odin_temperatures),
+                odin_noises=tuple(float(e) for e in odin_noises),
+                rankfeat=_spatial_layers("extract.rankfeat.layers", rankfeat, shapes))
+
+
+def _spatial_layers(param, names, shapes) -> tuple:
+    """``names`` in network order, each a module with a (C, H, W) output; else one line naming ``param``."""
+    flat = [name for name in names if name in shapes and len(shapes[name]) != 3]
+    unknown = [name for name in names if name not in shapes]
     if unknown or flat:
         bad = (unknown or flat)[0]
         got = "not a module of the model" if unknown else f"of output shape {shapes[bad]}"
-        raise ConfigError(f"The 'extract.maps' parameter of extract must name layers with (C, H, W) outputs. "
+        raise ConfigError(f"The '{param}' parameter of extract must name layers with (C, H, W) outputs. "
                           f"Got {bad!r}, {got}. Hint: `layerscope layers` lists the layers and their shapes.")
     order = {name: i for i, name in enumerate(shapes)}
-    return Plan(tuple(layers), tuple(n for n in layers if n in grad_layers), head,
-                tuple(sorted(dict.fromkeys(maps), key=order.__getitem__)), bool(images))
+    return tuple(sorted(dict.fromkeys(names), key=order.__getitem__))
 
 
 class LayerRecorder:
     """Context manager: forward hooks that keep pooled activations and energies.
 
     After each forward pass, ``pooled[name]`` is (n, C) and ``energies[name]`` is
-    (n,); ``raw[name]`` keeps the un-detached output of gradient layers, and
-    ``penultimate`` the input of the head. Hooks are removed on exit.
+    (n,); ``raw[name]`` keeps the un-detached output of gradient layers,
+    ``penultimate`` the input of the head, ``maps[name]`` the unpooled maps and
+    ``gram[name]`` (n, P, C) the Gram row sums of ``extract.gram`` layers. Inside
+    :meth:`pause` the hooks keep nothing. Hooks are removed on exit.
     """
 
     def __init__(self, model, plan: Plan):
         self.model, self.plan = model, plan
         self.pooled, self.energies, self.raw, self.penultimate, self._handles = {}, {}, {}, None, []
-        self.maps = {}
+        self.maps, self.gram, self.paused = {}, {}, False
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.plan.layers]
         self._handles += [modules[name].register_forward_hook(self._map_hook(name)) for name in self.plan.maps]
+        self._handles += [modules[name].register_forward_hook(self._gram_hook(name)) for name in self.plan.gram]
         if self.plan.head is not None:
             self._handles.append(modules[self.plan.head].register_forward_pre_hook(self._head_hook))
         return self
@@ -211,8 +267,19 @@ class LayerRecorder:
             handle.remove()
         self._handles = []
 
+    @contextlib.contextmanager
+    def pause(self):
+        """Hooks keep nothing inside: the extra passes (ODIN, RankFeat) leave the main pass's values alone."""
+        self.paused = True
+        try:
+            yield self
+        finally:
+            self.paused = False
+
     def _hook(self, name):
         def hook(_module, _inputs, output):
+            if self.paused:
+                return
             act = _first_tensor(output)
             if name in self.plan.grad_layers:
                 self.raw[name] = act
@@ -223,22 +290,37 @@ class LayerRecorder:
 
     def _map_hook(self, name):
         def hook(_module, _inputs, output):
-            self.maps[name] = _first_tensor(output).detach().float()
+            if not self.paused:
+                self.maps[name] = _first_tensor(output).detach().float()
+        return hook
+
+    def _gram_hook(self, name):
+        def hook(_module, _inputs, output):
+            if not self.paused:
+                self.gram[name] = gram_rowsums(_first_tensor(output), self.plan.gram_powers).float()
         return hook
 
     def _head_hook(self, _module, inputs):
-        self.penultimate = torch.flatten(_first_tensor(inputs).detach(), 1).float()
+        if not self.paused:
+            self.penultimate = torch.flatten(_first_tensor(inputs).detach(), 1).float()
 
 
 def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
     """One forward pass (plus one backward pass for gradient layers).
 
-    Returns every array the store keeps for these samples.
+    With ODIN, the same pass also gives one backward pass per temperature
+    (w.r.t. the input), then one forward pass per (temperature, noise); with
+    RankFeat, one forward pass per layer. Returns every array the store keeps
+    for these samples.
     """
     plan = recorder.plan
-    with torch.enable_grad() if plan.grad_layers else torch.inference_mode():
+    if plan.odin_temperatures:  # ODIN steps the input along its own gradient
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad() if plan.grad_layers or plan.odin_temperatures else torch.inference_mode():
         logits = model(x).float()
-        grads = _kl_grads(logits, [recorder.raw[n] for n in plan.grad_layers]) if plan.grad_layers else []
+        grads = _kl_grads(logits, [recorder.raw[n] for n in plan.grad_layers],
+                          retain_graph=bool(plan.odin_temperatures)) if plan.grad_layers else []
+        steps = odin_steps(logits, x, plan.odin_temperatures) if plan.odin_temperatures else []
     out = {name: recorder.pooled[name].cpu().numpy() for name in plan.layers}
     out.update({f"{GRAD_PREFIX}{name}": g for name, g in zip(plan.grad_layers, grads)})
     out["energy"] = torch.stack([recorder.energies[n] for n in plan.layers], dim=1).cpu().numpy()
@@ -249,13 +331,169 @@ def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
     out.update({f"{MAP_PREFIX}{name}": recorder.maps[name].cpu().numpy() for name in plan.maps})
     if plan.images:
         out["image"] = x.detach().float().cpu().numpy()
+    out.update({f"{GRAM_PREFIX}{name}": recorder.gram[name].cpu().numpy() for name in plan.gram})
+    if plan.odin_temperatures or plan.rankfeat:
+        with recorder.pause():  # extra passes: the hooks keep what the main pass gave
+            if plan.odin_temperatures:
+                out[ODIN] = odin_confidences(model, x, logits, steps, plan.odin_temperatures, plan.odin_noises)
+            out.update({f"{RANKFEAT_PREFIX}{name}": rankfeat_logits(model, x, name).cpu().numpy()
+                        for name in plan.rankfeat})
     return out
 
 
-def _kl_grads(logits, activations):
+def _kl_grads(logits, activations, retain_graph=False):
     """Gradients of the KL loss w.r.t. each activation, summed over H, W: list of (n, C)."""
-    grads = torch.autograd.grad(kl_uniform_loss(logits), activations)
+    grads = torch.autograd.grad(kl_uniform_loss(logits), activations, retain_graph=retain_graph)
     return [pool_sum(g.float()).cpu().numpy() for g in grads]
+
+
+def gram_rowsums(activation: torch.Tensor, powers) -> torch.Tensor:
+    """Sastry & Oore's Gram statistic of each sample's map, per power: shape (n, len(powers), C), float64.
+
+    With ``F`` the map as a C x HW matrix and ``F^p`` its elementwise power,
+    ``s = (F^p (F^p)^T) 1`` (the Gram matrix's row sums) and the value is
+    ``sign(s) * |s|^(1/p)``: the authors' ``G_p`` (their notebook, and OpenOOD
+    v1.5's ``gram_postprocessor.py``), which sums the rows *before* the p-th
+    root. The row sums are computed as ``F^p (1^T F^p)^T`` (O(C HW), not
+    O(C^2 HW)), in float64: ``F^10`` overflows float32 for activations above
+    about 80.
+
+    Parameters
+    ----------
+    activation : Tensor of shape (n, C, H, W)
+    powers : sequence of int
+
+    Returns
+    -------
+    Tensor of shape (n, len(powers), C)
+    """
+    f = activation.detach().flatten(2).double()
+    out = []
+    for p in powers:
+        fp = f ** p
+        s = (fp * fp.sum(dim=1, keepdim=True)).sum(dim=2)
+        out.append(s.sign() * s.abs() ** (1.0 / p))
+    return torch.stack(out, dim=1)
+
+
+def odin_steps(logits, x, temperatures) -> list[torch.Tensor]:
+    """ODIN's input step for each temperature: the sign of the input gradient of the cross-entropy, as +-1.
+
+    The loss is the cross-entropy of ``logits / T`` against the predicted
+    class (OpenOOD v1.5's ``odin_postprocessor.py``, from the authors' code),
+    summed over the batch (OpenOOD averages: the sign is the same, and each
+    sample's gradient is its own). A zero gradient counts as positive
+    (OpenOOD's ``torch.ge(grad, 0)``). One backward pass per temperature,
+    through the graph of the pass that gave ``logits``.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (n, K)
+        Computed from ``x`` with autograd on.
+    x : Tensor of shape (n, C, H, W)
+        The model's input (it ``requires_grad``).
+    temperatures : sequence of float
+
+    Returns
+    -------
+    list of Tensor of shape (n, C, H, W)
+    """
+    labels = logits.detach().argmax(1)
+    steps = []
+    for i, t in enumerate(temperatures):
+        loss = F.cross_entropy(logits / t, labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x, retain_graph=i < len(temperatures) - 1)
+        steps.append((grad >= 0).to(x.dtype) * 2 - 1)
+    return steps
+
+
+def odin_confidences(model, x, logits, steps, temperatures, noises) -> np.ndarray:
+    """ODIN's confidence ``max softmax(f(x - eps * step_T) / T)`` for every (T, eps): shape (n, n_T, n_eps).
+
+    ``x`` is the image **before** the model's own normalisation (our models
+    hold it as their ``normalize`` module). OpenOOD perturbs the normalised
+    input by ``eps * sign / std`` per channel, which is ``eps * sign`` before
+    normalisation: the same input reaches the network (when OpenOOD's std is
+    the model's), and the gradient's sign is the same in both spaces (std > 0).
+    ``eps = 0`` reuses ``logits`` (no pass). The softmax is taken in float64:
+    at T = 1000 the confidences differ in their fifth digit.
+
+    Returns
+    -------
+    ndarray of shape (n, len(temperatures), len(noises)), float64
+        Higher = more ID (OpenOOD's ``conf``).
+    """
+    out = np.empty((len(x), len(temperatures), len(noises)))
+    base = x.detach()
+    with torch.inference_mode():
+        for i, (t, step) in enumerate(zip(temperatures, steps)):
+            for j, eps in enumerate(noises):
+                scaled = (logits.detach() if eps == 0 else model(base - eps * step)).double() / t
+                out[:, i, j] = torch.softmax(scaled, dim=1).max(dim=1).values.cpu().numpy()
+    return out
+
+
+def rank1_removed(activation: torch.Tensor) -> torch.Tensor:
+    """RankFeat's feature: each sample's (C, HW) map minus its rank-1 part ``s_1 u_1 v_1^T`` (exact SVD).
+
+    As OpenOOD v1.5's ``rankfeat_postprocessor.py`` with ``accelerate: False``
+    (``torch.linalg.svd``); the SVD runs in float64 and the result comes back
+    in the map's dtype.
+
+    Parameters
+    ----------
+    activation : Tensor of shape (n, C, H, W)
+
+    Returns
+    -------
+    Tensor of shape (n, C, H, W)
+    """
+    m = activation.flatten(2).double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    top = s[:, :1, None] * (u[:, :, :1] @ vh[:, :1, :])
+    return (m - top).reshape(activation.shape).to(activation.dtype)
+
+
+def rankfeat_logits(model, x, layer: str) -> torch.Tensor:
+    """The logits of a pass in which ``layer``'s output is replaced by :func:`rank1_removed` of it: (n, K)."""
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise ConfigError(f"The 'extract.rankfeat.layers' entry {layer!r} returns a {type(output).__name__}; "
+                              "RankFeat needs a module whose output is one (C, H, W) tensor.")
+        return rank1_removed(output)
+
+    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            return model(x.detach()).float()
+    finally:
+        handle.remove()
+
+
+def method_provenance(plan: Plan) -> dict:
+    """What the opt-in extraction-time methods computed, for the store's provenance (and key): {} when none."""
+    out = {}
+    if plan.gram:
+        out["gram"] = {"layers": list(plan.gram), "powers": list(plan.gram_powers),
+                       "formula": "sign(s)|s|^(1/p), s = row sums of F^p (F^p)^T, F the C x HW map (Sastry & Oore)"}
+    if plan.odin_temperatures:
+        out["odin"] = {"temperatures": list(plan.odin_temperatures), "noises": list(plan.odin_noises),
+                       "formula": "max softmax(f(x - eps sign(grad_x CE(f(x)/T, argmax)))/T), x before normalisation"}
+    if plan.rankfeat:
+        out["rankfeat"] = {"layers": list(plan.rankfeat),
+                           "formula": "logits after removing s1 u1 v1^T (exact SVD) from the layer's C x HW map"}
+    return out
+
+
+def method_coords(plan: Plan) -> dict:
+    """Coordinates of the opt-in arrays' extra dimensions (none when no method is set)."""
+    out = {}
+    if plan.gram:
+        out["gram_power"] = np.asarray(plan.gram_powers, dtype=np.int64)
+    if plan.odin_temperatures:
+        out["odin_temperature"] = np.asarray(plan.odin_temperatures, dtype=np.float64)
+        out["odin_noise"] = np.asarray(plan.odin_noises, dtype=np.float64)
+    return out
 
 
 def _width(shape):
@@ -294,7 +532,7 @@ def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width
         map_specs.append(ArraySpec("image", None, dtype, sample_shape=tuple(input_shape),
                                    dims=("image_channel", "image_height", "image_width"),
                                    attrs={"what": "the model's input, as extracted (before its normalisation)"}))
-    return layer_specs + grad_specs + head_specs + map_specs + [
+    return layer_specs + grad_specs + head_specs + map_specs + _method_specs(shapes, plan, n_classes) + [
         ArraySpec("energy", len(plan.layers), "float32", dim="layer",
                   attrs={"layers": list(plan.layers), "temperature": 1.0, "formula": "-logsumexp(full activation)"}),
         ArraySpec("logits", n_classes, "float32", dim="class"),
@@ -305,6 +543,28 @@ def array_specs(shapes: dict, plan: Plan, n_classes: int, dtype: str, head_width
                                                           "own file for digits; the torchvision or ImageFolder set, "
                                                           "before any cap, for a sources benchmark)"}),
     ]
+
+
+def _method_specs(shapes: dict, plan: Plan, n_classes: int) -> list[ArraySpec]:
+    """The opt-in arrays of Gram, ODIN and RankFeat: none when no method is set.
+
+    Never float16 (``extract.dtype``): Gram row sums exceed its range, and
+    ODIN's confidences at T = 1000 differ beyond its precision.
+    """
+    specs = [ArraySpec(f"{GRAM_PREFIX}{name}", None, "float32", sample_shape=(len(plan.gram_powers), shapes[name][0]),
+                       dims=("gram_power", feature_dim(name)),
+                       attrs={"layer": name, "powers": list(plan.gram_powers),
+                              "formula": "sign(s)|s|^(1/p), s = row sums of F^p (F^p)^T, F the C x HW map"})
+             for name in plan.gram]
+    if plan.odin_temperatures:
+        specs.append(ArraySpec(ODIN, None, "float64", sample_shape=(len(plan.odin_temperatures), len(plan.odin_noises)),
+                               dims=("odin_temperature", "odin_noise"),
+                               attrs={"temperatures": list(plan.odin_temperatures), "noises": list(plan.odin_noises),
+                                      "what": "ODIN's confidence max softmax(f(x~)/T), higher = more ID"}))
+    specs += [ArraySpec(f"{RANKFEAT_PREFIX}{name}", n_classes, "float32", dim="class",
+                        attrs={"layer": name, "what": "logits with the layer's rank-1 part removed (RankFeat)"})
+              for name in plan.rankfeat]
+    return specs
 
 
 def head_parameters(model, head: str) -> dict[str, np.ndarray]:
@@ -440,7 +700,7 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     for name, (dataset, attrs) in splits.items():
         # the ``layer`` dimension's coordinate (energy's columns): ``energy.sel(layer="layer3")`` in xarray
         writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)},
-                            coords={"layer": np.asarray(plan.layers, dtype=str)})
+                            coords={"layer": np.asarray(plan.layers, dtype=str), **method_coords(plan)})
         tasks += [(name, i, *writer.shard_range(i, len(dataset))) for i in writer.pending_shards(name, len(dataset))]
     model_source, data_source = sources or (InMemory(model), InMemory({n: ds for n, (ds, _) in splits.items()}))
     job = ShardJob(model_source, data_source, plan, str(writer.staged_store), writer.shard_rows, batch_size,

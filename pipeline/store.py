@@ -7,6 +7,9 @@ Layout (Zarr format 3, one group per split)::
       id_train/                     group attrs: role, set, part, source, n_samples, fingerprint
         layer1        (n, C1)       dims ("sample", "feature_layer1")  pooled activations
         grad.layer1   (n, C1)       dims ("sample", "feature_layer1")  KL gradient summed over H,W (opt-in)
+        gram.layer1   (n, P, C1)    dims ("sample", "gram_power", "feature_layer1")  Gram row sums (opt-in)
+        rankfeat.layer3 (n, K)      dims ("sample", "class")           logits after rank-1 removal (opt-in)
+        odin          (n, T, E)     dims ("sample", "odin_temperature", "odin_noise")  ODIN confidences (opt-in)
         fc            (n, K)        dims ("sample", "feature_fc")
         penultimate   (n, D)        dims ("sample", "feature_penultimate")  input of the head
         energy        (n, L)        dims ("sample", "layer")           -logsumexp of each full map
@@ -89,9 +92,14 @@ STORE_FORMAT = 3
 # specification yet (other zarr libraries may not read that one small array). zarr warns on every
 # read and write of it; the choice is made once, here, so the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"The data type \(FixedLengthUTF32")
-RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head", "image")
+RESERVED = ("energy", "logits", "pred", "label", "penultimate", "head", "image", "odin", "gram_power",
+            "odin_temperature", "odin_noise")
 GRAD_PREFIX = "grad."  # `grad.<layer>`: NAC-UE's pooled KL gradient of that layer
 MAP_PREFIX = "map."  # `map.<layer>`: the unpooled (C, H, W) output of that layer (seed 002's decoder)
+# extraction-time methods (opt-in; a store without them has none of these arrays or coordinates):
+GRAM_PREFIX = "gram."  # `gram.<layer>` (n, P, C): Sastry & Oore's Gram row sums per power, coordinate `gram_power`
+RANKFEAT_PREFIX = "rankfeat."  # `rankfeat.<layer>` (n, K): the logits after RankFeat's rank-1 removal at that layer
+ODIN = "odin"  # `odin` (n, T, E): ODIN's confidence per (temperature, noise), coordinates `odin_temperature`, `odin_noise`
 RESUME_HINT = "rerun `layerscope extract` (or `dvc repro extract`) to resume it"
 REEXTRACT_HINT = "re-extract it: `dvc repro extract` (or `layerscope extract`)."
 # what reading a damaged store raises, from zarr (BaseZarrError is a ValueError), its codecs

@@ -15,9 +15,16 @@ import zarr
 
 import pipeline
 from pipeline import artifacts
-from pipeline.config import load_section
 from pipeline.compute import open_runner
-from pipeline.extract import BenchmarkData, CheckpointModel, extract_to_store, resolve_plan, store_key
+from pipeline.config import load_section
+from pipeline.extract import (
+    BenchmarkData,
+    CheckpointModel,
+    extract_to_store,
+    method_provenance,
+    resolve_plan,
+    store_key,
+)
 from pipeline.models import file_sha256, load_checkpoint, resolve_device
 from pipeline.store import FEATURE_STORE, STORE_FORMAT, StoreWriter, is_url
 from pipeline.userdata import open_benchmark
@@ -35,7 +42,7 @@ def run(params, data, checkpoint, out):
     splits = open_benchmark(data, params=params)
     input_shape = tuple(splits["id_train"].dataset[0][0].shape)
     plan = resolve_plan(model, cfg.layers, input_shape, grad_layers=cfg.grad_layers, head=cfg.head, device=device,
-                        maps=cfg.maps, images=cfg.images)
+                        maps=cfg.maps, images=cfg.images, **_methods(cfg))
     provenance = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
         # imported weights: the user's file and its sha256 (or the torchvision weights name)
@@ -46,6 +53,7 @@ def run(params, data, checkpoint, out):
         "pooling": "mean over H,W (C,H,W maps); identity for vectors",
         "energy": "-logsumexp over the full activation, T=1", "dtype": cfg.dtype,
         "versions": _versions(),
+        **method_provenance(plan),  # gram, odin, rankfeat: only those set (none: the key is what it always was)
     }
     key = store_key(provenance=provenance, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
                     shard_rows=cfg.shard_rows, level=cfg.compression_level, format=STORE_FORMAT)
@@ -60,6 +68,18 @@ def run(params, data, checkpoint, out):
         extract_to_store(model, datasets, plan, writer, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
                          num_workers=cfg.workers, runner=runner, sources=sources)
         writer.finalize(provenance, plan.layers)
+
+
+def _methods(cfg):
+    """resolve_plan's arguments for the opt-in extraction-time methods that are set."""
+    out = {}
+    if cfg.gram is not None:
+        out.update(gram=cfg.gram.layers, gram_powers=cfg.gram.powers)
+    if cfg.odin is not None:
+        out.update(odin_temperatures=cfg.odin.temperatures, odin_noises=cfg.odin.noises)
+    if cfg.rankfeat is not None:
+        out.update(rankfeat=cfg.rankfeat.layers)
+    return out
 
 
 def _versions():
