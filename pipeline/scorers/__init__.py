@@ -18,13 +18,16 @@ from pipeline.scorers.entropy import EntropyScorer
 from pipeline.scorers.fdbd import FDBDScorer
 from pipeline.scorers.gen import GENScorer
 from pipeline.scorers.gradnorm import GradNormScorer
+from pipeline.scorers.gram import GramScorer
 from pipeline.scorers.heatmap import HeatmapScorer
 from pipeline.scorers.klm import KLMatchingScorer
 from pipeline.scorers.maxlogit import MaxLogitScorer
 from pipeline.scorers.msp import MSPScorer
 from pipeline.scorers.nac import NACScorer
 from pipeline.scorers.nnguide import NNGuideScorer
+from pipeline.scorers.odin import ODINScorer
 from pipeline.scorers.openmax import OpenMaxScorer
+from pipeline.scorers.rankfeat import RankFeatScorer
 from pipeline.scorers.react import ReActScorer
 from pipeline.scorers.relation import RelationScorer
 from pipeline.scorers.residual import ResidualScorer
@@ -58,6 +61,10 @@ SCORERS = {
     "relation": (RelationScorer, {}),
     "she": (SHEScorer, {}),
     "openmax": (OpenMaxScorer, {}),
+    # extraction-time methods: they read what extract.gram / extract.odin / extract.rankfeat stored
+    "gram": (GramScorer, {}),
+    "odin": (ODINScorer, {}),
+    "rankfeat": (RankFeatScorer, {}),
 }
 
 
