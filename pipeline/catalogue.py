@@ -8,7 +8,9 @@ the registries, so a method cannot be added without saying what it reads.
 ``reads`` names store arrays: ``logits``, ``penultimate`` (the head's input),
 ``head`` (``head/weight``, ``head/bias``), ``label`` (ID-train's, to fit),
 ``layer`` (each chosen layer's pooled features), ``grad`` (NAC-UE's
-``grad.<layer>``), ``map``/``image`` (unpooled maps and inputs), ``energy``.
+``grad.<layer>``), ``map``/``image`` (unpooled maps and inputs), ``energy``,
+and what the opt-in extraction-time options store: ``gram`` (``extract.gram``),
+``odin`` (``extract.odin``), ``rankfeat`` (``extract.rankfeat``).
 Nothing here loads the network.
 """
 
@@ -72,6 +74,10 @@ METHODS: dict[str, Method] = {
     "heatmap": Method(("map", "image"), False, "Hornauer & Belagiannis, WACV 2023 (seed 002)",
                       "fit.heatmap + detect.methods"),
     "energy": Method(("energy",), True, "Guglielmo & Masana (seed 000); Ag-EBO is its mean_z", "always on"),
+    # stored at extraction (opt-in): each new ODIN/RankFeat setting costs a pass through the network
+    "gram": Method(("gram", "logits"), False, "Sastry & Oore, ICML 2020", "extract.gram + detect.methods"),
+    "odin": Method(("odin",), False, "Liang, Li & Srikant, ICLR 2018", "extract.odin + detect.methods"),
+    "rankfeat": Method(("rankfeat",), False, "Song, Sebe & Wang, NeurIPS 2022", "extract.rankfeat + detect.methods"),
     # per-layer detectors
     "mahalanobis": Method((*_LAYER, "label"), True, "Lee et al., NeurIPS 2018", "fit.detectors"),
     "mahalanobis_pp": Method((*_LAYER, "label"), True, "Mueller & Hein, 2025 (Mahalanobis++)", "fit.detectors"),

@@ -5,7 +5,8 @@ from typer.testing import CliRunner
 from pipeline.catalogue import METHODS, registered
 from pipeline.cli import app
 
-ARRAYS = {"logits", "penultimate", "head", "label", "layer", "grad", "map", "image", "energy"}
+ARRAYS = {"logits", "penultimate", "head", "label", "layer", "grad", "map", "image", "energy", "gram", "odin",
+          "rankfeat"}
 
 
 def test_every_registered_method_says_what_it_reads_and_nothing_else_is_listed():
