@@ -282,11 +282,12 @@ def _method_features(store, split, read) -> dict:
     """The opt-in extraction-time fields of :class:`Features` that ``split`` holds (none for a default store)."""
     names = store.array_names(split)
 
-    def lazy(prefix):
+    def lazy(prefix, dtype):
         layers = [name[len(prefix):] for name in names if name.startswith(prefix)]
-        return LazyArrays(layers, lambda layer: read(f"{prefix}{layer}").astype(np.float64))
+        return LazyArrays(layers, lambda layer: read(f"{prefix}{layer}").astype(dtype, copy=False))
 
-    out = {"gram": lazy(GRAM_PREFIX), "rankfeat": lazy(RANKFEAT_PREFIX)}
+    # Gram row sums stay float32 as stored: n_powers times a layer's pooled features
+    out = {"gram": lazy(GRAM_PREFIX, np.float32), "rankfeat": lazy(RANKFEAT_PREFIX, np.float64)}
     if out["gram"]:
         out["gram_powers"] = tuple(int(p) for p in store.to_numpy(split, "gram_power"))
     if ODIN in names:

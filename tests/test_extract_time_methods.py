@@ -164,9 +164,10 @@ def test_gram_scorer_known_answer_on_a_hand_computed_case():
 
 
 def test_class_bounds_fall_back_to_all_rows_for_a_class_never_predicted():
-    g = np.array([[[1.0]], [[3.0]], [[2.0]]])
-    mins, maxs, empty = class_bounds(g, np.array([0, 0, 2]), 3)
+    g = np.array([[[1.0]], [[3.0]], [[2.0]], [[100.0]]], dtype=np.float32)
+    mins, maxs, empty = class_bounds(g, np.array([0, 0, 2, -1]), 3)  # class -1: a held-out row, no bound
     assert mins[:, 0, 0].tolist() == [1, 1, 2] and maxs[:, 0, 0].tolist() == [3, 3, 2] and empty == [1]
+    assert mins.dtype == np.float64
 
 
 def gram_blobs(rng, n, spread=0.1, n_classes=3, n_powers=2, n_channels=6):

@@ -104,7 +104,7 @@ class Features:
         The input images as the classifier saw them (``extract.images``), float32.
     gram : mapping of str -> ndarray of shape (n_samples, n_powers, n_channels)
         Gram row sums of each ``extract.gram`` layer, one row per power of
-        ``gram_powers`` (Sastry & Oore), float64; read when first accessed.
+        ``gram_powers`` (Sastry & Oore), float32 as stored; read when first accessed.
     gram_powers : tuple of int
         The powers of ``gram``'s second axis.
     odin : ndarray of shape (n_samples, n_temperatures, n_noises), optional

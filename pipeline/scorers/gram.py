@@ -30,27 +30,29 @@ def class_bounds(g, classes, n_classes):
     Parameters
     ----------
     g : ndarray of shape (n_samples, n_powers, n_channels)
+        In any float dtype (read as stored: no float64 copy of the whole array).
     classes : ndarray of shape (n_samples,)
-        Each sample's class (the reference: the predicted class).
+        Each sample's class (the reference: the predicted class); rows with a
+        negative class are left out (held out).
     n_classes : int
 
     Returns
     -------
-    mins, maxs : ndarray of shape (n_classes, n_powers, n_channels)
+    mins, maxs : ndarray of shape (n_classes, n_powers, n_channels), float64
         A class with no sample gets the bounds over all samples.
     empty : list of int
         Those classes.
     """
-    g, classes = np.asarray(g, dtype=np.float64), np.asarray(classes)
-    mins = np.broadcast_to(g.min(axis=0), (n_classes, *g.shape[1:])).copy()
-    maxs = np.broadcast_to(g.max(axis=0), (n_classes, *g.shape[1:])).copy()
-    empty = []
-    for c in range(n_classes):
-        rows = classes == c
-        if rows.any():
-            mins[c], maxs[c] = g[rows].min(axis=0), g[rows].max(axis=0)
-        else:
-            empty.append(c)
+    g, classes = np.asarray(g), np.asarray(classes)
+    mins, maxs = np.empty((2, n_classes, *g.shape[1:]))
+    rows = [np.flatnonzero(classes == c) for c in range(n_classes)]
+    empty = [c for c in range(n_classes) if not len(rows[c])]
+    present = [c for c in range(n_classes) if len(rows[c])]
+    if not present:
+        raise DataError("GramScorer.fit needs ID-train rows with a class in [0, n_classes); it got none.")
+    for c in present:
+        mins[c], maxs[c] = g[rows[c]].min(axis=0), g[rows[c]].max(axis=0)
+    mins[empty], maxs[empty] = mins[present].min(axis=0), maxs[present].max(axis=0)
     return mins, maxs, empty
 
 
@@ -179,13 +181,15 @@ class GramScorer(BaseScorer):
         gram, logits = features.require("gram", "logits", owner="GramScorer")
         self.layers_, self.powers_ = list(gram), list(features.gram_powers)
         self._selection()
-        held, rows = holdout_split(len(logits), float(self.holdout), self.seed)
+        held, _ = holdout_split(len(logits), float(self.holdout), self.seed)
         classes, conf = np.asarray(logits).argmax(axis=1), max_softmax(logits)
+        bound_classes = classes.copy()
+        bound_classes[held] = -1  # the held-out rows build no bound
         self.n_classes_ = logits.shape[1]
         self.mins_, self.maxs_, self.expected_, self.expected_conf_, empty = {}, {}, {}, {}, set()
         for layer in self.layers_:
             g = self._check_gram(gram[layer], layer)
-            self.mins_[layer], self.maxs_[layer], missing = class_bounds(g[rows], classes[rows], self.n_classes_)
+            self.mins_[layer], self.maxs_[layer], missing = class_bounds(g, bound_classes, self.n_classes_)
             dev = gram_deviations(g[held], self.mins_[layer][classes[held]], self.maxs_[layer][classes[held]])
             self.expected_[layer], self.expected_conf_[layer] = dev.mean(axis=0), (dev / conf[held, None]).mean(axis=0)
             empty.update(missing)
@@ -243,7 +247,7 @@ class GramScorer(BaseScorer):
         return list(layers), [self.powers_.index(p) for p in powers]
 
     def _check_gram(self, g, layer):
-        g = np.asarray(g, dtype=np.float64)
+        g = np.asarray(g)  # as stored (float32): the bounds are float64, and so is every difference
         expected = (len(self.powers_), self.mins_[layer].shape[2]) if layer in getattr(self, "mins_", {}) else None
         if g.ndim != 3 or g.shape[1] != len(self.powers_) or (expected and g.shape[1:] != expected):
             raise DataError(f"Gram features of layer {layer!r} have shape {g.shape}; GramScorer expects "
