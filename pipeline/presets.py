@@ -102,7 +102,10 @@ def validate_params(params: dict):
 
 
 #: detect.methods that read the head's input and weights (extract.head)
-HEAD_METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react", "vim")
+HEAD_METHODS = ("scale", "ash_p", "ash_b", "ash_s", "react", "vim", "residual", "dice", "gradnorm", "fdbd", "nnguide",
+                "relation", "she")
+# methods that read what an opt-in extraction option stores
+EXTRACTED = {"gram": "gram", "odin": "odin", "rankfeat": "rankfeat"}
 
 
 def check_consistency(configs: dict):
@@ -128,6 +131,7 @@ def check_consistency(configs: dict):
         raise invalid_param("calibrate.layers", "calibrate", f"layers among extract.layers {list(plan.layers)}",
                             stray[0], hint="guard layers that extract stores.")
     _check_methods_inputs(det, fit, plan)
+    _check_extracted_inputs(det, ext)
     aux_sets = (fit.heatmap or {}).get("aux_sets", ())
     if fit.heatmap is not None:
         _check_aux_sets(aux_sets, gen)
@@ -159,6 +163,23 @@ def _check_methods_inputs(det, fit, plan):
     if "heatmap" in det.methods and fit.heatmap is None:
         raise invalid_param("fit.heatmap", "fit", "the decoder's parameters: detect.methods.heatmap scores the "
                             "decoder fit trains", None, hint="add a fit.heatmap section (see configs/digits.yaml).")
+
+
+def _check_extracted_inputs(det, ext):
+    """ODIN, RankFeat and Gram read what extraction stored: the option is set, and ODIN's setting is in its grid."""
+    for name, option in EXTRACTED.items():
+        if name in det.methods and getattr(ext, option) is None:
+            raise invalid_param(f"extract.{option}", "extract", f"a grid: detect.methods.{name} reads what "
+                                "extraction stores for it", None, hint=f"set extract.{option} (see params.yaml); "
+                                "each setting costs a pass through the network at extraction.")
+    if "odin" in det.methods:
+        params = det.methods["odin"] or {}
+        temperature, noise = params.get("temperature", 1000.0), params.get("noise", 0.0014)
+        if temperature not in ext.odin.temperatures or noise not in ext.odin.noises:
+            raise invalid_param("detect.methods.odin", "detect", f"a setting extract.odin stores (temperatures "
+                                f"{list(ext.odin.temperatures)}, noises {list(ext.odin.noises)})",
+                                {"temperature": temperature, "noise": noise},
+                                hint="add it to extract.odin: each new setting costs a pass through the network.")
 
 
 def _check_aux_sets(aux_sets, gen):

@@ -247,6 +247,11 @@ def test_init_errors_are_one_line_and_leave_params_alone(tmp_path, args, message
     ("extract.grad_layers=[layer5]", r"'extract.grad_layers' parameter of extract must be a subset"),
     ("detect.methods.nac_ue.M={layer9: 5}", r"'detect.methods.nac_ue.M' parameter of detect must be one value per "
                                             r"layer of extract.grad_layers"),
+    ("extract.odin=null", r"'extract.odin' parameter of extract must be a grid: detect.methods.odin reads what "
+                          r"extraction stores for it.*Hint: set extract.odin"),
+    ("detect.methods.odin={temperature: 5}", r"'detect.methods.odin' parameter of detect must be a setting "
+                                             r"extract.odin stores \(temperatures \[1.0, 10.0, 100.0, 1000.0\].*"
+                                             r"Hint: add it to extract.odin"),
 ])
 def test_init_runs_the_checks_the_stages_run(tmp_path, override, message):
     """Everything a stage would reject that needs neither the data nor trained weights, init rejects first."""
