@@ -79,9 +79,9 @@ METHODS_OUT = REPO / "benchmarks" / "results" / "bench_methods.json"
 RATIO_GOAL = 100
 CLEAN_SHARE = 0.10  # a pass is "clean" when other processes used < 10% of the cores meanwhile
 UNCACHED_METHOD = "nac_ue"
-# what issue 17 added: its network-level scorers and per-layer detectors (ODIN, RankFeat, Gram: extraction-time)
+# what issue 17 added: its network-level scorers (ODIN, RankFeat and Gram score what extraction stored) and detectors
 ISSUE17_SCORERS = ("tempscale", "entropy", "gen", "klm", "dice", "gradnorm", "residual", "fdbd", "nnguide",
-                   "relation", "she", "openmax")
+                   "relation", "she", "openmax", "gram", "odin", "rankfeat")
 ISSUE17_DETECTORS = ("rmds", "mahalanobis_pp", "rmds_pp", "gmm", "ssd")
 
 
