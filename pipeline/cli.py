@@ -505,7 +505,9 @@ def methods():
     from pipeline.catalogue import METHODS
 
     table = Table("name", "reads", "per layer", "configured in", "paper",
-                  title=f"{len(METHODS)} methods, all scored from the feature store (no pass through the network)")
+                  title=f"{len(METHODS)} methods, all scored from the feature store (no pass through the network)",
+                  caption="gram, odin and rankfeat read what extract stored for them (extract.gram, extract.odin, "
+                          "extract.rankfeat): each new setting costs a pass through the network at extraction.")
     for name, m in sorted(METHODS.items(), key=lambda item: (item[1].per_layer, item[1].configured_in, item[0])):
         table.add_row(name, ", ".join(m.reads), "yes" if m.per_layer else "", m.configured_in, m.paper)
     console.print(table)

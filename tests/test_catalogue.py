@@ -26,3 +26,4 @@ def test_methods_command_prints_every_method():
     for name in ("gradnorm", "mahalanobis_pp", "openmax", "knn_l2", "energy"):
         assert f" {name} " in result.output
     assert "Huang, Geng & Li, NeurIPS 2021" in result.output
+    assert "each new setting costs a pass through the network" in " ".join(result.output.split())
