@@ -38,7 +38,6 @@ import math
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
@@ -328,6 +327,8 @@ def resnet50_imagenet(num_classes=1000, in_channels=3, mean=None, std=None, weig
         A local state_dict (torchvision's names, or ours with ``net.``), see
         :func:`load_weights`.
     """
+    import torchvision  # seconds (torch._dynamo, via torchvision.ops): only where a torchvision model is built
+
     return _torchvision_backbone("resnet50_imagenet", torchvision.models.resnet50,
                                  torchvision.models.ResNet50_Weights, "fc", num_classes=num_classes,
                                  in_channels=in_channels, mean=mean, std=std, weights=weights,
@@ -339,6 +340,8 @@ def vit_b16_imagenet(num_classes=1000, in_channels=3, mean=None, std=None, weigh
 
     Same parameters as :func:`resnet50_imagenet`, with ``ViT_B_16_Weights`` names.
     """
+    import torchvision
+
     return _torchvision_backbone("vit_b16_imagenet", torchvision.models.vit_b_16,
                                  torchvision.models.ViT_B_16_Weights, "heads.head", num_classes=num_classes,
                                  in_channels=in_channels, mean=mean, std=std, weights=weights,

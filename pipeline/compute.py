@@ -24,8 +24,6 @@ import os
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
 
-import dask.array  # noqa: F401  imported before any fan-out: scipy's array-API helpers look
-#                   dask.array up in sys.modules, and a half-imported module from another thread breaks them
 from tqdm.auto import tqdm
 
 from pipeline.config import ADDRESS_SCHEMES, ComputeConfig
@@ -106,6 +104,10 @@ class Runner:
         processes : bool
             Run local tasks in processes (see :meth:`executor`).
         """
+        # imported before any fan-out (not at start-up: a second): scipy's array-API helpers look
+        # dask.array up in sys.modules, and a half-imported module from another thread breaks them
+        import dask.array  # noqa: F401
+
         items = list(items)
         bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None)
         with self.executor(threads, processes) as pool, bar:

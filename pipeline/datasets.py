@@ -34,12 +34,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage import color, data, transform, util
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from pipeline.artifacts import (SEAL, Kind, artifact_lock, check_output, check_sealed, file_sha256, publish_dir, seal,
-                                staging_dir)
+from pipeline.artifacts import (
+    SEAL,
+    Kind,
+    artifact_lock,
+    check_output,
+    check_sealed,
+    file_sha256,
+    publish_dir,
+    seal,
+    staging_dir,
+)
 from pipeline.errors import DataError, IntegrityError, invalid_param
 
 logger = logging.getLogger(__name__)
@@ -238,6 +244,8 @@ def _resize(image, size):
         float32 in [0, 1].
     """
     if image.shape != (size, size):
+        from skimage import transform  # scikit-image, scikit-learn: imported only where the digits are built
+
         # Anti-aliasing only where shrinking: blurring an upscale only loses detail.
         shrinking = image.shape[0] > size or image.shape[1] > size
         image = transform.resize(image, (size, size), order=1, anti_aliasing=shrinking)
@@ -255,6 +263,8 @@ def _resize_all(images, size):
 
 def _grey(name):
     """A scikit-image sample image by name, as (height, width) float64 in [0, 1]."""
+    from skimage import color, data, util
+
     image = getattr(data, name)()
     if image.ndim == 3:
         return color.rgb2gray(image)
@@ -311,6 +321,8 @@ def _split(name, set_name, part, role, images, labels, attrs):
 
 def _load_digit_images():
     """scikit-learn's digits as (1797, 8, 8) float64 in [0, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     # Pixel values are counts of set bits in 4x4 blocks: 0..16.
     return digits.images / 16.0, digits.target
@@ -339,6 +351,8 @@ def _id_sizes(n, val_fraction, test_fraction, n_classes):
 
 def _id_splits(images, labels, holdout, params):
     """Stratified train/val/test splits of the non-held-out digits."""
+    from sklearn.model_selection import train_test_split
+
     classes = [c for c in range(10) if c not in holdout]
     keep = np.isin(labels, classes)
     x, y = images[keep], np.searchsorted(classes, labels[keep])
@@ -401,6 +415,8 @@ def _crop_set(set_name, sources, params):
 
 def _faces_set(params):
     """All 200 faces of scikit-image's ``lfw_subset``."""
+    from skimage import data
+
     faces = data.lfw_subset()
     # Rescale by the set's own range: the bundled copy is in [0, 1] already, but
     # nothing in its documentation promises that.

@@ -31,7 +31,6 @@ import logging
 import numbers
 
 import numpy as np
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pipeline.errors import DataError, invalid_param
 
@@ -52,6 +51,8 @@ def metric_names(recall: float = 0.95) -> tuple[str, ...]:
 
 def _aupr(y_true, scores, rule):
     """Area under the precision-recall curve of positives ``y_true == 1`` ranked by ``scores``."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve
+
     if rule == "average_precision":
         return float(average_precision_score(y_true, scores))
     precision, recall, _ = precision_recall_curve(y_true, scores)
@@ -106,6 +107,8 @@ def _fpr_at_recall(y_true, scores, recall=0.95):
     float
         Fraction of ID samples scored at or above that threshold.
     """
+    from sklearn.metrics import roc_curve
+
     # drop_intermediate=False: sklearn otherwise drops collinear points, and on
     # a diagonal run of ties it would skip the exact first point with TPR >= recall.
     fpr, tpr, _ = roc_curve(y_true, scores, drop_intermediate=False)
@@ -141,6 +144,8 @@ def ood_metrics(scores_id, scores_ood, *, recall=0.95, aupr="average_precision")
     ConfigError
         If ``recall`` is not in (0, 1].
     """
+    from sklearn.metrics import roc_auc_score  # scikit-learn: only where metrics are computed (not in summary)
+
     if isinstance(recall, bool) or not (isinstance(recall, numbers.Real) and 0 < recall <= 1):
         raise invalid_param("recall", "ood_metrics", "a float in (0, 1]", recall)
     if aupr not in AUPR_RULES:

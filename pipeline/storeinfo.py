@@ -22,8 +22,6 @@ import os
 import warnings
 from pathlib import Path
 
-import dask
-import dask.array as da
 import numpy as np
 import zarr
 from rich import box
@@ -204,6 +202,8 @@ def _as_rows(x):
 
 def _split_stats(x) -> dict:
     """Statistics of a dask array of shape (n_samples, n_features), in one compute."""
+    import dask  # dask: only for --stats (inspect's summary reads metadata only)
+
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features: the statistic is None
         features, overall = dask.compute(*lazy_feature_stats(x))
@@ -228,6 +228,8 @@ def lazy_feature_stats(x) -> tuple[dict, dict]:
     overall : dict of dask scalars
         ``mean``, ``std``, ``min``, ``max`` over all finite values, ``nan``, ``inf``.
     """
+    import dask.array as da
+
     if x.shape[0] == 0:
         return _empty_stats(x.shape[1])
     x = x.astype(np.float64)

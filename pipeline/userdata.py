@@ -71,7 +71,8 @@ from pipeline.datasets import (
 from pipeline.errors import DataError
 from pipeline.fingerprint import HashCache
 from pipeline.roles import OOD_VAL
-from pipeline.sources import EXPECTED_LAYOUT, data_signature, load_source, source_classes, source_targets
+
+# pipeline.sources (torchvision) is imported where the user's data sets are read: a digits benchmark never needs it
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ def _loader_args(cfg, spec) -> dict:
 
 
 def _open_source(loader: dict, root, download=False):
+    from pipeline.sources import load_source
+
     return load_source(**loader, root=root, download=download)
 
 
@@ -195,6 +198,8 @@ def _describe(loader, root=None) -> str:
 
 
 def _signature(loader, root, dataset, indices, cache):
+    from pipeline.sources import data_signature
+
     return data_signature(loader["name"], root, loader["part"], dataset, indices, path=loader["path"], cache=cache,
                           list_file=loader.get("list_file"))
 
@@ -210,6 +215,8 @@ class _IdSet:
     """One opened ID data set: its loader arguments, dataset and every sample's label."""
 
     def __init__(self, cfg, spec):
+        from pipeline.sources import source_targets
+
         self.loader = _loader_args(cfg, spec)
         self.dataset = _open_source(self.loader, cfg.root, cfg.download)
         self.labels = source_targets(self.dataset)
@@ -218,6 +225,8 @@ class _IdSet:
 
 def _id_classes(train: _IdSet) -> list:
     """The ID class names: the source's own, else ``"0".."max label"`` (SVHN, an image list)."""
+    from pipeline.sources import source_classes
+
     classes = source_classes(train.dataset)
     if classes is not None:
         return classes
@@ -226,6 +235,8 @@ def _id_classes(train: _IdSet) -> list:
 
 def _check_id_labels(name, part, ids: _IdSet, classes, train: _IdSet):
     """Refuse an ID set with a negative label (an OOD list), or with other classes than ID-train's."""
+    from pipeline.sources import source_classes
+
     if len(ids.labels) and ids.labels.min() < 0:
         at = int(np.argmin(ids.labels))
         raise DataError(f"The ID {part} set {ids.what} has label {int(ids.labels[at])} at sample {at}: expected "
@@ -320,6 +331,7 @@ def check_sources_present(cfg):
     """
     from pipeline.errors import in_context
     from pipeline.fingerprint import source_files
+    from pipeline.sources import EXPECTED_LAYOUT
 
     sets = cfg.specs
     missing = {}

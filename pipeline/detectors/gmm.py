@@ -9,7 +9,6 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy.special import logsumexp
-from sklearn.mixture import GaussianMixture
 from sklearn.utils._param_validation import Interval
 
 from ..errors import DataError, invalid_param
@@ -154,6 +153,8 @@ class TiedGMM(BaseDetector):
                                 self.n_components, hint="lower n_components or fit on more samples.")
         reduce = self.pca_dim is not None and self.pca_dim < X.shape[1]
         self.transform_ = principal_axes(X, self.pca_dim) if reduce else None
+        from sklearn.mixture import GaussianMixture  # imported when fitted, not at start-up
+
         mixture = GaussianMixture(n_components=self.n_components, covariance_type="tied", reg_covar=self.reg_covar,
                                   random_state=self.random_state)
         try:

@@ -8,7 +8,6 @@ import numbers
 from numbers import Integral
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 from sklearn.utils._param_validation import Interval
 
 from ..errors import invalid_param
@@ -46,6 +45,8 @@ def kth_neighbour_distance(Z, Z_train, k):
     -------
     distances : ndarray of shape (n_samples,)
     """
+    from sklearn.neighbors import NearestNeighbors  # imported when fitted, not at start-up
+
     return NearestNeighbors(n_neighbors=k).fit(Z_train).kneighbors(Z)[0][:, -1]
 
 
@@ -95,6 +96,8 @@ class KNNL2(BaseDetector):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(X):
             raise invalid_param("k", "KNNL2", f"an integer in [1, n_train] with n_train={len(X)}", k,
                                 hint="lower k or fit on more samples.")
+        from sklearn.neighbors import NearestNeighbors
+
         self.index_ = NearestNeighbors(n_neighbors=int(k)).fit(l2_normalise(X))
         self.n_features_in_ = X.shape[1]
         return self

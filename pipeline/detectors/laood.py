@@ -11,8 +11,6 @@ import numbers
 from numbers import Real
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
-from sklearn.svm import OneClassSVM
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..errors import DataError, invalid_param
@@ -59,6 +57,8 @@ def self_adaptive_shifting(X, k=None, edge_threshold=0.01):
     if not 1 <= k < len(X):
         raise DataError(f"self_adaptive_shifting needs more samples than neighbours: "
                         f"k={k} with n_samples={len(X)}.")
+    from sklearn.neighbors import NearestNeighbors  # imported when fitted, not at start-up
+
     dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
     dist, idx = dist[:, 1:], idx[:, 1:]
     normals, inner = _normals(X, dist, idx)
@@ -198,6 +198,8 @@ class LAOODOCSVM(BaseDetector):
         return -self.model_.decision_function(X)
 
     def _ocsvm(self, gamma):
+        from sklearn.svm import OneClassSVM
+
         return OneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma)
 
     def _split(self, X):

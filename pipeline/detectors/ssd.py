@@ -7,7 +7,6 @@ Outlier Detection", ICLR.
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.cluster import KMeans
 from sklearn.utils._param_validation import Interval
 
 from ..errors import invalid_param
@@ -166,6 +165,8 @@ class SSD(BaseDetector):
         """k-means labels of the rows of ``Z`` (all 0 for one cluster, as the reference: no k-means)."""
         if self.n_clusters == 1:
             return np.zeros(len(Z), dtype=np.int64)
+        from sklearn.cluster import KMeans  # imported when fitted, not at start-up
+
         kmeans = KMeans(n_clusters=self.n_clusters, n_init=1, max_iter=100, random_state=self.random_state)
         return kmeans.fit(Z).labels_
 

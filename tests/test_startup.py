@@ -1,0 +1,72 @@
+"""What each command's start imports (issue 18): contracts on ``sys.modules``, not timings.
+
+The imports run in a fresh interpreter, lightest first, and after each step the
+test lists which of that step's forbidden packages are in ``sys.modules`` (so a
+step also answers for the steps before it: the checks are cumulative). The
+stages that read the feature store (``detect``, ``fit``, ``search``,
+``calibrate``) never need torch; the entry point needs typer and rich only;
+reading a digits benchmark's ``.npz`` splits needs neither torchvision nor
+scikit-learn. ``benchmarks/bench_startup.py`` measures the times.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+PROBE = """
+import importlib, json, sys
+found = {{}}
+for modules, code, forbidden in {steps!r}:
+    for name in modules:
+        importlib.import_module(name)
+    exec(code)
+    found[" + ".join(modules) + code] = sorted(m for m in forbidden if m in sys.modules)
+print(json.dumps(found))
+"""
+
+NETWORK = ("torch", "torchvision")
+# torch: the heatmap decoder imports it when it is used; matplotlib: figures, when drawn; pyod: a pyod
+# detector, when built; dask: when the work fans out (or inspect --stats); skops: when detectors are saved or loaded
+STORE_ONLY = (*NETWORK, "matplotlib", "pyod", "skimage", "dask", "distributed", "xarray", "skops")
+
+
+def forbidden_imports(steps):
+    """``{step: forbidden packages found imported}`` of ``steps``, ``(modules, code, forbidden)``, run in order."""
+    code = PROBE.format(steps=[(list(modules), then, list(forbidden)) for modules, then, forbidden in steps])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_store_commands_import_no_network():
+    found = forbidden_imports([
+        # the entry point: typer and rich only
+        (["pipeline.cli"], "", (*STORE_ONLY, "numpy", "sklearn", "scipy", "zarr", "yaml", "pandas")),
+        # layerscope summary: scikit-learn only computes metrics
+        (["pipeline.metrics", "pipeline.report"], "", (*STORE_ONLY, "sklearn", "scipy")),
+        # layerscope inspect (without --stats)
+        (["pipeline.store", "pipeline.storeinfo"], "", (*STORE_ONLY, "sklearn")),
+        (["pipeline.scorers", "pipeline.scorers.heatmap"], "", STORE_ONLY),
+        (["stages.detect", "stages.fit", "stages.search", "stages.calibrate"], "", STORE_ONLY),
+    ])
+    assert found == {step: [] for step in found}
+
+
+def test_network_stages_and_npz_splits_import_no_torchvision(tmp_path):
+    from pipeline.datasets import ImageSplit, write_benchmark
+
+    images = np.random.default_rng(0).random((6, 1, 4, 4), dtype=np.float32)
+    attrs = {"role": "id", "set": "id", "part": "test", "source": "test", "n_samples": 6, "image_size": 4}
+    directory = write_benchmark([ImageSplit("id_test", images, np.arange(6) % 2, attrs)], tmp_path / "data")
+    read = (f"splits = sys.modules['pipeline.userdata'].open_benchmark({str(directory)!r}); "
+            "assert splits['id_test'].dataset[5][0].shape == (1, 4, 4)")
+    # torchvision: where a torchvision backbone or data set is built; scikit-learn and scikit-image: where
+    # the digits benchmark is generated
+    forbidden = ("torchvision", "sklearn", "skimage", "matplotlib")
+    found = forbidden_imports([
+        (["pipeline.userdata"], read, forbidden),  # reading .npz splits
+        (["stages.extract", "stages.train"], "", forbidden),
+    ])
+    assert found == {step: [] for step in found}
