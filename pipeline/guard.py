@@ -11,11 +11,20 @@ others go on. A forward pass through the classifier belongs here (and in
 
 How the model is split: ``torch.fx`` traces it with every module that holds
 no guarded layer kept whole (a leaf), so only the containers on the way to a
-guarded layer are traced. The traced graph runs node by node; after a guarded
-node, rows that stopped are dropped from every batch-shaped value still
-needed. A model that cannot be traced, or whose values do not keep the batch
-first, fails a self-check at construction with a :class:`~pipeline.errors.ModelError`,
-never a silent full pass.
+guarded layer are traced. The traced graph is cut after each guarded node into
+segments, each compiled by fx into a module of its own whose outputs are the
+values still needed after the cut (:func:`segments`); after a guarded node,
+rows that stopped are dropped from every batch-shaped one. A model that cannot
+be traced, or whose values do not keep the batch first, fails a self-check at
+construction with a :class:`~pipeline.errors.ModelError`, never a silent full
+pass.
+
+How a layer is scored: each detector is checked once at construction and
+compiled into torch arithmetic on the model's device (:mod:`pipeline.lean`:
+Mahalanobis, Mahalanobis++, KNN-L2, standardised or not); the others (PyOD,
+...) keep their own ``score``. The self-check also compares the compiled scores
+with the detectors' own on its probe rows, and falls back to ``score`` for a
+layer where they differ.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from torch import fx, nn
 
 from pipeline.errors import ModelError, invalid_param
 from pipeline.extract import _first_tensor, pool
+from pipeline.lean import compile_scorer
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +123,10 @@ class Guard:
         self.input_shape = tuple(input_shape)
         self.graph, guard_nodes = split_at(model, list(detectors))
         self.layers = [name for name, _ in sorted(guard_nodes.items(), key=lambda kv: self._position(kv[1]))]
-        self._guard_at = {node: self.layers.index(name) for name, node in guard_nodes.items()}
         self.detectors = [detectors[layer] for layer in self.layers]
+        self.scorers = [compile_scorer(det, self.device) for det in self.detectors]
         self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
-        self._batched = _batch_dependent(self.graph.graph)
-        self._last_use = _last_uses(self.graph.graph)
+        self._segments = segments(self.graph, [guard_nodes[layer] for layer in self.layers])
         self._self_check()
 
     def _position(self, node):
@@ -128,68 +137,53 @@ class Guard:
         """Run ``x`` (n, C, H, W) through the guarded model."""
         return self._run(torch.as_tensor(x), thresholds=self.thresholds)
 
-    def _run(self, x, thresholds, force=None, counter=None, boundaries=None):
+    def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False):
         """The guarded pass. ``force`` (layer index -> rows to drop) serves the self-check;
-        ``counter``/``boundaries`` record cumulative FLOPs at each guard."""
+        ``counter``/``boundaries`` record cumulative FLOPs at each guard; ``validated``: score with the
+        detectors' own ``score`` (no torch arithmetic for the FLOP counter to see)."""
         x = x.to(self.device, torch.float32)
         n = len(x)
         alive = np.arange(n)
         scores = np.full((n, len(self.layers)), np.nan)
         exit_layer = np.full(n, -1, dtype=np.int64)
-        env, output = {}, None
-        for node in self.graph.graph.nodes:
-            if node.op == "placeholder":
-                env[node] = x
-            elif node.op == "output":
-                output = _first_tensor(fx.node.map_arg(node.args[0], env.__getitem__))
+        values, output = (x,) * self._segments[0].n_inputs, None
+        for k, seg in enumerate(self._segments):
+            values = seg.module(*values)
+            if seg.guard is None:
+                output = _first_tensor(values)
                 break
-            else:
-                env[node] = self._execute(node, env)
-            for dead in self._last_use.get(node, ()):
-                env.pop(dead, None)
-            k = self._guard_at.get(node)
-            if k is None:
-                continue
             if boundaries is not None:
                 boundaries.append(counter.get_total_flops())
-            stop = self._score(k, env[node], alive, scores, thresholds)
+            stop = self._score(k, values[seg.guard], alive, scores, float(thresholds[k]), validated)
             if force is not None:
                 stop |= np.isin(alive, force.get(k, []))
             if stop.any():
                 exit_layer[alive[stop]] = k
                 alive = alive[~stop]
-                env = self._keep(env, torch.as_tensor(~stop, device=self.device))
-            if len(alive) == 0:
-                break
+                if len(alive) == 0:
+                    break
+                keep = torch.as_tensor(~stop, device=self.device)
+                values = tuple(_index_rows(v, keep) if batched else v for v, batched in zip(values, seg.batched))
         logits = np.full((n, self.n_classes), np.nan, dtype=np.float32)
+        pred = np.full(n, -1, dtype=np.int64)
         if len(alive):
-            logits[alive] = output.float().cpu().numpy()
-        pred = np.where(exit_layer >= 0, -1, np.nan_to_num(logits).argmax(axis=1)).astype(np.int64)
+            logits[alive] = out = output.float().cpu().numpy()
+            pred[alive] = np.nan_to_num(out).argmax(axis=1)
         return GuardResult(pred, exit_layer, scores, list(self.layers), logits)
 
-    def _execute(self, node, env):
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "call_module":
-            return self.graph.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            return _fetch_attr(self.graph, node.target)
-        raise ModelError(f"Guard cannot run fx node op {node.op!r}")  # pragma: no cover - fx has no other ops
+    def _score(self, k, value, alive, scores, threshold, validated=False):
+        """Score layer ``k`` for the rows still running; returns (n_alive,) bool: stop here.
 
-    def _score(self, k, value, alive, scores, thresholds):
-        """Score layer ``k`` for the rows still running; returns (n_alive,) bool: stop here."""
-        pooled = pool(_first_tensor(value)).float().cpu().numpy().astype(np.float64)
-        s = np.asarray(self.detectors[k].score(pooled), dtype=np.float64)
+        The scores come to the host once (the result holds them); the threshold is compared there, on that copy.
+        """
+        pooled = pool(_first_tensor(value))
+        if validated:
+            s = self.scorers[k].validated(pooled)
+            stop = s > threshold
+        else:
+            s, stop = self.scorers[k](pooled, threshold)
         scores[alive, k] = s
-        return s > thresholds[k]
-
-    def _keep(self, env, keep):
-        """Drop stopped rows from every batch-shaped value still needed."""
-        return {node: _index_rows(value, keep) if node in self._batched else value for node, value in env.items()}
+        return stop
 
     @torch.inference_mode()
     def _self_check(self):
@@ -199,18 +193,28 @@ class Guard:
         try:
             full = _first_tensor(self.model(x)).float().cpu().numpy()
             self.n_classes = full.shape[1] if full.ndim == 2 else 1  # known even when every row stops early
+            never = np.full(len(self.layers), np.inf)
             for k in range(len(self.layers)):
-                got = self._run(x, np.full(len(self.layers), np.inf), force={k: [0]}).logits[1:]
+                got = self._run(x, never, force={k: [0]}).logits[1:]
                 if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
                     raise ModelError(f"Guard cannot split this model at '{self.layers[k]}': the rows that go on do "
                                      "not give the full model's logits (a value computed before that layer is used "
                                      "after it, or keeps the batch off the first dimension). Hint: guard other "
                                      "layers, e.g. the blocks `layerscope layers` lists at the top level.")
+            self._check_scorers(self._run(x, never).scores, self._run(x, never, validated=True).scores)
         except ModelError:
             raise
         except Exception as err:  # the model's own code failed on the split graph: say so in one line
             raise ModelError(f"Guard cannot run this model split at {self.layers}: {type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}. Hint: guard other layers.") from err
+
+    def _check_scorers(self, lean, exact):
+        """A compiled scorer whose scores differ from its detector's own (rtol 1e-6) is replaced by ``score``."""
+        for k, scorer in enumerate(self.scorers):
+            if scorer.compiled and not np.allclose(lean[:, k], exact[:, k], rtol=1e-6, atol=0.0):
+                log.warning("guard: the compiled scorer of %s at '%s' differs from its score(); using score()",
+                            type(scorer.detector).__name__, self.layers[k])
+                self.scorers[k] = scorer.uncompiled()
 
     @torch.inference_mode()
     def block_flops(self) -> np.ndarray:
@@ -227,7 +231,7 @@ class Guard:
         x = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0)).to(self.device)
         boundaries = []
         with FlopCounterMode(display=False) as counter:
-            self._run(x, np.full(len(self.layers), np.inf), counter=counter, boundaries=boundaries)
+            self._run(x, np.full(len(self.layers), np.inf), counter=counter, boundaries=boundaries, validated=True)
             total = counter.get_total_flops()
         return np.array([*boundaries, total], dtype=np.float64)
 
@@ -280,6 +284,64 @@ def _node_of(layer, modules, by_target):
     return nodes[0]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One compiled piece of the split graph: from the values live after a cut to the next guarded layer.
+
+    Attributes
+    ----------
+    module : fx.GraphModule
+        Takes the values live at the cut before it (the model's input, for the
+        first); returns a tuple of the values still needed after its guarded
+        node, that node's value included, or the model's output for the last.
+    n_inputs : int
+    guard : int or None
+        Index of the guarded node's value in the outputs; None for the last segment.
+    batched : tuple of bool
+        Per output: whether it derives from the input (its rows are dropped with the stopped inputs).
+    """
+
+    module: fx.GraphModule
+    n_inputs: int
+    guard: int | None
+    batched: tuple
+
+
+def segments(gm, cuts) -> list[Segment]:
+    """Cut ``gm``'s graph after each node of ``cuts`` (in graph order) and compile every piece.
+
+    Returns ``len(cuts) + 1`` segments; the last one ends at the graph's output.
+    """
+    nodes = list(gm.graph.nodes)
+    batched = _batch_dependent(gm.graph)
+    ends = [nodes.index(node) for node in cuts] + [len(nodes) - 1]
+    out, start, live_in = [], 0, [n for n in nodes if n.op == "placeholder"]
+    for cut, end in zip([*cuts, None], ends):
+        body = [n for n in nodes[start:end + 1] if n.op != "placeholder"]
+        later = set(nodes[end + 1:])
+        live = [n for n in nodes[:end + 1] if n.op != "output" and any(u in later for u in n.users)]
+        if cut is not None and cut not in live:
+            live.append(cut)
+        out.append(Segment(_compile_segment(gm, live_in, body, None if cut is None else live),
+                           len(live_in), None if cut is None else live.index(cut), tuple(n in batched for n in live)))
+        start, live_in = end + 1, live
+    return out
+
+
+def _compile_segment(gm, inputs, body, outputs):
+    """A GraphModule of ``body``'s nodes on ``inputs``; returns ``outputs`` (a tuple), or the graph's own output."""
+    graph = fx.Graph()
+    env = {node: graph.placeholder(node.name) for node in inputs}
+    for node in body:
+        if node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    if outputs is not None:
+        graph.output(tuple(env[node] for node in outputs))
+    return fx.GraphModule(gm, graph)
+
+
 def _batch_dependent(graph) -> set:
     """Nodes whose value derives from the input (the only ones with rows to drop)."""
     out = set()
@@ -289,28 +351,9 @@ def _batch_dependent(graph) -> set:
     return out
 
 
-def _last_uses(graph) -> dict:
-    """``node -> nodes whose last use it is``: values are freed as soon as nothing needs them."""
-    last = {}
-    for node in graph.nodes:
-        for arg in node.all_input_nodes:
-            last[arg] = node
-    out = {}
-    for value, user in last.items():
-        out.setdefault(user, []).append(value)
-    return out
-
-
 def _index_rows(value, keep):
     if isinstance(value, torch.Tensor):
         return value[keep] if value.dim() and value.shape[0] == len(keep) else value
     if isinstance(value, (tuple, list)):
         return type(value)(_index_rows(v, keep) for v in value)
     return value
-
-
-def _fetch_attr(module, target):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
