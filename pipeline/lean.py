@@ -41,7 +41,8 @@ import torch
 
 _EPS = 1e-10  # as pipeline.detectors.knn_l2: x / (||x|| + 1e-10)
 
-#: Up to this many rows, Mahalanobis takes ``torch.cdist`` of the whitened rows (fewest ops); above, one matrix product.
+#: Up to this many rows on the CPU, a scorer with a numpy twin runs it (a numpy op on a few rows costs a fraction of
+#: a torch op's dispatch); above, or on another device, torch.
 SMALL_BATCH = 16
 
 #: Compiled scores agree with ``score`` to this relative tolerance (checked by the guard's self-check); a score
@@ -70,6 +71,7 @@ class LeanScorer:
     def __init__(self, detector, fn, n_features):
         self.detector, self.fn, self.n_features = detector, fn, n_features
         self.compiled = fn is not None
+        self._small = getattr(fn, "numpy_twin", None)  # CPU only (set by the compiler)
 
     def __call__(self, pooled: torch.Tensor, threshold=math.inf) -> tuple[np.ndarray, np.ndarray]:
         """Scores of ``pooled`` (n, C) and which of them are above ``threshold``.
@@ -88,7 +90,10 @@ class LeanScorer:
             ``scores > threshold``.
         """
         if self.fn is not None and pooled.shape[1] == self.n_features:
-            scores = self.fn(pooled.double()).cpu().numpy()
+            if self._small is not None and len(pooled) <= SMALL_BATCH:
+                scores = self._small(pooled.numpy().astype(np.float64))
+            else:
+                scores = self.fn(pooled.double()).cpu().numpy()
             if _clear(scores, threshold):
                 return scores, scores > threshold
         scores = self.validated(pooled)
@@ -105,6 +110,9 @@ class LeanScorer:
 
 def _clear(scores, threshold) -> bool:
     """Finite scores, none within ``TIE_RTOL`` of a finite threshold (NaN fails every comparison)."""
+    if len(scores) == 1:  # one input: Python floats
+        value = float(scores[0])
+        return math.isfinite(value) and not abs(value - threshold) <= TIE_RTOL * abs(threshold)
     if not len(scores):
         return False
     if not math.isfinite(threshold):
@@ -204,18 +212,24 @@ def _mahalanobis(det, device, affine):
     pre = _elementwise(affine, device) if l2 else None
     a, b = (np.ones(len(P)), np.zeros(len(P))) if affine is None or l2 else affine
     W, w0 = _tensor(a[:, None] * L, device), _tensor((b - centre) @ L, device)
-    nu_rows, nu_sq, nu_t = _tensor(nu, device), _tensor(np.einsum("kj,kj->k", nu, nu), device), _tensor(-2.0 * nu.T,
-                                                                                                        device)
+    nu_sq, nu_t = _tensor(np.einsum("kj,kj->k", nu, nu), device), _tensor(-2.0 * nu.T, device)
 
     def score(x):
         if l2:
             x = _l2_normalise(x if pre is None else pre(x))
         w = torch.addmm(w0, x, W)
-        if len(w) <= SMALL_BATCH:  # fewer ops: the differences themselves
-            return torch.cdist(w, nu_rows).amin(dim=1).square_()
         return torch.addmm(nu_sq, w, nu_t).amin(dim=1).add_((w * w).sum(dim=1)).clamp_min_(0.0)
 
+    if device.type == "cpu" and not l2 and affine is not None:  # the deployed default: z-scored Mahalanobis
+        W_np, w0_np = W.numpy(), w0.numpy()
+        score.numpy_twin = lambda x: _closest_sq(x @ W_np + w0_np, nu)
     return score
+
+
+def _closest_sq(w, nu):
+    """``min_c |w - nu_c|^2`` from the differences (few rows: (n, n_classes, d) in memory)."""
+    diff = w[:, None, :] - nu[None, :, :]
+    return np.square(diff, out=diff).sum(axis=2).min(axis=1)
 
 
 def _knn_l2(det, device, affine):

@@ -1,0 +1,100 @@
+"""The guard's lean scoring path (issue 18): compiled detectors score as the detectors' own ``score``."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.datasets import SplitDataset
+from pipeline.detectors import Standardized, make_detector
+from pipeline.errors import DataError
+from pipeline.extract import extract_to_store, resolve_plan
+from pipeline.guard import Guard
+from pipeline.lean import SMALL_BATCH, compile_scorer
+from pipeline.scoring import fit_detectors
+from pipeline.store import StoreWriter, open_store
+
+LAYERS = ["layer1", "layer2"]
+COMPILED = {"mahalanobis": {}, "mahalanobis_pp": {}, "knn_l2": {"k": 3}}
+FALLBACK = {"knn": {"n_neighbors": 3}, "rmds": {}}  # PyOD's and ours without a lean form: their own score
+
+
+@pytest.fixture
+def fitted(tiny_model, tiny_splits, store_path):
+    """Real detectors of every kind the lean path compiles (and two it does not), fitted on the tiny store."""
+    plan = resolve_plan(tiny_model, [*LAYERS, "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
+                         batch_size=5)
+        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
+    store = open_store(store_path)
+    return store, fit_detectors(store, {**COMPILED, **FALLBACK})
+
+
+def _rows(store, split, layer):
+    return np.concatenate([block for _, block in store.iter_blocks(split, layer)]).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", [*COMPILED, *FALLBACK])
+def test_lean_scores_equal_the_detectors_own_at_every_batch_size(fitted, name):
+    store, detectors = fitted
+    for layer in LAYERS:
+        det = detectors.detectors[name, layer]
+        scorer = compile_scorer(det)
+        assert scorer.compiled == (name in COMPILED)
+        X = np.concatenate([_rows(store, "id_val", layer), _rows(store, "noise_test", layer)])
+        for rows in (X[:1], X[:3], X[:SMALL_BATCH + 1], X):  # the numpy twin and the torch path
+            scores, above = scorer(torch.from_numpy(rows).float(), threshold=np.median(det.score(X)) * 1.001)
+            np.testing.assert_allclose(scores, det.score(rows), rtol=1e-6, atol=0)
+            assert np.array_equal(above, scores > np.median(det.score(X)) * 1.001)
+
+
+def test_a_standardized_knn_is_compiled_too(fitted):
+    store, _ = fitted
+    X = _rows(store, "id_train", "layer2")
+    det = Standardized(detector=make_detector("knn_l2", {"k": 2})).fit(X)
+    scorer = compile_scorer(det)
+    Y = _rows(store, "noise_test", "layer2")
+    assert scorer.compiled
+    np.testing.assert_allclose(scorer(torch.from_numpy(Y))[0], det.score(Y), rtol=1e-6, atol=0)
+
+
+def test_non_finite_activations_raise_the_detectors_one_line_error(fitted):
+    store, detectors = fitted
+    det = detectors.detectors["mahalanobis", "layer1"]
+    rows = torch.from_numpy(_rows(store, "id_val", "layer1")[:2].copy())
+    rows[1, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        compile_scorer(det)(rows)
+
+
+def test_a_score_at_the_threshold_is_decided_by_the_detectors_own_score(fitted):
+    """Round-off between numpy and torch must not flip a decision: a tie goes to ``score``."""
+    store, detectors = fitted
+    det = detectors.detectors["mahalanobis", "layer2"]
+    rows = _rows(store, "noise_test", "layer2")
+    own = det.score(rows)
+    scores, above = compile_scorer(det)(torch.from_numpy(rows), threshold=float(own[0]))
+    assert np.array_equal(scores, own) and not above[0]
+
+
+@pytest.mark.parametrize("name", [*COMPILED, "knn"])
+def test_the_guard_decides_as_with_the_detectors_own_score(tiny_model, tiny_splits, fitted, name):
+    store, detectors = fitted
+    chosen = {layer: detectors.detectors[name, layer] for layer in LAYERS}
+    thresholds = {layer: float(np.median(det.score(_rows(store, "noise_test", layer)))) for layer, det in
+                  chosen.items()}
+    guard = Guard(tiny_model, chosen, thresholds, (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    lean = guard(x)
+    exact = _validated(guard, x)
+    assert [s.compiled for s in guard.scorers] == [name in COMPILED] * 2
+    assert np.array_equal(lean.exit_layer, exact.exit_layer) and np.array_equal(lean.pred, exact.pred)
+    np.testing.assert_allclose(lean.scores, exact.scores, rtol=1e-6, atol=0)  # NaN where both stopped
+    for batch in (x[:1], x[1:2]):  # batch 1: the numpy twin
+        assert np.array_equal(guard(batch).exit_layer, _validated(guard, batch).exit_layer)
+
+
+@torch.inference_mode()
+def _validated(guard, x):
+    """The guard with every layer scored by its detector's own ``score`` (the path before the lean one)."""
+    return guard._run(x, guard.thresholds, validated=True)
