@@ -31,7 +31,7 @@ from pipeline.models import init_model
 from tests.test_e2e_dvc import copy_project
 
 EXTRACT = {"layers": ["layer1", "fc"], "grad_layers": [], "maps": [], "images": False, "batch_size": 16,
-           "chunk_rows": 16, "shard_rows": 32, "device": "cpu"}
+           "chunk_rows": 16, "shard_rows": 32, "device": "cpu", "gram": None, "odin": None, "rankfeat": None}
 SPEC = {"arch": "cifar_resnet", "widths": [4, 8], "blocks": [1, 1]}
 
 pytestmark = pytest.mark.e2e
