@@ -21,7 +21,7 @@ its images stacked into one tensor:
    ``--batch-size`` (256) and at batch 1 (latency of one image, where the early
    exit matters most). Two reference paths say where the guard's own time
    goes: ``guard_no_exit``, the same guard with every threshold at +inf, so
-   that no input stops (node-by-node executor, pooling and detectors, no
+   that no input stops (segmented executor, pooling and detectors, no
    saving), and ``executor``, the same with detectors that cost nothing (the
    executor and pooling alone). Every path runs ``--repeats`` times,
    interleaved, after two untimed warm-up passes; one timed pass loops over the
@@ -118,7 +118,7 @@ class ZeroDetector:
 
 
 def executor_only(guard) -> Guard:
-    """The guard's node-by-node executor and pooling, with free detectors and nothing stopping."""
+    """The guard's segmented executor and pooling, with free detectors and nothing stopping."""
     return no_exit_guard(guard, {layer: ZeroDetector() for layer in guard.layers})
 
 
@@ -379,7 +379,7 @@ def print_report(res, console):
     lines = [f"exits: share of inputs stopped at {', '.join(c['layers'])}, and passed. x = speed-up (plain / guard). "
              f"Batch 1 over {images} images of a split.",
              "no-exit = the guard with every threshold at +inf (executor + detectors, nothing stops); "
-             "executor = the same with free detectors (node-by-node run + pooling only).",
+             "executor = the same with free detectors (segmented run + pooling only).",
              "FLOPs per input: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fl.items())
              + f". Honesty: every passed input's guard pred == plain argmax (batch {big} and 1): ok.",
              agree_text]
