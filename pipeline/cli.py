@@ -82,6 +82,10 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    # before torch, numpy or dask load: they size their thread pools from the environment once
+    from pipeline.threads import use_threads
+
+    use_threads("auto")
 
 
 DEBUG_ENV = "LAYERSCOPE_DEBUG"

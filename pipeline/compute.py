@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed
 
 from tqdm.auto import tqdm
 
+from pipeline import threads as _threads
 from pipeline.config import ADDRESS_SCHEMES, ComputeConfig
 from pipeline.errors import ConfigError
 
@@ -58,7 +59,8 @@ class Runner:
     client : distributed.Client or None
         None runs tasks on a thread pool in this process.
     threads : int or None
-        Size of that thread pool (None: one per core).
+        Size of that thread pool (None: the threads :mod:`pipeline.threads`
+        chose for this process, i.e. the cores free when it started).
     """
 
     def __init__(self, client=None, threads=None):
@@ -80,11 +82,11 @@ class Runner:
         if processes:
             from joblib.externals.loky import get_reusable_executor
 
-            workers = threads or self.threads or os.cpu_count()
+            workers = threads or self.threads or _threads.chosen()
             # one BLAS thread per worker process, as joblib does: n processes x n BLAS threads oversubscribe
             blas = {var: "1" for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
             return contextlib.nullcontext(get_reusable_executor(max_workers=workers, env=blas))
-        return ThreadPoolExecutor(max_workers=threads or self.threads)
+        return ThreadPoolExecutor(max_workers=threads or self.threads or _threads.chosen())
 
     def map_unordered(self, fn, items, *, desc, unit="task", threads=None, processes=False):
         """Yield ``(item, fn(item))`` as tasks finish (any order).
@@ -128,12 +130,15 @@ class Runner:
 def open_runner(cfg: ComputeConfig | None = None):
     """A :class:`Runner` for ``cfg``; starts (and stops) a LocalCluster or connects to a scheduler.
 
+    Sizes this process's thread pools to ``cfg.threads`` first (see :mod:`pipeline.threads`).
+
     Raises
     ------
     ConfigError
         The scheduler at the configured address cannot be reached.
     """
     cfg = cfg or ComputeConfig()
+    _threads.use_threads(cfg.threads)
     address = scheduler_address(cfg)
     if cfg.scheduler == "local":
         with _local_client(cfg) as client:

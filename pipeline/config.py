@@ -611,6 +611,7 @@ class ComputeConfig:
     threads_per_worker: int = 1
     memory_limit: str = "auto"
     dashboard: bool = True
+    threads: int | str = "auto"  # per process; "auto": the cores free at start (pipeline/threads.py)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULER_MODES and not self.scheduler.startswith(ADDRESS_SCHEMES):
@@ -619,6 +620,10 @@ class ComputeConfig:
                                 hint="start one with `dask scheduler` and `dask worker ADDRESS`.")
         _check_positive("compute.n_workers", self.n_workers)
         _check_positive("compute.threads_per_worker", self.threads_per_worker)
+        if self.threads != "auto":
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+                raise invalid_param("compute.threads", "compute", "'auto' or a positive int", self.threads,
+                                    hint="'auto' takes the cores that are free when a stage starts.")
         if self.memory_limit not in ("auto", "none"):
             from dask.utils import parse_bytes
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -354,7 +353,7 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     configs = expand_grid(methods, aggregations)
     tasks = plan_tasks(configs, list(store.layers), aggregations, methods)
     log.info("search: %d configurations in %d tasks", len(configs), len(tasks))
-    runner = runner or Runner(threads=os.cpu_count() if n_jobs < 0 else n_jobs)
+    runner = runner or Runner(threads=None if n_jobs < 0 else n_jobs)
     maps = reads_maps(methods)
     # absolute: loky's reusable workers keep the working directory they started in
     where = store.path if isinstance(store.path, str) else str(Path(store.path).resolve())

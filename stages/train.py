@@ -11,6 +11,7 @@ from pipeline.config import load_section
 from pipeline.metrics import accuracy
 from pipeline.models import import_model, init_model, model_spec, predict, resolve_device, save_checkpoint, train_model
 from pipeline.report import write_json
+from pipeline.threads import use_threads
 from pipeline.userdata import channel_stats, open_benchmark
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ def run(params, data, model_out, metrics_out):
     check_file_output(model_out, "checkpoint", "--model")  # before the work, not after the training
     check_file_output(metrics_out, "training metrics", "--metrics")
     cfg = load_section("train", params)
+    use_threads(load_section("compute", params).threads)  # where, not what: not a DVC dependency
     splits = open_benchmark(data, ID_SPLITS, params=params)
     train = splits["id_train"]
     device = resolve_device(cfg.device)

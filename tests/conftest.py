@@ -1,10 +1,20 @@
 """Shared fixtures: a seeded rng, Gaussian blobs with planted outliers, a tiny
 model and a temporary feature-store path."""
 
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+
+from pipeline import threads
+
+# Under pytest-xdist, one thread per worker process (and per command a test starts,
+# which inherits the cap): n workers x n threads on n cores is the oversubscription
+# pipeline/threads.py exists to avoid. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    threads.use_threads(1)
 
 
 @dataclass(frozen=True)
@@ -26,9 +36,25 @@ class Blobs:
 @pytest.fixture(autouse=True, scope="session")
 def _private_hash_cache(tmp_path_factory):
     """Content hashes of data files are cached outside the repo; tests keep theirs out of the user's cache."""
-    import os
-
     os.environ.setdefault("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashcache") / "hashes.sqlite3"))
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_counts():
+    """A command run in-process sizes this process's thread pools; the next test gets them back as they were."""
+    saved_env = {var: os.environ.get(var) for var in threads.ENV_VARS}
+    saved_state = dict(threads._STATE)
+    torch = sys.modules.get("torch")
+    saved_torch = torch.get_num_threads() if torch else None
+    yield
+    for var, value in saved_env.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    threads._STATE.update(saved_state)
+    if saved_torch is not None and sys.modules["torch"].get_num_threads() != saved_torch:
+        sys.modules["torch"].set_num_threads(saved_torch)
 
 
 @pytest.fixture

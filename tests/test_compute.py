@@ -70,6 +70,19 @@ def test_local_cluster_extraction_is_bit_identical_to_threads(project, reference
     assert_same_store(_run(project, "local", {"scheduler": "local", "n_workers": 2, "dashboard": False}), reference)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_thread_count_does_not_change_a_bit(project, reference, threads):
+    """compute.threads is where, not what: it stays out of DVC's dependencies only because of this."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert_same_store(_run(project, f"threads{threads}", {"threads": threads}), reference)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_killing_a_worker_mid_extraction_then_resuming_gives_the_same_store(project, reference, tmp_path):
     from distributed import Client, LocalCluster
 
