@@ -20,12 +20,20 @@ repro: install
 	dvc repro
 	layerscope summary
 
+# Every benchmark, one after another (each writes benchmarks/results/<name>.json), then
+# benchmarks/results/SUMMARY.md. Run it on a quiet machine: about an hour on 2 cores.
 bench: install
+	$(PY) -m pip install -q -e '.[bench]'  # pytorch-ood, the peer of bench_peers
+	dvc repro calibrate  # what bench_search, bench_guard and bench_peers read: data, model, store, detectors, thresholds
+	python benchmarks/bench_startup.py
 	python benchmarks/bench_extract.py
 	python benchmarks/bench_search.py
+	python benchmarks/bench_search.py --methods-cost
 	python benchmarks/bench_scale.py
-	dvc repro calibrate  # the guard's files: model, detectors, thresholds
 	python benchmarks/bench_guard.py
+	python benchmarks/bench_peers.py
+	python benchmarks/bench_load.py
+	python benchmarks/summarize.py --out benchmarks/results/SUMMARY.md
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: install
