@@ -50,6 +50,7 @@ from pipeline.store import (
     RESERVED,
     ArraySpec,
     StoreWriter,
+    WriteBehind,
     feature_dim,
     write_shard_data,
 )
@@ -640,15 +641,19 @@ class ShardJob:
     num_workers: int
 
     def __call__(self, task):
-        """Compute and write one whole shard; ``task`` is ``(split, index, start, stop)``."""
+        """Compute and write one whole shard (what a Dask worker runs); ``task`` is ``(split, index, start, stop)``."""
         split, index, start, stop = task
+        write_shard_data(self.store, split, index, self.shard_rows, self.compute(task))
+        return stop - start
+
+    def compute(self, task) -> dict[str, np.ndarray]:
+        """Every array's rows of one shard, ``name -> (stop - start, ...)``, without writing them."""
+        split, _index, start, stop = task
         model = self.model()
         device = next(model.parameters()).device
         with LayerRecorder(model, self.plan) as recorder:
-            data = _extract_rows(model, self.data(split), start, stop, recorder, self.batch_size, device,
+            return _extract_rows(model, self.data(split), start, stop, recorder, self.batch_size, device,
                                  self.num_workers)
-        write_shard_data(self.store, split, index, self.shard_rows, data)
-        return stop - start
 
 
 def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, batch_size=128, device="cpu",
@@ -656,10 +661,13 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     """Run every split through the model and write whole shards to ``writer``.
 
     Groups and arrays are created here, before the fan-out; then each pending
-    shard is one task (:class:`ShardJob`) on ``runner``: this process's thread,
-    or a Dask worker that loads the model once and writes its whole shards
-    itself. Progress is recorded here as shards finish, so a run interrupted
-    anywhere (or a killed worker) resumes from the shards already recorded.
+    shard is one task (:class:`ShardJob`). Without a cluster, this thread
+    computes the shards one after the other and a background thread writes
+    each finished one meanwhile (:class:`~pipeline.store.WriteBehind`); on a
+    cluster, a Dask worker loads the model once and writes its whole shards
+    itself. A shard is recorded as done once it is written, so a run
+    interrupted anywhere (or a killed worker) resumes from the shards already
+    recorded.
 
     Parameters
     ----------
@@ -680,14 +688,14 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     num_workers : int
         DataLoader workers for datasets read item by item (decoded from files).
     runner : pipeline.compute.Runner, optional
-        Where shards are computed; default: this process, one shard at a time.
+        Where shards are computed: a cluster's runner sends them to its workers;
+        default (or a runner without a cluster): this thread, one shard at a
+        time, with each finished shard written in the background.
     sources : (model source, data source), optional
         Picklable callables that give the model and a split's dataset in a
         worker process (:class:`CheckpointModel`, :class:`BenchmarkData`);
         default: ``model`` and ``splits`` themselves (:class:`InMemory`).
     """
-    from pipeline.compute import Runner
-
     first = next(iter(splits.values()))[0]
     input_shape = tuple(first[0][0].shape)
     shapes = layer_shapes(model, input_shape, device)
@@ -705,11 +713,28 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     model_source, data_source = sources or (InMemory(model), InMemory({n: ds for n, (ds, _) in splits.items()}))
     job = ShardJob(model_source, data_source, plan, str(writer.staged_store), writer.shard_rows, batch_size,
                    num_workers)
-    # one thread in this process: the shards share one model and its hooks
-    for (name, index, _, _), _rows in (runner or Runner()).map_unordered(job, tasks, desc="extract", unit="shard",
-                                                                        threads=1):
-        writer.mark_done(name, index)
+    if runner is not None and runner.distributed:
+        for (name, index, _, _), _rows in runner.map_unordered(job, tasks, desc="extract", unit="shard"):
+            writer.mark_done(name, index)
+    else:
+        _extract_here(job, tasks, writer)
     return specs
+
+
+def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
+    """Compute ``tasks`` in this thread, in order; each finished shard is written in the background.
+
+    One thread computes: the shards share one model and its hooks. Writing
+    shard k (Zstd, files) overlaps the passes of shard k + 1; at most two
+    shards are in memory (:class:`~pipeline.store.WriteBehind` with depth 1).
+    """
+    from tqdm.auto import tqdm
+
+    with WriteBehind(writer, depth=1) as behind, tqdm(total=len(tasks), desc="extract", unit="shard",
+                                                      disable=None) as bar:
+        for task in tasks:
+            behind.submit(task[0], task[1], job.compute(task))
+            bar.update(1)
 
 
 def _n_classes(model, input_shape, device):
@@ -718,13 +743,24 @@ def _n_classes(model, input_shape, device):
 
 
 def _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers=0):
-    """Rows ``[start, stop)`` of every array, computed batch by batch."""
-    parts = []
+    """Rows ``[start, stop)`` of every array, computed batch by batch.
+
+    Each batch is copied straight into arrays of the shard's size, allocated
+    at the first batch: one copy of the data, where concatenating the
+    batches at the end made two and held both at once.
+    """
+    rows, done = {}, 0
     for x, y in _batches(dataset, start, stop, batch_size, num_workers):
         batch = extract_batch(model, x.to(device), recorder)
         batch["label"] = np.asarray(y, dtype=np.int64)
-        parts.append(batch)
-    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        n = len(batch["label"])
+        for key, values in batch.items():
+            if key not in rows:
+                rows[key] = np.empty((stop - start, *values.shape[1:]), dtype=values.dtype)
+            rows[key][done:done + n] = values
+        done += n
+    if done != stop - start:  # an empty row would be written as whatever np.empty held
+        raise RuntimeError(f"the dataset gave {done} rows for rows [{start}, {stop}), expected {stop - start}")
     rows["sample"] = source_index(dataset)[start:stop]
     return rows
 

@@ -26,6 +26,8 @@ its own name, so ``xarray.open_zarr(path, group=split)`` opens a whole split
 Writes happen in whole shards only: zarr-python 3 loses data when two writers
 touch parts of the same shard (zarr-python issue 3682), so the writer buffers a
 shard's rows before it writes them, and one shard has exactly one writer.
+:class:`WriteBehind` writes them on a background thread, one shard behind the
+computation, and records each shard only once it is written.
 
 **Resumable.** A store is built in a *staging* directory beside the output
 (``<parent>/.staging/<name>/store.zarr``, with ``progress.json``). DVC deletes
@@ -66,6 +68,7 @@ its metadata is consolidated.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -73,6 +76,7 @@ import logging
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,6 +358,63 @@ def write_shard_data(store_path, split: str, index: int, shard_rows: int, data: 
         if values.shape[0] != stop - start:
             raise ValueError(f"shard {index} of {split}/{name} needs {stop - start} rows, got {values.shape[0]}")
         arr[start:stop] = values.astype(arr.dtype, copy=False)
+
+
+class WriteBehind:
+    """Write a :class:`StoreWriter`'s whole shards on one background thread while the caller computes the next.
+
+    Compressing and writing a shard then overlaps the forward passes of the
+    next one instead of stalling them. What stays as it was:
+
+    - **bounded memory**: :meth:`submit` first waits until fewer than ``depth``
+      shards are queued or being written, so at most ``depth`` shards wait
+      here besides the one the caller is computing;
+    - **errors propagate**: a failed write is raised by the next
+      :meth:`submit`, or on leaving the ``with`` block;
+    - **resume**: the background thread records a shard as done
+      (:meth:`StoreWriter.mark_done`) only once every array of it is written,
+      one shard after the other, so a run killed anywhere resumes from the
+      shards recorded, exactly as with blocking writes. Nothing here touches
+      the ``complete`` flag: only :meth:`StoreWriter.finalize` sets it, after
+      this block has waited for the last write.
+
+    Parameters
+    ----------
+    writer : StoreWriter
+        An entered writer whose splits and arrays exist already.
+    depth : int
+        Shards that may wait or be written at a time (1: double buffering).
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 1):
+        self.writer, self.depth = writer, depth
+        self._pool = None
+        self._pending = collections.deque()
+
+    def __enter__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-shard-writer")
+        return self
+
+    def submit(self, split: str, index: int, data: dict[str, np.ndarray]):
+        """Queue shard ``index`` of ``split`` for writing; ``data`` must not be changed afterwards.
+
+        Blocks while ``depth`` shards are pending; raises the error of a
+        failed earlier write.
+        """
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self.writer.write_shard, split, index, data))
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+                elif future.exception() is not None:  # waits for it; the caller's own error is the one raised
+                    log.error("writing a shard failed too: %s", _one_line(future.exception()))
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- reading

@@ -175,6 +175,33 @@ def test_item_by_item_datasets_give_the_same_store_as_sliced_ones(tiny_model, ti
         np.testing.assert_array_equal(stores["sliced"].to_numpy("id_train", name), stores["items"].to_numpy("id_train", name))
 
 
+class ShortRows(torch.utils.data.Dataset):
+    """An in-memory dataset whose ``rows`` gives one row too few: a broken ``rows``, as a user's might be."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        return self.inner[index]
+
+    def rows(self, start, stop):
+        x, y = self.inner.rows(start, stop)
+        return x[:-1], y[:-1]
+
+
+def test_a_dataset_giving_too_few_rows_is_refused_not_padded(tiny_model, tiny_splits, store_path):
+    """Shard arrays are allocated whole, then filled: a short batch must not leave rows of np.empty in them."""
+    split = tiny_splits["id_train"]
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        with pytest.raises(RuntimeError, match=r"gave \d+ rows for rows \[0, 8\), expected 8"):
+            extract_to_store(tiny_model, {"id_train": (ShortRows(SplitDataset(split)), split.attrs)},
+                             Plan(("layer1",)), writer, batch_size=3)
+        assert writer.pending_shards("id_train", len(split.labels))[0] == 0
+
+
 def test_unpooled_maps_and_images_are_stored_for_the_heatmap_decoder(tiny_model, tiny_splits, store_path):
     """Seed 002's decoder reads the later blocks' (C, H, W) maps and the input images from the store."""
     from pipeline.extract import resolve_plan

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+import zarr
 
 from pipeline.datasets import ImageSplit, write_benchmark
 from pipeline.models import init_model, save_checkpoint
@@ -69,6 +70,19 @@ def assert_same_arrays(a, b):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{split}/{name} differs"
 
 
+def assert_recorded_shards_are_written(progress_file, reference):
+    """Every shard that progress.json records is in the staged store, whole: shards are written in the
+    background, and one must be recorded only once all of its arrays are (else a resume would skip it)."""
+    staged = zarr.open_group(progress_file.parent / "store.zarr", mode="r")
+    rows = EXTRACT["shard_rows"]
+    for split, shards in json.loads(progress_file.read_text())["splits"].items():
+        for index in shards:
+            start, stop = index * rows, min((index + 1) * rows, staged[split]["label"].shape[0])
+            for name in [*reference.layers, "energy", "logits", "pred", "label"]:
+                written, expected = staged[split][name][start:stop], reference.rows(split, name, start, stop)
+                assert written.tobytes() == expected.tobytes(), f"shard {index} of {split}/{name} recorded, not written"
+
+
 @pytest.fixture(scope="module")
 def reference(project):
     out = project / "reference.zarr"
@@ -84,6 +98,7 @@ def test_sigkill_then_rerun_is_bit_identical(project, reference, n_shards):
     assert returncode == -signal.SIGKILL, "extraction finished before it could be killed"
     assert not out.exists(), "an interrupted store must not look complete"
     assert shards_done(progress) >= n_shards
+    assert_recorded_shards_are_written(progress, reference)
     rerun = subprocess.run(extract_cmd(project, out), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming staged store" in rerun.stderr

@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 from pipeline.errors import IntegrityError, OutputError, StoreError
-from pipeline.store import ArraySpec, StoreWriter, open_store
+from pipeline.store import ArraySpec, StoreWriter, WriteBehind, open_store
 
 SPECS = [ArraySpec("layer1", 3, "float32"), ArraySpec("energy", 2, "float32", dim="layer"),
          ArraySpec("label", None, "int64")]
@@ -110,3 +110,45 @@ def test_unknown_split_and_array_are_named(store_path):
         store.to_numpy("id_test", "layer1")
     with pytest.raises(StoreError, match=r"no array 'layer9'"):
         store.to_numpy("id_train", "layer9")
+
+
+def _write_behind(path, n=10, broken=None, caller_error=None):
+    """Write a one-split store through :class:`WriteBehind`; ``broken``: a shard given one row too few."""
+    with StoreWriter(path, "k", chunk_rows=2, shard_rows=4) as writer:
+        writer.create_split("id_train", n, SPECS, {"role": "id", "n_samples": n})
+        with WriteBehind(writer, depth=1) as behind:
+            for i in writer.pending_shards("id_train", n):
+                data = rows(*writer.shard_range(i, n))
+                if i == broken:
+                    data = {k: v[:-1] for k, v in data.items()}
+                behind.submit("id_train", i, data)
+                assert len(behind._pending) <= 1  # bounded: the one being written, at most
+            if caller_error is not None:
+                raise caller_error
+        writer.finalize({"checkpoint_sha256": "abc"}, ["layer1"])
+
+
+def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path):
+    from tests.faults import tree_bytes
+
+    write(tmp_path / "blocking.zarr")
+    _write_behind(tmp_path / "behind.zarr")
+    assert tree_bytes(tmp_path / "behind.zarr") == tree_bytes(tmp_path / "blocking.zarr")
+
+
+def test_a_failed_background_write_is_raised_and_the_shard_stays_pending(store_path):
+    with pytest.raises(ValueError, match=r"shard 1 of id_train/layer1 needs 4 rows, got 3"):
+        _write_behind(store_path, broken=1)
+    with StoreWriter(store_path, "k", chunk_rows=2, shard_rows=4) as writer:
+        assert 1 in writer.pending_shards("id_train", 10)  # never recorded: a rerun writes it again
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(store_path)
+
+
+def test_the_callers_error_wins_and_the_shards_written_meanwhile_are_kept(store_path):
+    with pytest.raises(KeyboardInterrupt):
+        _write_behind(store_path, caller_error=KeyboardInterrupt())
+    with StoreWriter(store_path, "k", chunk_rows=2, shard_rows=4) as writer:
+        assert writer.pending_shards("id_train", 10) == []  # every submitted shard was written, then recorded
+    write(store_path)  # resumes: nothing left to compute, then finalize
+    np.testing.assert_array_equal(open_store(store_path).to_numpy("id_train", "label"), np.arange(10))
