@@ -1,5 +1,5 @@
 """``python -m pipeline`` is the ``layerscope`` command."""
 
-from pipeline.cli import app
+from pipeline.cli import run
 
-app(prog_name="layerscope")
+run()

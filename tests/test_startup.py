@@ -70,3 +70,37 @@ def test_network_stages_and_npz_splits_import_no_torchvision(tmp_path):
         (["stages.extract", "stages.train"], "", forbidden),
     ])
     assert found == {step: [] for step in found}
+
+
+def _command(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_the_quick_exit_flushes_everything_and_keeps_the_exit_code(tmp_path):
+    """The command leaves without the interpreter's teardown, but never without its output or its code."""
+    from pipeline.catalogue import METHODS
+
+    listed = _command("methods")
+    assert listed.returncode == 0, listed.stderr
+    assert all(name in listed.stdout for name in METHODS)  # the whole table, through a pipe
+    missing = _command("inspect", str(tmp_path / "nope.zarr"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "nope.zarr" in missing.stderr
+    usage = _command("fit", "--bogus")
+    assert usage.returncode == 2 and "No such option: --bogus" in usage.stderr
+
+
+def test_the_quick_exit_waits_for_what_needs_the_normal_one():
+    """A non-daemon thread, an exit finalizer or loky's process pool keep the interpreter's own shutdown."""
+    code = """
+import threading, sys
+from pipeline import cli
+assert not cli._needs_clean_exit()
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+from joblib.externals.loky import get_reusable_executor
+get_reusable_executor(max_workers=1).submit(int, 1).result()
+assert cli._needs_clean_exit()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "leaked" not in done.stderr
