@@ -23,9 +23,11 @@ its images stacked into one tensor:
    goes: ``guard_no_exit``, the same guard with every threshold at +inf, so
    that no input stops (segmented executor, pooling and detectors, no
    saving), and ``executor``, the same with detectors that cost nothing (the
-   executor and pooling alone). Every path runs ``--repeats`` times,
-   interleaved, after two untimed warm-up passes; one timed pass loops over the
-   split for about ``--min-seconds``; the figure is the median.
+   executor and pooling alone). The paths take turns batch by batch, in an
+   order that rotates, each entering inference mode per call; a timed pass
+   loops over the split for about ``--min-seconds`` (all paths together) and
+   is repeated ``--repeats`` times after two untimed warm-up passes; the
+   figure is the median pass.
    ``torch.set_num_threads(--threads)`` is fixed and recorded, and so are the
    BLAS thread pools (capped with ``--blas-threads``).
 2. The guard's own decisions on the whole split: fraction flagged, exits per
@@ -50,6 +52,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,40 +128,47 @@ def executor_only(guard) -> Guard:
 # --------------------------------------------------------------------------- the timed paths
 
 
-def run_plain(model, batches):
-    """The plain classifier, batch after batch."""
-    with torch.inference_mode():
+def plain_call(model):
+    """The plain classifier on one batch: a bare forward in ``torch.inference_mode()``, entered per call as
+    ``Guard.__call__`` enters it (a deployed model serves one request at a time)."""
+
+    def run(xb):
+        with torch.inference_mode():
+            return model(xb)
+
+    return run
+
+
+def interleaved_pass(runners, batches, loops, shift=0) -> dict:
+    """Seconds of each path over ``batches`` run ``loops`` times, the paths taking turns batch by batch.
+
+    The order of the paths rotates from one batch to the next (and with
+    ``shift``), so none always runs first on a cold cache or last after the
+    others; a load that comes and goes is shared by every path alike.
+    """
+    pc, names = time.perf_counter, list(runners)
+    seconds = dict.fromkeys(names, 0.0)
+    i = shift
+    for _ in range(loops):
         for xb in batches:
-            model(xb)
-
-
-def run_guard(guard, batches):
-    """The guarded classifier, batch after batch (``Guard.__call__`` enters inference mode itself)."""
-    for xb in batches:
-        guard(xb)
-
-
-def timed_paths(guard, reference, executor, x, batch_size, latency_n) -> dict:
-    """``(batch, path) -> (zero-argument callable, images it runs)`` for both batch sizes and every path."""
-    big = list(x.split(batch_size))
-    one = list(x[:latency_n].split(1))
-    out = {}
-    for bs, batches in ((batch_size, big), (1, one)):
-        n = sum(len(b) for b in batches)
-        out[bs, "plain"] = (lambda b=batches: run_plain(guard.model, b), n)
-        out[bs, "guard"] = (lambda b=batches: run_guard(guard, b), n)
-        out[bs, "guard_no_exit"] = (lambda b=batches: run_guard(reference, b), n)
-        out[bs, "executor"] = (lambda b=batches: run_guard(executor, b), n)
-    return out
+            for j in range(len(names)):
+                name = names[(i + j) % len(names)]
+                start = pc()
+                runners[name](xb)
+                seconds[name] += pc() - start
+            i += 1
+    return seconds
 
 
 def measure_times(guard, reference, executor, splits, batch_size, latency_n, repeats, min_seconds) -> dict:
-    """Seconds of every (split, batch, path), ``repeats`` interleaved rounds after two warm-up passes each.
+    """Seconds of every (split, batch, path): ``repeats`` rounds of interleaved passes after two warm-up passes.
 
-    A split is small (100 to 289 images), so one timed pass runs a path's
-    batches ``loops`` times, enough for about ``min_seconds`` (from the second
-    warm-up pass): long enough for the timer and for the ``/proc/stat``
-    contention gauge, whose ticks are 10 ms.
+    The four paths (``PATHS``) take turns batch by batch (:func:`interleaved_pass`)
+    at the same thread count, each in inference mode entered per call. A split
+    is small (100 to 289 images), so one timed pass runs its batches ``loops``
+    times, enough for about ``min_seconds`` of all paths together (from the
+    second warm-up pass): long enough for the ``/proc/stat`` contention gauge,
+    whose ticks are 10 ms, and which is shared by the paths of a pass.
 
     Returns
     -------
@@ -166,30 +176,29 @@ def measure_times(guard, reference, executor, splits, batch_size, latency_n, rep
         ``split -> batch -> path -> summary`` (see :func:`summarise`), plus the
         speed-up of the guard (plain / guard, medians) per split and batch.
     """
-    log.info("warm-up: two untimed passes of every path on every split")
-    paths = {}
+    runners = {"plain": plain_call(guard.model), "guard": guard, "guard_no_exit": reference, "executor": executor}
+    log.info("warm-up: two untimed interleaved passes on every split and batch size")
+    plans = {}
     for name, s in splits.items():
-        paths[name] = {}
-        for key, (fn, n) in timed_paths(guard, reference, executor, s["x"], batch_size, latency_n).items():
-            fn()
-            seconds, _ = other_cpu_share(fn)
+        for bs, batches in ((batch_size, list(s["x"].split(batch_size))), (1, list(s["x"][:latency_n].split(1)))):
+            interleaved_pass(runners, batches, 1)
+            seconds, _ = other_cpu_share(lambda b=batches: interleaved_pass(runners, b, 1))
             loops = max(1, math.ceil(min_seconds / seconds)) if min_seconds > 0 else 1
-            paths[name][key] = (lambda fn=fn, loops=loops: [fn() for _ in range(loops)], n, loops)
-    runs = {name: {key: [] for key in by_path} for name, by_path in paths.items()}
+            plans[name, bs] = (batches, loops, sum(len(b) for b in batches))
+    runs = {key: {path: [] for path in PATHS} for key in plans}
     for r in range(repeats):
         log.info("round %d/%d", r + 1, repeats)
-        for name, by_path in paths.items():
-            for key, (fn, _n, _loops) in by_path.items():
-                runs[name][key].append(other_cpu_share(fn))
+        for key, (batches, loops, _n) in plans.items():
+            got = {}
+            _, other = other_cpu_share(lambda b=batches, lp=loops: got.update(interleaved_pass(runners, b, lp, r)))
+            for path, seconds in got.items():
+                runs[key][path].append((seconds, other))
     out = {}
-    for name, by_path in paths.items():
-        per_batch = {}
-        for (bs, path), (_fn, n, loops) in by_path.items():
-            per_batch.setdefault(str(bs), {})[path] = summarise(runs[name][bs, path], n, loops)
-        for timing in per_batch.values():
-            timing["speedup"] = round(timing["plain"]["median_ms"] / timing["guard"]["median_ms"], 3)
-            timing["speedup_no_exit"] = round(timing["plain"]["median_ms"] / timing["guard_no_exit"]["median_ms"], 3)
-        out[name] = per_batch
+    for (name, bs), (_batches, loops, n) in plans.items():
+        timing = {path: summarise(runs[name, bs][path], n, loops) for path in PATHS}
+        timing["speedup"] = round(timing["plain"]["median_ms"] / timing["guard"]["median_ms"], 3)
+        timing["speedup_no_exit"] = round(timing["plain"]["median_ms"] / timing["guard_no_exit"]["median_ms"], 3)
+        out.setdefault(name, {})[str(bs)] = timing
     return out
 
 

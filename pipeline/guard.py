@@ -132,58 +132,84 @@ class Guard:
     def _position(self, node):
         return list(self.graph.graph.nodes).index(node)
 
-    @torch.inference_mode()
     def __call__(self, x) -> GuardResult:
         """Run ``x`` (n, C, H, W) through the guarded model."""
-        return self._run(torch.as_tensor(x), thresholds=self.thresholds)
+        with torch.inference_mode():  # as a plain deployed forward would (the decorator costs two more calls)
+            x = torch.as_tensor(x)
+            if len(x) == 1:
+                return self._run_one(x.to(self.device, torch.float32), self.thresholds.tolist())
+            return self._run(x, thresholds=self.thresholds)
+
+    def _run_one(self, x, thresholds) -> GuardResult:
+        """:meth:`_run` for one input (the latency case): Python scalars for decisions, no index arrays."""
+        scores = np.full((1, len(self.layers)), np.nan)
+        values = (x,) * self._segments[0].n_inputs
+        for k, seg in enumerate(self._segments):
+            values = seg.forward(*values)
+            if seg.guard is None:
+                logits = _first_tensor(values).float().cpu().numpy()
+                return GuardResult(_argmax(logits), np.full(1, -1, dtype=np.int64), scores, list(self.layers), logits)
+            scores[0, k], stop = self.scorers[k].one(pool(_first_tensor(values[seg.guard])), thresholds[k])
+            if stop:
+                return GuardResult(np.full(1, -1, dtype=np.int64), np.full(1, k, dtype=np.int64), scores,
+                                   list(self.layers), np.full((1, self.n_classes), np.nan, dtype=np.float32))
+        raise AssertionError("unreachable: the last segment has no guard")
 
     def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False):
         """The guarded pass. ``force`` (layer index -> rows to drop) serves the self-check;
         ``counter``/``boundaries`` record cumulative FLOPs at each guard; ``validated``: score with the
-        detectors' own ``score`` (no torch arithmetic for the FLOP counter to see)."""
+        detectors' own ``score`` (no torch arithmetic for the FLOP counter to see).
+
+        The common case, where every row goes on, touches no index arrays: ``alive``
+        stays None (all rows, in order) until a row stops.
+        """
         x = x.to(self.device, torch.float32)
         n = len(x)
-        alive = np.arange(n)
         scores = np.full((n, len(self.layers)), np.nan)
         exit_layer = np.full(n, -1, dtype=np.int64)
-        values, output = (x,) * self._segments[0].n_inputs, None
+        alive = None  # indices of the rows still running; None: all of them
+        values = (x,) * self._segments[0].n_inputs
         for k, seg in enumerate(self._segments):
-            values = seg.module(*values)
+            values = seg.forward(*values)
             if seg.guard is None:
-                output = _first_tensor(values)
-                break
+                return self._result(_first_tensor(values), alive, exit_layer, scores)
             if boundaries is not None:
                 boundaries.append(counter.get_total_flops())
-            stop = self._score(k, values[seg.guard], alive, scores, float(thresholds[k]), validated)
+            pooled, threshold = pool(_first_tensor(values[seg.guard])), float(thresholds[k])
+            if validated:
+                s = self.scorers[k].validated(pooled)
+                stop = s > threshold
+            else:
+                s, stop = self.scorers[k](pooled, threshold)
             if force is not None:
-                stop |= np.isin(alive, force.get(k, []))
+                stop = stop | np.isin(np.arange(n) if alive is None else alive, force.get(k, []))
+            if alive is None:
+                scores[:, k] = s
+            else:
+                scores[alive, k] = s
             if stop.any():
-                exit_layer[alive[stop]] = k
-                alive = alive[~stop]
-                if len(alive) == 0:
-                    break
-                keep = torch.as_tensor(~stop, device=self.device)
-                values = tuple(_index_rows(v, keep) if batched else v for v, batched in zip(values, seg.batched))
+                rows = np.arange(n) if alive is None else alive
+                exit_layer[rows[stop]] = k
+                alive = rows[~stop]
+                if not len(alive):
+                    return self._result(None, alive, exit_layer, scores)
+                keep = torch.from_numpy(np.flatnonzero(~stop)).to(self.device)
+                values = tuple(_take_rows(v, keep, len(stop)) if batched else v
+                               for v, batched in zip(values, seg.batched))
+        raise AssertionError("unreachable: the last segment has no guard")  # segments() always ends with one
+
+    def _result(self, output, alive, exit_layer, scores) -> GuardResult:
+        """The result of a pass: ``output`` holds the logits of the rows in ``alive`` (None: of every row)."""
+        if alive is None:  # nothing stopped: the output's rows are the inputs' (a view on the CPU, no copy)
+            logits = output.float().cpu().numpy()
+            return GuardResult(_argmax(logits), exit_layer, scores, list(self.layers), logits)
+        n = len(exit_layer)
         logits = np.full((n, self.n_classes), np.nan, dtype=np.float32)
         pred = np.full(n, -1, dtype=np.int64)
         if len(alive):
             logits[alive] = out = output.float().cpu().numpy()
-            pred[alive] = np.nan_to_num(out).argmax(axis=1)
+            pred[alive] = _argmax(out)
         return GuardResult(pred, exit_layer, scores, list(self.layers), logits)
-
-    def _score(self, k, value, alive, scores, threshold, validated=False):
-        """Score layer ``k`` for the rows still running; returns (n_alive,) bool: stop here.
-
-        The scores come to the host once (the result holds them); the threshold is compared there, on that copy.
-        """
-        pooled = pool(_first_tensor(value))
-        if validated:
-            s = self.scorers[k].validated(pooled)
-            stop = s > threshold
-        else:
-            s, stop = self.scorers[k](pooled, threshold)
-        scores[alive, k] = s
-        return stop
 
     @torch.inference_mode()
     def _self_check(self):
@@ -306,6 +332,12 @@ class Segment:
     guard: int | None
     batched: tuple
 
+    @property
+    def forward(self):
+        """The module's generated ``forward``, called without ``nn.Module.__call__``: no hooks are registered on a
+        segment, and at batch 1 the five Python frames per call are a measurable share of the pass."""
+        return self.module.forward
+
 
 def segments(gm, cuts) -> list[Segment]:
     """Cut ``gm``'s graph after each node of ``cuts`` (in graph order) and compile every piece.
@@ -351,9 +383,19 @@ def _batch_dependent(graph) -> set:
     return out
 
 
-def _index_rows(value, keep):
+def _take_rows(value, keep, n):
+    """``value``'s rows ``keep`` (int64 indices) where its first dimension is the batch's ``n``; others as they are.
+
+    ``index_select`` copies whole rows (contiguous in a batch-first tensor): cheaper than a boolean mask, which
+    gathers element by element.
+    """
     if isinstance(value, torch.Tensor):
-        return value[keep] if value.dim() and value.shape[0] == len(keep) else value
+        return value.index_select(0, keep) if value.dim() and value.shape[0] == n else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_index_rows(v, keep) for v in value)
+        return type(value)(_take_rows(v, keep, n) for v in value)
     return value
+
+
+def _argmax(logits) -> np.ndarray:
+    """(n,) int64 argmax of (n, n_classes) logits, NaN read as 0 (as ``np.nan_to_num``; only paid for when present)."""
+    return (logits if np.isfinite(logits).all() else np.nan_to_num(logits)).argmax(axis=1)

@@ -34,12 +34,14 @@ did with ``score`` alone.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 _EPS = 1e-10  # as pipeline.detectors.knn_l2: x / (||x|| + 1e-10)
+_NUMPY_DTYPES = (torch.float32, torch.float64)  # what a numpy twin takes as is (numpy has no bfloat16)
 
 #: Up to this many rows on the CPU, a scorer with a numpy twin runs it (a numpy op on a few rows costs a fraction of
 #: a torch op's dispatch); above, or on another device, torch.
@@ -72,6 +74,7 @@ class LeanScorer:
         self.detector, self.fn, self.n_features = detector, fn, n_features
         self.compiled = fn is not None
         self._small = getattr(fn, "numpy_twin", None)  # CPU only (set by the compiler)
+        self._one = getattr(fn, "numpy_one", None)
 
     def __call__(self, pooled: torch.Tensor, threshold=math.inf) -> tuple[np.ndarray, np.ndarray]:
         """Scores of ``pooled`` (n, C) and which of them are above ``threshold``.
@@ -90,14 +93,28 @@ class LeanScorer:
             ``scores > threshold``.
         """
         if self.fn is not None and pooled.shape[1] == self.n_features:
-            if self._small is not None and len(pooled) <= SMALL_BATCH:
-                scores = self._small(pooled.numpy().astype(np.float64))
+            if self._small is not None and len(pooled) <= SMALL_BATCH and pooled.dtype in _NUMPY_DTYPES:
+                scores = self._small(pooled.numpy())  # float32 rows, promoted to float64 by the twin
             else:
                 scores = self.fn(pooled.double()).cpu().numpy()
             if _clear(scores, threshold):
                 return scores, scores > threshold
         scores = self.validated(pooled)
         return scores, scores > threshold
+
+    def one(self, pooled: torch.Tensor, threshold=math.inf) -> tuple[float, bool]:
+        """:meth:`__call__` for one row ``pooled`` (1, C): the score as a Python float, and ``score > threshold``.
+
+        The guard's latency path: with a numpy twin it costs a handful of numpy
+        calls and no arrays of results; otherwise it is :meth:`__call__`'s.
+        """
+        if self._one is not None and pooled.shape[1] == self.n_features and pooled.dtype in _NUMPY_DTYPES:
+            value = self._one(pooled.numpy()[0])
+            if math.isfinite(value) and (not math.isfinite(threshold)  # _clear_one, inline: this is the hot path
+                                         or abs(value - threshold) > TIE_RTOL * abs(threshold)):
+                return value, value > threshold
+        scores, above = self(pooled, threshold)
+        return float(scores[0]), bool(above[0])
 
     def uncompiled(self) -> LeanScorer:
         """The same detector scored by its own ``score`` only."""
@@ -111,14 +128,18 @@ class LeanScorer:
 def _clear(scores, threshold) -> bool:
     """Finite scores, none within ``TIE_RTOL`` of a finite threshold (NaN fails every comparison)."""
     if len(scores) == 1:  # one input: Python floats
-        value = float(scores[0])
-        return math.isfinite(value) and not abs(value - threshold) <= TIE_RTOL * abs(threshold)
+        return _clear_one(float(scores[0]), threshold)
     if not len(scores):
         return False
     if not math.isfinite(threshold):
         return math.isfinite(scores.sum())
     gap = np.abs(scores - threshold)
     return gap.min() > TIE_RTOL * abs(threshold) and gap.max() < math.inf
+
+
+def _clear_one(value: float, threshold: float) -> bool:
+    """:func:`_clear` of one score. An infinite threshold has no tie band (``inf - inf`` is NaN, never within it)."""
+    return math.isfinite(value) and (not math.isfinite(threshold) or abs(value - threshold) > TIE_RTOL * abs(threshold))
 
 
 def compile_scorer(detector, device="cpu") -> LeanScorer:
@@ -195,8 +216,9 @@ def _mahalanobis(det, device, affine):
     ``(z - mu_c)' P (z - mu_c) = |w - nu_c|^2``, expanded as ``|w|^2 - 2 w nu_c'
     + |nu_c|^2``. Centring on the mean of the class means ``c`` keeps the
     expansion's terms small. Without L2 normalisation, an enclosing scaler
-    ``z = x * a + b`` is folded into ``L`` and the offset: a score is two
-    matrix products and a row minimum.
+    ``z = x * a + b`` is folded into ``L`` and the offset, and the cross terms
+    ``q_c = -2 w nu_c' + |nu_c|^2`` into the same product: a score is one
+    matrix product ``[w, q] = x G + g``, a row minimum and a row norm.
     """
     if det.normalize not in (None, "none", "l2"):
         return None
@@ -211,25 +233,42 @@ def _mahalanobis(det, device, affine):
     l2 = det.normalize == "l2"
     pre = _elementwise(affine, device) if l2 else None
     a, b = (np.ones(len(P)), np.zeros(len(P))) if affine is None or l2 else affine
-    W, w0 = _tensor(a[:, None] * L, device), _tensor((b - centre) @ L, device)
-    nu_sq, nu_t = _tensor(np.einsum("kj,kj->k", nu, nu), device), _tensor(-2.0 * nu.T, device)
+    W, w0 = a[:, None] * L, (b - centre) @ L
+    cross, nu_sq = -2.0 * nu.T, np.einsum("kj,kj->k", nu, nu)
+    G = np.ascontiguousarray(np.concatenate([W, W @ cross], axis=1))  # (C, d + n_classes)
+    g = np.concatenate([w0, w0 @ cross + nu_sq])
+    d = W.shape[1]
+    G_t, g_t = _tensor(G, device), _tensor(g, device)
 
     def score(x):
         if l2:
             x = _l2_normalise(x if pre is None else pre(x))
-        w = torch.addmm(w0, x, W)
-        return torch.addmm(nu_sq, w, nu_t).amin(dim=1).add_((w * w).sum(dim=1)).clamp_min_(0.0)
+        wq = torch.addmm(g_t, x, G_t)
+        w = wq[:, :d]
+        return wq[:, d:].amin(dim=1).add_((w * w).sum(dim=1)).clamp_min_(0.0)
 
-    if device.type == "cpu" and not l2 and affine is not None:  # the deployed default: z-scored Mahalanobis
-        W_np, w0_np = W.numpy(), w0.numpy()
-        score.numpy_twin = lambda x: _closest_sq(x @ W_np + w0_np, nu)
+    if device.type == "cpu" and not l2:  # the deployed default (z-scored Mahalanobis) and the plain one
+        score.numpy_twin = functools.partial(_whitened_min, G=G, g=g, d=d)
+        score.numpy_one = functools.partial(_whitened_min_one, G=G, g=g, d=d)
     return score
 
 
-def _closest_sq(w, nu):
-    """``min_c |w - nu_c|^2`` from the differences (few rows: (n, n_classes, d) in memory)."""
-    diff = w[:, None, :] - nu[None, :, :]
-    return np.square(diff, out=diff).sum(axis=2).min(axis=1)
+def _whitened_min(x, G, g, d):
+    """``score`` of :func:`_mahalanobis` in numpy, for a few rows: ``x`` (n, C) float32 or float64."""
+    wq = x.astype(np.float64) @ G  # float32 -> float64 is exact
+    wq += g
+    w = wq[:, :d]
+    out = wq[:, d:].min(axis=1)
+    out += (w * w).sum(axis=1)
+    return np.maximum(out, 0.0, out=out)
+
+
+def _whitened_min_one(row, G, g, d) -> float:
+    """:func:`_whitened_min` of one row ``(C,)``, as a Python float: the fewest numpy calls (NaN stays NaN)."""
+    wq = np.dot(row.astype(np.float64), G)
+    wq += g
+    w = wq[:d]
+    return max(float(wq[d:].min()) + float(np.dot(w, w)), 0.0)
 
 
 def _knn_l2(det, device, affine):

@@ -11,7 +11,7 @@ from pipeline.cascade import exit_layers
 from pipeline.datasets import SplitDataset
 from pipeline.deploy import guard_detectors, layer_scores
 from pipeline.detectors import make_detector
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.extract import extract_to_store, pool, resolve_plan
 from pipeline.guard import Guard
 from pipeline.scoring import fit_detectors
@@ -173,3 +173,31 @@ def test_the_guard_puts_the_model_in_eval_mode(tiny_model, cached):
     _, detectors = cached
     guard = Guard(tiny_model.train(), detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
     assert not guard.model.training
+
+
+def test_one_input_at_a_time_decides_and_predicts_as_the_batch(tiny_model, tiny_splits, cached):
+    """The batch-1 path (Python scalars, no index arrays) against the batched one, on mixed exits."""
+    store, detectors = cached
+    # midway between two cached scores: a threshold at a score would make the decision hang on the last bits of
+    # the convolutions, which differ between batch sizes (in the plain model too)
+    ordered = np.sort(layer_scores(store, "noise_test", detectors), axis=0)
+    thresholds = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, thresholds)), (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    batch = guard(x)
+    ones = [guard(x[i:i + 1]) for i in range(len(x))]
+    assert 0 < batch.ood.sum() < len(x)
+    for field in ("exit_layer", "pred"):
+        assert np.array_equal(np.concatenate([getattr(r, field) for r in ones]), getattr(batch, field))
+    np.testing.assert_allclose(np.concatenate([r.scores for r in ones]), batch.scores, rtol=1e-4)  # NaN alike
+    np.testing.assert_allclose(np.concatenate([r.logits for r in ones]), batch.logits, rtol=1e-5, atol=1e-6)
+    assert all(r.logits.shape == (1, 3) and r.logits.dtype == np.float32 for r in ones)
+
+
+def test_a_non_finite_input_alone_raises_the_detectors_one_line_error(tiny_model, tiny_splits, cached):
+    _, detectors = cached
+    guard = Guard(tiny_model, detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images[:1].copy())
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        guard(x)

@@ -9,7 +9,7 @@ from pipeline.detectors import Standardized, make_detector
 from pipeline.errors import DataError
 from pipeline.extract import extract_to_store, resolve_plan
 from pipeline.guard import Guard
-from pipeline.lean import SMALL_BATCH, compile_scorer
+from pipeline.lean import SMALL_BATCH, _clear, compile_scorer
 from pipeline.scoring import fit_detectors
 from pipeline.store import StoreWriter, open_store
 
@@ -98,3 +98,26 @@ def test_the_guard_decides_as_with_the_detectors_own_score(tiny_model, tiny_spli
 def _validated(guard, x):
     """The guard with every layer scored by its detector's own ``score`` (the path before the lean one)."""
     return guard._run(x, guard.thresholds, validated=True)
+
+
+@pytest.mark.parametrize("name", [*COMPILED, "knn"])
+def test_one_row_scores_as_the_batch_path(fitted, name):
+    store, detectors = fitted
+    det = detectors.detectors[name, "layer2"]
+    scorer = compile_scorer(det)
+    rows = _rows(store, "noise_test", "layer2")
+    threshold = float(np.median(det.score(rows)))
+    for row in rows[:5]:
+        value, above = scorer.one(torch.from_numpy(row[None]).float(), threshold)
+        scores, aboves = scorer(torch.from_numpy(row[None]).float(), threshold)
+        assert isinstance(value, float) and isinstance(above, bool)
+        np.testing.assert_allclose(value, scores[0], rtol=1e-12)
+        assert above == aboves[0]
+
+
+def test_an_infinite_threshold_has_no_tie_band():
+    """Regression (issue 18): ``inf - inf`` made every single score a tie, so with thresholds at +inf (the
+    benchmark's no-exit guard, the self-check) each batch-1 call went to the detector's validated ``score``."""
+    assert _clear(np.array([3.0]), np.inf) and _clear(np.array([3.0, 4.0]), np.inf)
+    assert _clear(np.array([3.0]), -np.inf)
+    assert not _clear(np.array([np.nan]), np.inf) and not _clear(np.array([3.0]), 3.0 * (1 + 1e-7))
