@@ -190,7 +190,7 @@ def measure_times(guard, reference, executor, splits, batch_size, latency_n, rep
         log.info("round %d/%d", r + 1, repeats)
         for key, (batches, loops, _n) in plans.items():
             got = {}
-            _, other = other_cpu_share(lambda b=batches, lp=loops: got.update(interleaved_pass(runners, b, lp, r)))
+            _, other = other_cpu_share(lambda b=batches, lp=loops, g=got, s=r: g.update(interleaved_pass(runners, b, lp, s)))
             for path, seconds in got.items():
                 runs[key][path].append((seconds, other))
     out = {}
