@@ -36,5 +36,7 @@ bench: install
 	python benchmarks/summarize.py --out benchmarks/results/SUMMARY.md
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
+# One worker per core (pytest-xdist); --dist loadscope keeps a module's tests, and its
+# module-scoped project, on one worker. Each worker runs torch on one thread (tests/conftest.py).
 test: install
-	pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	pytest -n auto --dist loadscope; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc

@@ -15,6 +15,10 @@ from pipeline import threads
 # pipeline/threads.py exists to avoid. Set before any test module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     threads.use_threads(1)
+    # xdist hands its workers the controller's COLUMNS (80 when not a terminal); rich would then fix the
+    # width of the CLI's consoles at import, and a test's CliRunner(env={"COLUMNS": ...}) could not widen them
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,13 @@ def no_md5(monkeypatch):
     """Accept tiny CIFAR/SVHN files: torchvision checks their md5 otherwise (the one allowed patch)."""
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     monkeypatch.setattr("torchvision.datasets.svhn.check_integrity", lambda *a, **k: True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end modules first: under pytest-xdist each is one worker's long job, best started at once.
+
+    Serially this changes nothing but the order; in parallel it keeps a long
+    module from starting last and holding the whole run up (and ``--dist
+    loadscope`` keeps each module, with its module-scoped project, on one worker).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: collection order otherwise
