@@ -120,6 +120,18 @@ def peers(r: dict) -> list[str]:
                     + (" (--quick)" if r.get("quick") else "")]
 
 
+def load(r: dict) -> list[str]:
+    lines = []
+    for name, run in r["runs"].items():
+        quiet, loaded = run["quiet"], run["loaded"]
+        lines.append(f"dvc repro ({name}, {run['commit']}): quiet {quiet['seconds']:.0f} s, beside "
+                     f"{r['config']['load']} busy process(es) {loaded['seconds']:.0f} s"
+                     f"{' (stopped at the timeout)' if loaded['timed_out'] else ''} -> {run['slowdown']:.2f}x "
+                     f"(goal <= {r['config']['goal_max_slowdown']}x); load {quiet['loadavg_before'][0]:.2f} quiet, "
+                     f"{loaded['loadavg_after'][0]:.2f} loaded")
+    return lines
+
+
 def generic(r: dict) -> list[str]:
     """A JSON of an unknown layout: every number under a key that names a ratio or a slowdown (at most 8)."""
     found = []
@@ -138,7 +150,7 @@ def generic(r: dict) -> list[str]:
 
 HEADLINES = {"bench_startup.json": startup, "bench_extract.json": extract, "bench_search.json": search,
              "bench_methods.json": methods, "scale.json": scale, "bench_guard.json": guard,
-             "bench_peers.json": peers}
+             "bench_peers.json": peers, "bench_load.json": load}
 
 
 def entry(path: Path) -> list[str]:

@@ -724,17 +724,34 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
 def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
     """Compute ``tasks`` in this thread, in order; each finished shard is written in the background.
 
-    One thread computes: the shards share one model and its hooks. Writing
-    shard k (Zstd, files) overlaps the passes of shard k + 1; at most two
-    shards are in memory (:class:`~pipeline.store.WriteBehind` with depth 1).
+    One thread computes: the shards share one model and its hooks. When a
+    core is free for it, writing shard k (Zstd, files) overlaps the passes of
+    shard k + 1, and at most two shards are in memory
+    (:class:`~pipeline.store.WriteBehind` with depth 1); else each shard is
+    written as it is finished.
     """
     from tqdm.auto import tqdm
 
-    with WriteBehind(writer, depth=1) as behind, tqdm(total=len(tasks), desc="extract", unit="shard",
+    with WriteBehind(writer, depth=_write_behind_depth(job)) as behind, tqdm(total=len(tasks), desc="extract", unit="shard",
                                                       disable=None) as bar:
         for task in tasks:
             behind.submit(task[0], task[1], job.compute(task))
             bar.update(1)
+
+
+def _write_behind_depth(job: ShardJob) -> int:
+    """1 (write in the background) when a core is free for the writer, 0 (write in this thread) when not.
+
+    A core is free when the network runs on an accelerator, or when torch's
+    pool is smaller than the cores this process may use. Otherwise the writer
+    thread takes a core from the passes' OpenMP threads, which then wait for
+    each other at every operation (see :mod:`pipeline.threads`): on 2 cores,
+    background writes made extraction slower, not faster.
+    """
+    from pipeline.threads import usable_cores
+
+    device = next(job.model().parameters()).device
+    return 1 if device.type != "cpu" or torch.get_num_threads() < usable_cores() else 0
 
 
 def _n_classes(model, input_shape, device):

@@ -383,7 +383,8 @@ class WriteBehind:
     writer : StoreWriter
         An entered writer whose splits and arrays exist already.
     depth : int
-        Shards that may wait or be written at a time (1: double buffering).
+        Shards that may wait or be written at a time (1: double buffering;
+        0: each shard is written by :meth:`submit` itself, in the caller's thread).
     """
 
     def __init__(self, writer: StoreWriter, depth: int = 1):
@@ -401,6 +402,9 @@ class WriteBehind:
         Blocks while ``depth`` shards are pending; raises the error of a
         failed earlier write.
         """
+        if self.depth == 0:  # no core to spare: write here, now
+            self.writer.write_shard(split, index, data)
+            return
         while len(self._pending) >= self.depth:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(self.writer.write_shard, split, index, data))

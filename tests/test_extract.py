@@ -264,3 +264,16 @@ def test_the_whole_store_opens_as_an_xarray_datatree(tiny_model, tiny_splits, st
     np.testing.assert_array_equal(tree["noise_test"].ds["sample"].values, chosen)  # rows -> source images
     assert head["weight"].dims == ("class", "head_input") and head["bias"].dims == ("class",)
     assert train["map.layer2"].dims[0] == "sample" and "image" in train
+
+
+def test_shards_are_written_in_the_background_only_when_a_core_is_free(tiny_model):
+    """A writer thread beside torch's pool on every core would make the passes' threads wait for each other."""
+    from pipeline.extract import InMemory, ShardJob, _write_behind_depth
+    from pipeline.threads import usable_cores
+
+    job = ShardJob(InMemory(tiny_model), None, None, "unused", 4, 4, 0)
+    torch.set_num_threads(usable_cores())  # the conftest fixture puts the count back afterwards
+    assert _write_behind_depth(job) == 0
+    if usable_cores() > 1:
+        torch.set_num_threads(usable_cores() - 1)
+        assert _write_behind_depth(job) == 1

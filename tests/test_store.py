@@ -112,11 +112,11 @@ def test_unknown_split_and_array_are_named(store_path):
         store.to_numpy("id_train", "layer9")
 
 
-def _write_behind(path, n=10, broken=None, caller_error=None):
+def _write_behind(path, n=10, broken=None, caller_error=None, depth=1):
     """Write a one-split store through :class:`WriteBehind`; ``broken``: a shard given one row too few."""
     with StoreWriter(path, "k", chunk_rows=2, shard_rows=4) as writer:
         writer.create_split("id_train", n, SPECS, {"role": "id", "n_samples": n})
-        with WriteBehind(writer, depth=1) as behind:
+        with WriteBehind(writer, depth=depth) as behind:
             for i in writer.pending_shards("id_train", n):
                 data = rows(*writer.shard_range(i, n))
                 if i == broken:
@@ -128,17 +128,20 @@ def _write_behind(path, n=10, broken=None, caller_error=None):
         writer.finalize({"checkpoint_sha256": "abc"}, ["layer1"])
 
 
-def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path):
+@pytest.mark.parametrize("depth", [0, 1])
+def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path, depth):
+    """depth 1: a writer thread; depth 0 (no core to spare): WriteBehind writes in the caller's thread."""
     from tests.faults import tree_bytes
 
     write(tmp_path / "blocking.zarr")
-    _write_behind(tmp_path / "behind.zarr")
+    _write_behind(tmp_path / "behind.zarr", depth=depth)
     assert tree_bytes(tmp_path / "behind.zarr") == tree_bytes(tmp_path / "blocking.zarr")
 
 
-def test_a_failed_background_write_is_raised_and_the_shard_stays_pending(store_path):
+@pytest.mark.parametrize("depth", [0, 1])
+def test_a_failed_background_write_is_raised_and_the_shard_stays_pending(store_path, depth):
     with pytest.raises(ValueError, match=r"shard 1 of id_train/layer1 needs 4 rows, got 3"):
-        _write_behind(store_path, broken=1)
+        _write_behind(store_path, broken=1, depth=depth)
     with StoreWriter(store_path, "k", chunk_rows=2, shard_rows=4) as writer:
         assert 1 in writer.pending_shards("id_train", 10)  # never recorded: a rerun writes it again
     with pytest.raises(StoreError, match="incomplete"):
