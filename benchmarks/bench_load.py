@@ -11,7 +11,8 @@ temporary directory (its own DVC cache, the stages' code first on
 ``PYTHONPATH``), so nothing here touches this repository's outputs. There it
 times the whole default pipeline twice, on the same code and params:
 
-* ``quiet``: ``dvc repro`` from nothing (the first run of a fresh clone);
+* ``quiet``: ``dvc repro -f`` from nothing (a fresh clone's first run, every
+  stage forced: the copy's ``dvc.lock`` may match some stages' outputs);
 * ``loaded``: ``dvc repro -f`` while this benchmark keeps ``--load`` other
   processes busy (pure Python loops, one core each), started before the run.
 
@@ -58,9 +59,19 @@ def copy_project(tree: Path, dest: Path) -> Path:
 
 
 def project_env(project: Path) -> dict:
-    """The child environment: this venv's commands, ``project``'s code first on the path, no thread pins."""
+    """The child environment: this venv's commands, ``project``'s code first on the path, no thread pins.
+
+    ``layerscope`` is a shim running ``python -m pipeline``: the venv's console
+    script names the entry point of the installed checkout, which an older
+    checkout may not have.
+    """
+    shim = project / ".bench_bin"
+    shim.mkdir(exist_ok=True)
+    script = shim / "layerscope"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pipeline "$@"\n')
+    script.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = os.pathsep.join([str(shim), str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = str(project)
     return env
 
@@ -119,8 +130,9 @@ class CompetingLoad:
 def measure(name: str, tree: Path, work: Path, args) -> dict:
     project = copy_project(tree, work / name)
     target = [args.target] if args.target else []
-    print(f"[{name}] quiet: dvc repro {' '.join(target)}", flush=True)
-    quiet = timed_repro(project, ["dvc", "repro", *target], args.timeout)
+    print(f"[{name}] quiet: dvc repro -f {' '.join(target)}", flush=True)
+    # forced, as the loaded run is: a copy whose dvc.lock matches its code would skip up-to-date stages
+    quiet = timed_repro(project, ["dvc", "repro", "-f", *target], args.timeout)
     print(f"[{name}]   {quiet['seconds']:.1f} s  {quiet['stages']}", flush=True)
     print(f"[{name}] loaded ({args.load} busy): dvc repro -f {' '.join(target)}", flush=True)
     with CompetingLoad(args.load):
@@ -148,14 +160,20 @@ def main(argv=None):
     parser.add_argument("--target", help="a dvc repro target (default: the whole pipeline)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="stop a run after this many seconds")
     parser.add_argument("--quick", action="store_true", help="only `dvc repro train`; prints, writes nothing")
+    parser.add_argument("--only", choices=("code", "baseline"), help="measure one tree; with --out, the other's "
+                        "run already in the file is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.quick:
         args.target = args.target or "train"
     trees = {"code": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    if args.only:
+        trees = {args.only: trees[args.only]}
     start_load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_load_") as work:
         runs = {name: measure(name, tree, Path(work), args) for name, tree in trees.items()}
+    if args.only and args.out.is_file():  # the other tree's run, measured by an earlier invocation
+        runs = {**json.loads(args.out.read_text()).get("runs", {}), **runs}
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"),
               "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                           "platform": platform.platform(), "loadavg_start": start_load,

@@ -109,7 +109,7 @@ def _needs_clean_exit() -> bool:
 
     if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         return True
-    if any(info.atexit for info in weakref.finalize._registry.values()):  # noqa: SLF001 - no public view
+    if any(info.atexit for info in weakref.finalize._registry.values()):  # private: there is no public view
         return True
     loky = sys.modules.get("joblib.externals.loky.reusable_executor")
     return loky is not None and getattr(loky, "_executor", None) is not None

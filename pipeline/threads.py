@@ -93,7 +93,7 @@ def _procs_running() -> int | None:
 
 def _loadavg_busy() -> int:
     try:
-        return int(round(os.getloadavg()[0]))
+        return round(os.getloadavg()[0])
     except (AttributeError, OSError):
         return 0
 
