@@ -108,6 +108,21 @@ def tiny_model():
 
 
 @pytest.fixture
+def tiny_store(tiny_model, tiny_splits, store_path):
+    """The tiny model's store of ``layer1``, ``layer2`` and ``fc`` (the head): what `extract` would write."""
+    from pipeline.datasets import SplitDataset
+    from pipeline.extract import extract_to_store, resolve_plan
+    from pipeline.store import StoreWriter, open_store
+
+    plan = resolve_plan(tiny_model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
+                         batch_size=5)
+        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
+    return open_store(store_path)
+
+
+@pytest.fixture
 def tiny_splits(rng):
     """Three small image splits ``name -> ImageSplit`` of 1x8x8 images in [0, 1]."""
     from pipeline.datasets import ImageSplit

@@ -175,17 +175,8 @@ def test_item_by_item_datasets_give_the_same_store_as_sliced_ones(tiny_model, ti
         np.testing.assert_array_equal(stores["sliced"].to_numpy("id_train", name), stores["items"].to_numpy("id_train", name))
 
 
-class ShortRows(torch.utils.data.Dataset):
+class ShortRows(ItemOnly):
     """An in-memory dataset whose ``rows`` gives one row too few: a broken ``rows``, as a user's might be."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        return self.inner[index]
 
     def rows(self, start, stop):
         x, y = self.inner.rows(start, stop)

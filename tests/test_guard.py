@@ -8,29 +8,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.backbones import BACKBONES, DEFAULT_LAYERS
 from pipeline.cascade import exit_layers
-from pipeline.datasets import SplitDataset
 from pipeline.deploy import guard_detectors, layer_scores
 from pipeline.detectors import make_detector
 from pipeline.errors import ConfigError, DataError, ModelError
-from pipeline.extract import extract_to_store, pool, resolve_plan
+from pipeline.extract import pool
 from pipeline.guard import Guard
 from pipeline.scoring import fit_detectors
-from pipeline.store import StoreWriter, open_store
 
 LAYERS = ["layer1", "layer2"]
 
 
 @pytest.fixture
-def cached(tiny_model, tiny_splits, store_path):
+def cached(tiny_store):
     """The tiny model's store (layer1, layer2, fc) and Mahalanobis fitted on it: what `fit` would produce."""
-    plan = resolve_plan(tiny_model, [*LAYERS, "fc"], (1, 8, 8), head="fc")
-    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
-        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
-                         batch_size=5)
-        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
-    store = open_store(store_path)
-    fitted = fit_detectors(store, {"mahalanobis": {}})
-    return store, guard_detectors(fitted, "mahalanobis", LAYERS)
+    fitted = fit_detectors(tiny_store, {"mahalanobis": {}})
+    return tiny_store, guard_detectors(fitted, "mahalanobis", LAYERS)
 
 
 def test_with_no_threshold_reached_the_guard_is_the_plain_model(tiny_model, tiny_splits, cached):

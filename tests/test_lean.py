@@ -4,14 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import SplitDataset
 from pipeline.detectors import Standardized, make_detector
 from pipeline.errors import DataError
-from pipeline.extract import extract_to_store, resolve_plan
 from pipeline.guard import Guard
 from pipeline.lean import SMALL_BATCH, _clear, compile_scorer
 from pipeline.scoring import fit_detectors
-from pipeline.store import StoreWriter, open_store
 
 LAYERS = ["layer1", "layer2"]
 COMPILED = {"mahalanobis": {}, "mahalanobis_pp": {}, "knn_l2": {"k": 3}}
@@ -19,15 +16,9 @@ FALLBACK = {"knn": {"n_neighbors": 3}, "rmds": {}}  # PyOD's and ours without a 
 
 
 @pytest.fixture
-def fitted(tiny_model, tiny_splits, store_path):
+def fitted(tiny_store):
     """Real detectors of every kind the lean path compiles (and two it does not), fitted on the tiny store."""
-    plan = resolve_plan(tiny_model, [*LAYERS, "fc"], (1, 8, 8), head="fc")
-    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
-        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
-                         batch_size=5)
-        writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
-    store = open_store(store_path)
-    return store, fit_detectors(store, {**COMPILED, **FALLBACK})
+    return tiny_store, fit_detectors(tiny_store, {**COMPILED, **FALLBACK})
 
 
 def _rows(store, split, layer):
