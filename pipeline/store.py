@@ -262,16 +262,16 @@ class StoreWriter:
             return
         self._arrays.pop(split, None)
         root = _open_group(self.staged_store, mode="r+")
-        group = root.create_group(split, overwrite=True, attributes=_jsonable(attrs))
-        for spec in specs:
-            self._create_array(group, spec, n_samples)
-        for name, values in (coords or {}).items():
-            group.create_array(name, data=np.asarray(values), compressors=self.compressor,
-                               dimension_names=(name,))
+        root.create_group(split, overwrite=True, attributes=_jsonable(attrs))
+        arrays = [self._array_kwargs(spec, n_samples) for spec in specs]
+        arrays += [{"name": name, "data": np.asarray(values), "compressors": self.compressor,
+                    "dimension_names": (name,)} for name, values in (coords or {}).items()]
+        zarr_sync(_create_arrays(self.staged_store, split, arrays))
         self.progress[split] = set()
         self._save_progress()
 
-    def _create_array(self, group, spec: ArraySpec, n_samples: int):
+    def _array_kwargs(self, spec: ArraySpec, n_samples: int) -> dict:
+        """``create_array``'s arguments for ``spec``: chunked along samples, one shard per ``shard_rows``."""
         # a 0-sample split still needs valid (non-zero) chunk shapes
         rows = max(1, min(self.chunk_rows, n_samples))
         shard = max(1, min(self.shard_rows, -(-n_samples // rows) * rows))
@@ -283,10 +283,8 @@ class StoreWriter:
         elif spec.width is not None:
             shape, chunks, shards = (n_samples, spec.width), (rows, spec.width), (shard, spec.width)
             dims = ("sample", spec.dim or feature_dim(spec.name))
-        group.create_array(
-            spec.name, shape=shape, chunks=chunks, shards=shards, dtype=spec.dtype,
-            compressors=self.compressor, dimension_names=dims, attributes=_jsonable(spec.attrs or {}),
-        )
+        return {"name": spec.name, "shape": shape, "chunks": chunks, "shards": shards, "dtype": spec.dtype,
+                "compressors": self.compressor, "dimension_names": dims, "attributes": _jsonable(spec.attrs or {})}
 
     def write_constants(self, name: str, arrays: dict[str, np.ndarray], dims: dict | None = None):
         """Write small per-store arrays (e.g. the head's weight and bias) into group ``name``.
@@ -392,6 +390,12 @@ async def _open_split(store_path, split: str, names, known: SplitArrays | None =
     opened = await asyncio.gather(*(group.getitem(name) for name in missing))
     arrays = {**(known.arrays if known else {}), **dict(zip(missing, opened))}
     return SplitArrays(int(group.attrs["n_samples"]), arrays)
+
+
+async def _create_arrays(store_path, split: str, arrays: list[dict]):
+    """Create the arrays of ``split`` concurrently (``create_array``'s arguments, one dict each)."""
+    group = await zarr.api.asynchronous.open_group(store_path, mode="r+", path=split, **_storage_kwargs(store_path))
+    await asyncio.gather(*(group.create_array(**kwargs) for kwargs in arrays))
 
 
 async def _write_shard(store_path, split, index, shard_rows, data, known=None) -> SplitArrays:
