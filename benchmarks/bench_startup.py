@@ -12,7 +12,10 @@ round running every command once (interleaved, so drift hits all of them alike).
 
 * ``import``: ``python -c 'import stages.<x>'``, the import path of the stage the
   command runs (``summary`` and ``inspect`` run no stage: the modules they import;
-  ``--help``: ``pipeline.cli``, the entry point);
+  ``--help``: ``pipeline.cli``, the entry point), interpreter shutdown included;
+* ``start``: the same imports, then the exit the ``layerscope`` command takes
+  (:func:`pipeline.cli.run`: flush, then ``os._exit``, no module teardown). This
+  is what a command pays besides its work: the start-up the issue's goal is about;
 * ``--help``: ``layerscope <x> --help`` (the entry point only: commands import
   their stage when they run);
 * ``run``: the real command on the project's outputs, when they exist
@@ -56,6 +59,7 @@ IMPORTS = {
 }
 REFERENCES = {"python -c pass": "pass", "import torch": "import torch"}
 PROBE = "; import sys; sys.stdout.write(' '.join(m for m in {heavy!r} if m in sys.modules))"
+QUICK_EXIT = "; import os; sys.stdout.flush(); os._exit(0)"  # as pipeline.cli.run leaves once a command is done
 
 
 def child_env(code: Path) -> dict:
@@ -66,7 +70,7 @@ def child_env(code: Path) -> dict:
 def timed(argv: list[str], env: dict) -> tuple[float, str]:
     """Wall time of one fresh process (start to exit) and its stdout; a failure stops the benchmark."""
     start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -79,6 +83,7 @@ def cases(layerscope: str) -> dict[str, list[str]]:
     out = {f"ref/{name}": [*py, "-c", code] for name, code in REFERENCES.items()}
     for cmd, modules in IMPORTS.items():
         out[f"{cmd}/import"] = [*py, "-c", f"import {modules}" + PROBE.format(heavy=HEAVY)]
+        out[f"{cmd}/start"] = [*py, "-c", f"import {modules}" + PROBE.format(heavy=HEAVY) + QUICK_EXIT]
         out[f"{cmd}/help"] = [layerscope, "--help"] if cmd == "--help" else [layerscope, cmd, "--help"]
     detail, store = REPO / "reports" / "detail.json", REPO / "cache" / "features.zarr"
     if detail.is_file():
@@ -115,6 +120,7 @@ def summarise(times: dict[str, list[float]], probes: dict[str, str], load: dict)
     for cmd, modules in IMPORTS.items():
         heavy = probes[f"{cmd}/import"].split()
         commands[cmd] = {"imports": modules, "import_s": round(medians[f"{cmd}/import"], 3),
+                         "start_s": round(medians[f"{cmd}/start"], 3),
                          "help_s": round(medians[f"{cmd}/help"], 3),
                          "run_s": round(medians[f"{cmd}/run"], 3) if f"{cmd}/run" in medians else None,
                          "torch": "torch" in heavy, "heavy": heavy}
@@ -137,7 +143,8 @@ def importtime(code: Path, modules: str, top: int = 15) -> list[tuple[int, str]]
 
 
 def _commit(tree: Path) -> str:
-    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False)
     return done.stdout.strip()
 
 
@@ -146,11 +153,11 @@ def print_table(result: dict, repeats: int, what: str):
     from rich.table import Table
 
     ref = result["references"]
-    table = Table("command", "imports", "import s", "--help s", "run s", "torch", "heavy packages",
+    table = Table("command", "imports", "import s", "start s", "--help s", "run s", "torch", "heavy packages",
                   title=f"{what}: start-up, median of {repeats} interleaved runs (import torch: "
                         f"{ref['import torch']:.2f} s; python -c pass: {ref['python -c pass']:.2f} s)")
     for cmd, row in result["commands"].items():
-        table.add_row(cmd, row["imports"], f"{row['import_s']:.2f}", f"{row['help_s']:.2f}",
+        table.add_row(cmd, row["imports"], f"{row['import_s']:.2f}", f"{row['start_s']:.2f}", f"{row['help_s']:.2f}",
                       "" if row["run_s"] is None else f"{row['run_s']:.2f}", "yes" if row["torch"] else "no",
                       " ".join(row["heavy"]))
     Console(width=200).print(table)
