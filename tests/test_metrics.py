@@ -1,10 +1,26 @@
-"""Known-answer tests for pipeline.metrics: every expected number is worked out by hand."""
+"""Tests for pipeline.metrics: known answers worked out by hand, and agreement with scikit-learn's own functions."""
+
+import sys
 
 import numpy as np
 import pytest
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from pipeline.errors import ConfigError, DataError
-from pipeline.metrics import accuracy, fpr_key, group_means, metric_names, ood_metrics
+from pipeline.metrics import (
+    AUPR_RULES,
+    accuracy,
+    fpr_key,
+    group_means,
+    metric_names,
+    ood_metrics,
+)
 
 
 def test_metric_names_match_keys():
@@ -200,3 +216,69 @@ def test_group_means_mismatched_metrics():
 def test_accuracy_errors(pred, labels, match):
     with pytest.raises(DataError, match=match):
         accuracy(pred, labels)
+
+
+# ood_metrics computes all four metrics from one sort; scikit-learn's own functions are the reference.
+RECALLS = (0.5, 0.9, 0.95, 0.995, 1.0)
+
+
+def sklearn_metrics(scores_id, scores_ood, recall, aupr):
+    """The four metrics by scikit-learn's public functions, as pipeline.metrics computed them before."""
+    scores = np.concatenate([scores_id, scores_ood])
+    is_ood = np.concatenate([np.zeros(len(scores_id), int), np.ones(len(scores_ood), int)])
+
+    def area(y_true, y_score):
+        if aupr == "average_precision":
+            return average_precision_score(y_true, y_score)
+        precision, recall_, _ = precision_recall_curve(y_true, y_score)
+        return auc(recall_, precision)
+
+    fpr, tpr, _ = roc_curve(is_ood, scores, drop_intermediate=False)
+    return {
+        "auroc": roc_auc_score(is_ood, scores),
+        fpr_key(recall): fpr[np.searchsorted(tpr, recall, side="left")],
+        "aupr_in": area(1 - is_ood, -scores),
+        "aupr_out": area(is_ood, scores),
+    }
+
+
+def _sizes(rng):
+    return int(rng.integers(1, 400)), int(rng.integers(1, 400))
+
+
+# Each draws (scores_id, scores_ood) from rng. Integer-valued and rounded scores
+# make long runs of ties shared by both classes, where the order of a sort
+# within a run and the reading of the curve at run ends matter.
+SCORE_CASES = {
+    "continuous": lambda rng: (rng.normal(0, 1, _sizes(rng)[0]), rng.normal(rng.uniform(-1, 2), 1, _sizes(rng)[1])),
+    "integer ties": lambda rng: tuple(rng.integers(0, rng.integers(1, 8), n).astype(float) for n in _sizes(rng)),
+    "rounded": lambda rng: (np.round(rng.normal(0, 1, _sizes(rng)[0]), 1), np.round(rng.normal(1, 1, _sizes(rng)[1]), 1)),
+    "all equal": lambda rng: tuple(np.full(n, 0.25) for n in _sizes(rng)),
+    "one id": lambda rng: (rng.normal(0, 1, 1), rng.normal(0.5, 1, _sizes(rng)[1])),
+    "one ood": lambda rng: (rng.normal(0, 1, _sizes(rng)[0]), rng.normal(0.5, 1, 1)),
+    "one each": lambda rng: tuple(rng.integers(0, 2, 1).astype(float) for _ in range(2)),
+    "unbalanced": lambda rng: (rng.normal(0, 1, 1000), rng.integers(-2, 3, 7).astype(float)),
+    "signed zeros": lambda rng: tuple(rng.choice([-0.0, 0.0, 1.0], n) for n in _sizes(rng)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCORE_CASES))
+def test_ood_metrics_equal_sklearn(rng, case):
+    for _ in range(15):
+        scores_id, scores_ood = SCORE_CASES[case](rng)
+        for aupr in AUPR_RULES:
+            for recall in RECALLS:
+                expected = sklearn_metrics(scores_id, scores_ood, recall, aupr)
+                result = ood_metrics(scores_id, scores_ood, recall=recall, aupr=aupr)
+                assert result.keys() == expected.keys()
+                for key, value in expected.items():
+                    assert abs(result[key] - value) <= 1e-12, (case, aupr, recall, key, result[key], value)
+
+
+def test_ood_metrics_need_no_sklearn(monkeypatch):
+    # The one-sort implementation is numpy only, so `layerscope search` and detect
+    # do not import scikit-learn for their metrics.
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)
+    for aupr in AUPR_RULES:
+        assert ood_metrics([1.0, 2.0, 4.0], [3.0, 5.0], aupr=aupr)["auroc"] == pytest.approx(5 / 6)
