@@ -26,7 +26,10 @@ FAST = {  # the default pipeline, shrunk so the test takes seconds
     "train": {"epochs": 2, "widths": [8, 16, 16], "blocks": [1, 1, 1]},
     # the stage outputs only (not the first blocks): every method still has each kind of layer, and the
     # maps, grad layers and guarded layers of the default; many shards, so a kill lands mid-store
-    "extract": {"layers": ["layer1", "layer2", "layer3", "avgpool", "fc"], "chunk_rows": 16, "shard_rows": 32},
+    "extract": {"layers": ["layer1", "layer2", "layer3", "avgpool", "fc"], "chunk_rows": 16, "shard_rows": 32,
+                # one ODIN pair (detect's) and three Gram powers: each still extracted, stored and scored
+                "odin": {"temperatures": [1000], "noises": [0.0014]}, "gram": {"layers": ["layer2", "layer3"],
+                                                                              "powers": [1, 2, 3]}},
     "search": {"n_jobs": 2, "methods": {"nac_ue": {"alpha": [0.1, 10], "O": [5, 50], "M": [50]},
                                         "knn": {"n_neighbors": [1, 5]}, "scale": {"percentile": [60, 85]}}},
     "fit": {"detectors": {"knn": {"n_neighbors": 5}, "mahalanobis": {}, "ecod": {},
