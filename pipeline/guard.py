@@ -13,11 +13,26 @@ How the model is split: ``torch.fx`` traces it with every module that holds
 no guarded layer kept whole (a leaf), so only the containers on the way to a
 guarded layer are traced. The traced graph is cut after each guarded node into
 segments, each compiled by fx into a module of its own whose outputs are the
-values still needed after the cut (:func:`segments`); after a guarded node,
-rows that stopped are dropped from every batch-shaped one. A model that cannot
-be traced, or whose values do not keep the batch first, fails a self-check at
+values still needed after the cut (:func:`segments`). A model that cannot be
+traced, or whose values do not keep the batch first, fails a self-check at
 construction with a :class:`~pipeline.errors.ModelError`, never a silent full
 pass.
+
+What happens to the rows that stop: dropping them copies every batch-shaped
+value still needed (``index_select``); carrying them on costs their share of
+the rest of the network. After a guarded layer the guard drops them only when
+that share, in the network's FLOPs (``torch.utils.flop_counter``, counted once
+at construction), is worth more than the copy (:data:`COPY_FLOPS` per copied
+element); otherwise they ride along, masked: they are neither scored nor
+decided again, and their logits are discarded. A row's own values do not
+depend on the rows beside it, so decisions, scores and logits are the same
+either way. In practice a few rows that stop early are dropped, and rows that
+stop at a layer near the output (where little is left to pay) are carried.
+
+Pooling is not paid twice: an ``nn.AdaptiveAvgPool2d(1)`` applied to a guarded
+layer's output in the next segment (a ResNet's global pooling after its last
+stage) is given the guard's pooled rows, reshaped, instead of pooling again:
+both are ``mean`` over the spatial dimensions, bitwise (:func:`_avgpool`).
 
 How a layer is scored: each detector is checked once at construction and
 compiled into torch arithmetic on the model's device (:mod:`pipeline.lean`:
@@ -30,6 +45,7 @@ layer where they differ.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +57,12 @@ from pipeline.extract import _first_tensor, pool
 from pipeline.lean import compile_scorer
 
 log = logging.getLogger(__name__)
+
+#: What copying one element of a batch-shaped value costs, in the network's FLOPs (as ``torch.utils.flop_counter``
+#: counts them: convolutions and matrix products), when rows that stopped are dropped. Measured on the CPU, 1 and 2
+#: threads, digits ResNet: ``index_select`` of 250 of 256 rows costs 16 to 26 FLOPs of the next stages per element.
+#: The lower end: a drop is rather made than skipped, as before carrying existed.
+COPY_FLOPS = 16
 
 
 @dataclass
@@ -128,6 +150,8 @@ class Guard:
         self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
         self._segments = segments(self.graph, [guard_nodes[layer] for layer in self.layers])
         self._self_check()
+        self._flops = self._count_flops()
+        self._tail_flops = (self._flops[-1] - self._flops[:-1]).tolist()  # per input, after each guarded layer
 
     def _position(self, node):
         return list(self.graph.graph.nodes).index(node)
@@ -141,74 +165,103 @@ class Guard:
             return self._run(x, thresholds=self.thresholds)
 
     def _run_one(self, x, thresholds) -> GuardResult:
-        """:meth:`_run` for one input (the latency case): Python scalars for decisions, no index arrays."""
-        scores = np.full((1, len(self.layers)), np.nan)
+        """:meth:`_run` for one input (the latency case): Python scalars and lists, no index arrays, no copies."""
+        scores = [math.nan] * len(self.layers)
         values = (x,) * self._segments[0].n_inputs
         for k, seg in enumerate(self._segments):
             values = seg.forward(*values)
             if seg.guard is None:
                 logits = _first_tensor(values).float().cpu().numpy()
-                return GuardResult(_argmax(logits), np.full(1, -1, dtype=np.int64), scores, list(self.layers), logits)
-            scores[0, k], stop = self.scorers[k].one(pool(_first_tensor(values[seg.guard])), thresholds[k])
+                return GuardResult(_argmax_one(logits), np.full(1, -1, dtype=np.int64), np.array([scores]),
+                                   list(self.layers), logits)
+            pooled = pool(_first_tensor(values[seg.guard]))
+            scores[k], stop = self.scorers[k].one(pooled, thresholds[k])
             if stop:
-                return GuardResult(np.full(1, -1, dtype=np.int64), np.full(1, k, dtype=np.int64), scores,
+                return GuardResult(np.full(1, -1, dtype=np.int64), np.full(1, k, dtype=np.int64), np.array([scores]),
                                    list(self.layers), np.full((1, self.n_classes), np.nan, dtype=np.float32))
+            if seg.feeds_pooled:
+                values = (*values, pooled)
         raise AssertionError("unreachable: the last segment has no guard")
 
-    def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False):
-        """The guarded pass. ``force`` (layer index -> rows to drop) serves the self-check;
-        ``counter``/``boundaries`` record cumulative FLOPs at each guard; ``validated``: score with the
-        detectors' own ``score`` (no torch arithmetic for the FLOP counter to see).
+    def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False, carry=True):
+        """The guarded pass. ``force`` (layer index -> input rows to stop) serves the self-check, with ``carry``
+        False (rows that stop are always dropped: the check must see the drop); ``counter``/``boundaries`` record
+        cumulative FLOPs at each guard; ``validated``: score with the detectors' own ``score`` (no torch arithmetic
+        for the FLOP counter to see).
 
-        The common case, where every row goes on, touches no index arrays: ``alive``
-        stays None (all rows, in order) until a row stops.
+        The running rows are the rows of the segments' values: ``rows`` maps them to the inputs (None: all
+        of them, in order) and ``dead`` marks those that stopped but are carried on (None: none). The common
+        case, where every row goes on, touches no index arrays.
         """
         x = x.to(self.device, torch.float32)
         n = len(x)
         scores = np.full((n, len(self.layers)), np.nan)
         exit_layer = np.full(n, -1, dtype=np.int64)
-        alive = None  # indices of the rows still running; None: all of them
+        rows = dead = None
         values = (x,) * self._segments[0].n_inputs
         for k, seg in enumerate(self._segments):
             values = seg.forward(*values)
             if seg.guard is None:
-                return self._result(_first_tensor(values), alive, exit_layer, scores)
+                return self._result(_first_tensor(values), rows, dead, exit_layer, scores)
             if boundaries is not None:
                 boundaries.append(counter.get_total_flops())
-            pooled, threshold = pool(_first_tensor(values[seg.guard])), float(thresholds[k])
-            if validated:
-                s = self.scorers[k].validated(pooled)
-                stop = s > threshold
-            else:
-                s, stop = self.scorers[k](pooled, threshold)
+            pooled = pool(_first_tensor(values[seg.guard]))
+            if seg.feeds_pooled:
+                values = (*values, pooled)
+            live = None if dead is None else np.flatnonzero(~dead)  # the running rows still undecided
+            scored = _inputs(rows, live)  # their inputs (None: all)
+            if live is not None:
+                pooled = pooled.index_select(0, torch.from_numpy(live).to(self.device))
+            s, stop = self._score(k, pooled, thresholds[k], validated)
             if force is not None:
-                stop = stop | np.isin(np.arange(n) if alive is None else alive, force.get(k, []))
-            if alive is None:
-                scores[:, k] = s
-            else:
-                scores[alive, k] = s
-            if stop.any():
-                rows = np.arange(n) if alive is None else alive
-                exit_layer[rows[stop]] = k
-                alive = rows[~stop]
-                if not len(alive):
-                    return self._result(None, alive, exit_layer, scores)
-                keep = torch.from_numpy(np.flatnonzero(~stop)).to(self.device)
-                values = tuple(_take_rows(v, keep, len(stop)) if batched else v
-                               for v, batched in zip(values, seg.batched))
+                stop = stop | np.isin(np.arange(n) if scored is None else scored, force.get(k, []))
+            scores[slice(None) if scored is None else scored, k] = s
+            if not stop.any():
+                continue
+            exit_layer[(np.arange(n) if scored is None else scored)[stop]] = k
+            dead = stop if dead is None else _mark(dead, live, stop)
+            if dead.all():
+                return self._result(None, rows, dead, exit_layer, scores)
+            if not carry or self._drop_pays(k, dead, values, seg.batched):
+                keep = np.flatnonzero(~dead)
+                values = _take_all(values, seg.batched, torch.from_numpy(keep).to(self.device), len(dead))
+                rows, dead = (keep if rows is None else rows[keep]), None
         raise AssertionError("unreachable: the last segment has no guard")  # segments() always ends with one
 
-    def _result(self, output, alive, exit_layer, scores) -> GuardResult:
-        """The result of a pass: ``output`` holds the logits of the rows in ``alive`` (None: of every row)."""
-        if alive is None:  # nothing stopped: the output's rows are the inputs' (a view on the CPU, no copy)
+    def _score(self, k, pooled, threshold, validated) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of ``pooled`` at guarded layer ``k`` and which are above ``threshold``."""
+        if validated:
+            s = self.scorers[k].validated(pooled)
+            return s, s > threshold
+        return self.scorers[k](pooled, float(threshold))
+
+    def _drop_pays(self, k, dead, values, batched) -> bool:
+        """Whether dropping the ``dead`` rows after guarded layer ``k`` costs less than carrying them to the output.
+
+        Carrying costs the dead rows' FLOPs after the layer; dropping, a copy of the live rows of every
+        batch-shaped value (:data:`COPY_FLOPS` per element).
+        """
+        n_dead = int(np.count_nonzero(dead))
+        per_row = sum(_row_elements(v, len(dead)) for v, b in zip(values, batched) if b)
+        return n_dead * self._tail_flops[k] > COPY_FLOPS * (len(dead) - n_dead) * per_row
+
+    def _result(self, output, rows, dead, exit_layer, scores) -> GuardResult:
+        """The result of a pass: ``output`` holds the logits of the running rows (None: every row stopped).
+
+        ``rows`` and ``dead`` as in :meth:`_run`: the running rows' inputs, and those among them that stopped.
+        """
+        if rows is None and dead is None:  # nothing stopped: the output's rows are the inputs' (a view on the CPU)
             logits = output.float().cpu().numpy()
             return GuardResult(_argmax(logits), exit_layer, scores, list(self.layers), logits)
         n = len(exit_layer)
         logits = np.full((n, self.n_classes), np.nan, dtype=np.float32)
         pred = np.full(n, -1, dtype=np.int64)
-        if len(alive):
-            logits[alive] = out = output.float().cpu().numpy()
-            pred[alive] = _argmax(out)
+        if output is not None:
+            out = output.float().cpu().numpy()
+            passed = slice(None) if dead is None else ~dead
+            to = _inputs(rows, None if dead is None else np.flatnonzero(~dead))
+            logits[slice(None) if to is None else to] = out = out[passed]
+            pred[slice(None) if to is None else to] = _argmax(out)
         return GuardResult(pred, exit_layer, scores, list(self.layers), logits)
 
     @torch.inference_mode()
@@ -221,7 +274,7 @@ class Guard:
             self.n_classes = full.shape[1] if full.ndim == 2 else 1  # known even when every row stops early
             never = np.full(len(self.layers), np.inf)
             for k in range(len(self.layers)):
-                got = self._run(x, never, force={k: [0]}).logits[1:]
+                got = self._run(x, never, force={k: [0]}, carry=False).logits[1:]
                 if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
                     raise ModelError(f"Guard cannot split this model at '{self.layers[k]}': the rows that go on do "
                                      "not give the full model's logits (a value computed before that layer is used "
@@ -242,7 +295,6 @@ class Guard:
                             type(scorer.detector).__name__, self.layers[k])
                 self.scorers[k] = scorer.uncompiled()
 
-    @torch.inference_mode()
     def block_flops(self) -> np.ndarray:
         """FLOPs per input up to each guarded layer and to the output, from ``torch.utils.flop_counter``.
 
@@ -250,8 +302,13 @@ class Guard:
         -------
         cumulative : ndarray of shape (n_layers + 1,)
             FLOPs of one input up to and including guarded layer k; the last
-            entry is the whole network's.
+            entry is the whole network's. Counted once, at construction.
         """
+        return self._flops.copy()
+
+    @torch.inference_mode()
+    def _count_flops(self) -> np.ndarray:
+        """:meth:`block_flops`, counted on one input."""
         from torch.utils.flop_counter import FlopCounterMode
 
         x = torch.rand((1, *self.input_shape), generator=torch.Generator().manual_seed(0)).to(self.device)
@@ -318,19 +375,27 @@ class Segment:
     ----------
     module : fx.GraphModule
         Takes the values live at the cut before it (the model's input, for the
-        first); returns a tuple of the values still needed after its guarded
-        node, that node's value included, or the model's output for the last.
+        first), then the guarded rows pooled there when ``takes_pooled``;
+        returns a tuple of the values still needed after its guarded node,
+        that node's value included, or the model's output for the last.
     n_inputs : int
     guard : int or None
         Index of the guarded node's value in the outputs; None for the last segment.
     batched : tuple of bool
-        Per output: whether it derives from the input (its rows are dropped with the stopped inputs).
+        Per value passed on (the outputs, then the pooled rows when ``feeds_pooled``): whether it derives from the
+        input (its rows are dropped with the stopped inputs).
+    takes_pooled : bool
+        Whether its last input is the previous guard's pooled rows (:func:`_avgpool` reuses them).
+    feeds_pooled : bool
+        Whether the next segment takes this guard's pooled rows.
     """
 
     module: fx.GraphModule
     n_inputs: int
     guard: int | None
     batched: tuple
+    takes_pooled: bool = False
+    feeds_pooled: bool = False
 
     @property
     def forward(self):
@@ -347,31 +412,65 @@ def segments(gm, cuts) -> list[Segment]:
     nodes = list(gm.graph.nodes)
     batched = _batch_dependent(gm.graph)
     ends = [nodes.index(node) for node in cuts] + [len(nodes) - 1]
-    out, start, live_in = [], 0, [n for n in nodes if n.op == "placeholder"]
-    for cut, end in zip([*cuts, None], ends):
-        body = [n for n in nodes[start:end + 1] if n.op != "placeholder"]
+    bodies = [[n for n in nodes[start:end + 1] if n.op != "placeholder"]
+              for start, end in zip([0, *(e + 1 for e in ends[:-1])], ends)]
+    reuse = [False] + [any(_pools_to_one(gm, n, cut) for n in body) for cut, body in zip(cuts, bodies[1:])]
+    out, live_in = [], [n for n in nodes if n.op == "placeholder"]
+    for i, (cut, end, body) in enumerate(zip([*cuts, None], ends, bodies)):
         later = set(nodes[end + 1:])
         live = [n for n in nodes[:end + 1] if n.op != "output" and any(u in later for u in n.users)]
         if cut is not None and cut not in live:
             live.append(cut)
-        out.append(Segment(_compile_segment(gm, live_in, body, None if cut is None else live),
-                           len(live_in), None if cut is None else live.index(cut), tuple(n in batched for n in live)))
-        start, live_in = end + 1, live
+        feeds = cut is not None and reuse[i + 1]
+        module = _compile_segment(gm, live_in, body, None if cut is None else live, cuts[i - 1] if reuse[i] else None)
+        out.append(Segment(module, len(live_in) + reuse[i], None if cut is None else live.index(cut),
+                           tuple(n in batched for n in live) + (True,) * feeds, reuse[i], feeds))
+        live_in = live
     return out
 
 
-def _compile_segment(gm, inputs, body, outputs):
-    """A GraphModule of ``body``'s nodes on ``inputs``; returns ``outputs`` (a tuple), or the graph's own output."""
+def _compile_segment(gm, inputs, body, outputs, pooled_of=None):
+    """A GraphModule of ``body``'s nodes on ``inputs``; returns ``outputs`` (a tuple), or the graph's own output.
+
+    With ``pooled_of`` (the guarded node before it), it takes that node's pooled rows as one more input and
+    gives them to every ``AdaptiveAvgPool2d(1)`` of that node (:func:`_avgpool`).
+    """
     graph = fx.Graph()
     env = {node: graph.placeholder(node.name) for node in inputs}
+    pooled = graph.placeholder("guard_pooled") if pooled_of is not None else None
     for node in body:
         if node.op == "output":
             graph.output(fx.node.map_arg(node.args[0], env.__getitem__))
+        elif pooled is not None and _pools_to_one(gm, node, pooled_of):
+            env[node] = graph.call_function(_avgpool, (graph.get_attr(node.target), env[pooled_of], pooled))
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
     if outputs is not None:
         graph.output(tuple(env[node] for node in outputs))
     return fx.GraphModule(gm, graph)
+
+
+def _pools_to_one(gm, node, of) -> bool:
+    """Whether ``node`` is an ``nn.AdaptiveAvgPool2d`` to 1 x 1 of ``of``'s value alone."""
+    if node.op != "call_module" or node.args != (of,) or node.kwargs:
+        return False
+    module = gm.get_submodule(node.target)
+    return type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1), [1, 1])
+
+
+def _avgpool(module, activation, pooled):
+    """``module(activation)`` for an ``AdaptiveAvgPool2d(1)``: the guard's ``pooled`` rows, reshaped, when equal.
+
+    On a dense 4-D tensor (CPU or CUDA), adaptive average pooling to 1 x 1 is
+    ``activation.mean((-1, -2), keepdim=True)`` (ATen's own shortcut), the
+    guard's :func:`~pipeline.extract.pool` bitwise; hooks on the module, or
+    any other input, get the module's own call.
+    """
+    if (isinstance(activation, torch.Tensor) and activation.dim() == 4 and activation.layout == torch.strided
+            and activation.device.type in ("cpu", "cuda") and not activation.is_quantized
+            and not (module._forward_hooks or module._forward_pre_hooks)):
+        return pooled.view(*pooled.shape, 1, 1)
+    return module(activation)
 
 
 def _batch_dependent(graph) -> set:
@@ -381,6 +480,25 @@ def _batch_dependent(graph) -> set:
         if node.op == "placeholder" or any(arg in out for arg in node.all_input_nodes):
             out.add(node)
     return out
+
+
+def _inputs(rows, live):
+    """Input indices of the running rows ``live`` (positions; None: all), ``rows`` mapping them (None: identity)."""
+    if live is None:
+        return rows
+    return live if rows is None else rows[live]
+
+
+def _mark(dead, live, stop):
+    """``dead`` with the ``live`` running rows that ``stop`` (a mask over ``live``) marked too."""
+    dead = dead.copy()
+    dead[live[stop]] = True
+    return dead
+
+
+def _take_all(values, batched, keep, n):
+    """Rows ``keep`` of every batch-shaped value (``batched``) of a segment's ``values``."""
+    return tuple(_take_rows(v, keep, n) if b else v for v, b in zip(values, batched))
 
 
 def _take_rows(value, keep, n):
@@ -394,6 +512,23 @@ def _take_rows(value, keep, n):
     if isinstance(value, (tuple, list)):
         return type(value)(_take_rows(v, keep, n) for v in value)
     return value
+
+
+def _row_elements(value, n) -> int:
+    """Elements per row of what :func:`_take_rows` would copy of ``value``."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() // n if value.dim() and value.shape[0] == n else 0
+    if isinstance(value, (tuple, list)):
+        return sum(_row_elements(v, n) for v in value)
+    return 0
+
+
+def _argmax_one(logits) -> np.ndarray:
+    """:func:`_argmax` of one row (1, n_classes): the first maximum, found in Python floats when all are finite."""
+    row = logits[0].tolist()
+    if not math.isfinite(sum(row)):
+        return _argmax(logits)
+    return np.array([max(range(len(row)), key=row.__getitem__)], dtype=np.int64)
 
 
 def _argmax(logits) -> np.ndarray:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline import guard as guard_module
 from pipeline.backbones import BACKBONES, DEFAULT_LAYERS
 from pipeline.cascade import exit_layers
 from pipeline.deploy import guard_detectors, layer_scores
@@ -170,11 +171,7 @@ def test_the_guard_puts_the_model_in_eval_mode(tiny_model, cached):
 def test_one_input_at_a_time_decides_and_predicts_as_the_batch(tiny_model, tiny_splits, cached):
     """The batch-1 path (Python scalars, no index arrays) against the batched one, on mixed exits."""
     store, detectors = cached
-    # midway between two cached scores: a threshold at a score would make the decision hang on the last bits of
-    # the convolutions, which differ between batch sizes (in the plain model too)
-    ordered = np.sort(layer_scores(store, "noise_test", detectors), axis=0)
-    thresholds = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, thresholds)), (1, 8, 8))
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, _midway(store, detectors))), (1, 8, 8))
     x = torch.from_numpy(tiny_splits["noise_test"].images)
     batch = guard(x)
     ones = [guard(x[i:i + 1]) for i in range(len(x))]
@@ -193,3 +190,136 @@ def test_a_non_finite_input_alone_raises_the_detectors_one_line_error(tiny_model
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         guard(x)
+
+
+def _midway(store, detectors):
+    """Per layer, midway between the two middle cached ``noise_test`` scores: mixed exits, and no score near a
+    threshold (there, a decision would hang on the last bits of the convolutions, which differ between batch sizes,
+    in the plain model too)."""
+    ordered = np.sort(layer_scores(store, "noise_test", detectors), axis=0)
+    return (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+
+
+def _spy_drops(guard, monkeypatch):
+    """Record every drop-or-carry decision of ``guard``: ``(layer index, dropped)``."""
+    made, decide = [], guard._drop_pays
+    monkeypatch.setattr(guard, "_drop_pays", lambda k, *args: made.append((k, decide(k, *args))) or made[-1][1])
+    return made
+
+
+@pytest.mark.parametrize("copy_flops, expected", [(0.0, [(0, True), (1, True)]),  # every stopped row dropped
+                                                  (1e30, [(0, False), (1, False)]),  # carried to the output
+                                                  (guard_module.COPY_FLOPS, [(0, True), (1, False)])])
+def test_stopped_rows_dropped_or_carried_give_the_same_result(tiny_model, tiny_splits, cached, monkeypatch,
+                                                              copy_flops, expected):
+    """Carried rows are neither scored nor decided again, and the rows that go on keep their values."""
+    store, detectors = cached
+    thresholds = _midway(store, detectors)
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, thresholds)), (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    with torch.inference_mode():
+        dropped = guard._run(x, guard.thresholds, carry=False)  # the drop at every layer, as before carrying
+        plain = tiny_model(x).numpy()
+    monkeypatch.setattr(guard_module, "COPY_FLOPS", copy_flops)
+    made = _spy_drops(guard, monkeypatch)
+    got = guard(x)
+    assert made == expected  # the default: a drop after layer1 (layer2 left to pay), a carry after layer2
+    assert np.array_equal(got.exit_layer, exit_layers(layer_scores(store, "noise_test", detectors), thresholds))
+    assert np.array_equal(got.exit_layer, dropped.exit_layer) and np.array_equal(got.pred, dropped.pred)
+    np.testing.assert_allclose(got.scores, dropped.scores, rtol=1e-6, atol=0)  # NaN alike: no carried row scored
+    passed = ~got.ood
+    assert 0 < passed.sum() and (got.exit_layer == 0).any() and (got.exit_layer == 1).any()
+    np.testing.assert_allclose(got.logits[passed], plain[passed], rtol=1e-5, atol=1e-6)
+    assert np.isnan(got.logits[~passed]).all() and (got.pred[~passed] == -1).all()
+
+
+def test_a_batch_where_every_row_stops_some_carried(tiny_model, tiny_splits, cached, monkeypatch):
+    store, detectors = cached
+    thresholds = {"layer1": _midway(store, detectors)[0], "layer2": -np.inf}
+    guard = Guard(tiny_model, detectors, thresholds, (1, 8, 8))
+    monkeypatch.setattr(guard_module, "COPY_FLOPS", 1e30)  # carry the rows that stop at layer1
+    made = _spy_drops(guard, monkeypatch)
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    got = guard(x)
+    assert made == [(0, False)]  # layer2 stops the rest: nothing left to drop or carry
+    assert got.ood.all() and 0 < (got.exit_layer == 0).sum() < len(x) and (got.pred == -1).all()
+    assert got.logits.shape == (len(x), 3) and np.isnan(got.logits).all()
+    stopped_first = got.exit_layer == 0
+    assert np.isnan(got.scores[stopped_first, 1]).all() and not np.isnan(got.scores[~stopped_first]).any()
+
+
+class _NormDetector:
+    """The L2 norm of a row, refusing non-finite rows as the fitted detectors do."""
+
+    n_features_in_ = 2
+
+    def score(self, X):
+        if not np.isfinite(X).all():
+            raise DataError("X contains NaN or inf")
+        return np.linalg.norm(X, axis=1)
+
+
+class _Exp(nn.Module):
+    def forward(self, x):
+        return torch.exp(x)
+
+
+class _Overflow(nn.Module):
+    """block2 is ``exp`` of block1: an input far out of range is finite at block1 and inf at block2."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1, self.block2, self.fc = nn.Conv2d(1, 2, 3, padding=1), _Exp(), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(x)).mean(dim=(2, 3)))
+
+
+def test_a_carried_row_is_not_scored_where_it_would_not_be_finite(rng, monkeypatch):
+    """A row carried past its exit is never shown to a later detector, which might refuse it (here: inf)."""
+    torch.manual_seed(0)
+    model = _Overflow().eval()
+    x = torch.from_numpy(rng.random((4, 1, 8, 8), dtype=np.float32))
+    x[3] = 1e4
+    with torch.inference_mode():
+        assert torch.isinf(model.block2(model.block1(x[3:]))).any()  # block2's detector would refuse it
+        norm = np.linalg.norm(pool(model.block1(x[:3])).numpy(), axis=1).max()
+    guard = Guard(model, {"block1": _NormDetector(), "block2": _NormDetector()},
+                  {"block1": 2 * norm, "block2": np.inf}, (1, 8, 8))
+    made = _spy_drops(guard, monkeypatch)
+    assert guard(x).exit_layer.tolist() == [-1, -1, -1, 0]
+    assert made == [(0, False)]  # only the fc is left after block1: carried
+    assert guard(x[3:]).exit_layer.tolist() == [0]
+
+
+def test_the_global_pooling_after_a_guarded_layer_takes_the_guards_pooled_rows(tiny_model, tiny_splits, cached):
+    """layer2 -> avgpool -> fc: the avgpool is the guard's pooling, reshaped; logits bitwise the plain model's."""
+    _, detectors = cached
+    guard = Guard(tiny_model, detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    assert [(s.takes_pooled, s.feeds_pooled) for s in guard._segments] == [(False, False), (False, True),
+                                                                           (True, False)]
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    with torch.inference_mode():
+        plain, plain_one = tiny_model(x).numpy(), tiny_model(x[:1]).numpy()
+    np.testing.assert_array_equal(guard(x).logits, plain)
+    np.testing.assert_array_equal(guard(x[:1]).logits, plain_one)
+
+
+def test_a_hook_on_the_global_pooling_still_runs(tiny_model, tiny_splits, cached):
+    _, detectors = cached
+    guard = Guard(tiny_model, detectors, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    seen = []
+    handle = tiny_model.avgpool.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        guard(torch.from_numpy(tiny_splits["noise_test"].images[:2]))
+    finally:
+        handle.remove()
+    assert seen == [(2, 8, 1, 1)]
+
+
+@pytest.mark.parametrize("row, expected", [([0.5, 2.0, 2.0, -1.0], 1), ([np.nan, -1.0, -2.0, -3.0], 0),
+                                           ([1.0, np.inf, np.inf, 0.0], 1), ([-np.inf, -5.0, np.nan, -5.0], 2)])
+def test_one_rows_prediction_is_the_batch_argmax(row, expected):
+    """The batch-1 path's argmax in Python floats: the first maximum, NaN read as 0, as numpy's on the batch."""
+    logits = np.array([row], dtype=np.float32)
+    assert guard_module._argmax_one(logits).tolist() == guard_module._argmax(logits).tolist() == [expected]

@@ -1,5 +1,7 @@
 """The guard's lean scoring path (issue 18): compiled detectors score as the detectors' own ``score``."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -99,11 +101,32 @@ def test_one_row_scores_as_the_batch_path(fitted, name):
     rows = _rows(store, "noise_test", "layer2")
     threshold = float(np.median(det.score(rows)))
     for row in rows[:5]:
-        value, above = scorer.one(torch.from_numpy(row[None]).float(), threshold)
-        scores, aboves = scorer(torch.from_numpy(row[None]).float(), threshold)
-        assert isinstance(value, float) and isinstance(above, bool)
-        np.testing.assert_allclose(value, scores[0], rtol=1e-12)
-        assert above == aboves[0]
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):  # bfloat16: no numpy twin, the torch path
+            value, above = scorer.one(torch.from_numpy(row[None]).to(dtype), threshold)
+            scores, aboves = scorer(torch.from_numpy(row[None]).to(dtype), threshold)
+            assert isinstance(value, float) and isinstance(above, bool)
+            np.testing.assert_allclose(value, scores[0], rtol=1e-12)
+            assert above == aboves[0]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, before the error
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_one_non_finite_row_raises_the_detectors_one_line_error(fitted, bad):
+    """The scalar twin's minimum is Python's, which skips NaN: the square norm must carry it to the check."""
+    store, detectors = fitted
+    det = detectors.detectors["mahalanobis", "layer2"]
+    row = torch.from_numpy(_rows(store, "noise_test", "layer2")[:1].copy())
+    row[0, 1] = bad
+    with pytest.raises(DataError, match="NaN|inf"):
+        compile_scorer(det).one(row, threshold=1.0)
+
+
+def test_a_mahalanobis_with_non_finite_constants_is_not_compiled(fitted):
+    _, detectors = fitted
+    det = copy.deepcopy(detectors.detectors["mahalanobis", "layer2"])
+    det.detector_.means_ = det.detector_.means_.copy()
+    det.detector_.means_[0, 0] = np.inf
+    assert not compile_scorer(det).compiled
 
 
 def test_an_infinite_threshold_has_no_tie_band():
