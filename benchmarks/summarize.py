@@ -159,6 +159,8 @@ def generic(r: dict) -> list[str]:
 HEADLINES = {"bench_startup.json": startup, "bench_extract.json": extract, "bench_search.json": search,
              "bench_methods.json": methods, "scale.json": scale, "bench_guard.json": guard,
              "bench_peers.json": peers, "bench_load.json": load}
+# a later run of some rows only (e.g. `bench_peers.py --rows tiny --out results/bench_peers_tiny.json`)
+HEADLINES["bench_peers_tiny.json"] = peers
 
 
 def entry(path: Path) -> list[str]:
