@@ -44,6 +44,7 @@ layer where they differ.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -150,8 +151,6 @@ class Guard:
         self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
         self._segments = segments(self.graph, [guard_nodes[layer] for layer in self.layers])
         self._self_check()
-        self._flops = self._count_flops()
-        self._tail_flops = (self._flops[-1] - self._flops[:-1]).tolist()  # per input, after each guarded layer
 
     def _position(self, node):
         return list(self.graph.graph.nodes).index(node)
@@ -302,9 +301,20 @@ class Guard:
         -------
         cumulative : ndarray of shape (n_layers + 1,)
             FLOPs of one input up to and including guarded layer k; the last
-            entry is the whole network's. Counted once, at construction.
+            entry is the whole network's. Counted once, at first use.
         """
         return self._flops.copy()
+
+    # Counted at first use, not at construction: the counter imports torch._dynamo (1-2 s), which loading a
+    # guard, and serving it one input at a time, never needs. A batch pays it when rows first stop in it.
+    @functools.cached_property
+    def _flops(self) -> np.ndarray:
+        return self._count_flops()
+
+    @functools.cached_property
+    def _tail_flops(self) -> list[float]:
+        """FLOPs per input after each guarded layer: what a carried row still costs."""
+        return (self._flops[-1] - self._flops[:-1]).tolist()
 
     @torch.inference_mode()
     def _count_flops(self) -> np.ndarray:

@@ -94,6 +94,19 @@ def test_every_backbone_splits_and_agrees_with_the_full_network(arch, size, n, r
     assert probe.layers == layers  # network order
 
 
+def test_flops_are_counted_at_first_need_not_when_a_guard_is_built(tiny_model, tiny_splits, cached):
+    """The FLOP counter imports torch._dynamo (1-2 s): building a guard and serving one input never pay it."""
+    store, detectors = cached
+    thresholds = np.median(layer_scores(store, "noise_test", detectors), axis=0)  # about half stop somewhere
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, thresholds)), (1, 8, 8))
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    for one in x:
+        guard(one[None])
+    assert "_flops" not in vars(guard)
+    guard(x)  # some rows stop, others go on: whether to drop or carry them needs the network's FLOPs
+    assert "_flops" in vars(guard) and guard.block_flops()[-1] > 0
+
+
 def test_block_flops_accumulate_to_the_whole_network(tiny_model, cached):
     _, detectors = cached
     flops = Guard(tiny_model, detectors, {layer: 0.0 for layer in LAYERS}, (1, 8, 8)).block_flops()
