@@ -303,9 +303,14 @@ class TrainConfig:
     openood_keys: bool = False  # rename an OpenOOD v1.5 checkpoint's keys (module./backbone./shortcut)
     weights: str | None = None
     evaluate: bool = True  # ID accuracy of the (trained or imported) model on every ID split
+    threads: int = 1  # torch's CPU threads while training: the weights depend on it (pipeline/threads.py)
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise invalid_param("train.threads", "train", "a positive int", self.threads,
+                                hint="training's thread count is part of its result: 1 gives the same weights "
+                                     "on every machine.")
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.lr", self.lr)
         check_device("train.device", self.device)

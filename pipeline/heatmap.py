@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError, invalid_param
+from pipeline.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,8 @@ def decoder_inputs(features, pred, n_classes, skips, images, is_outlier, *, trai
                        [torch.as_tensor(np.asarray(s, dtype=np.float32)) for s in skips])
 
 
-def train_decoder(decoder, data, *, epochs, batch_size, lr=2e-4, betas=(0.5, 0.999), seed=0, device="cpu"):
+def train_decoder(decoder, data, *, epochs, batch_size, lr=2e-4, betas=(0.5, 0.999), seed=0, device="cpu",
+                  threads=1):
     """Fit the decoder with Adam on :func:`heatmap_loss` (the classifier stays frozen: only arrays come in).
 
     Parameters
@@ -412,19 +414,27 @@ def train_decoder(decoder, data, *, epochs, batch_size, lr=2e-4, betas=(0.5, 0.9
     seed : int, default=0
         Seeds the shuffling (a dedicated ``torch.Generator``).
     device : torch.device or str, default="cpu"
+    threads : int, default=1
+        torch's CPU threads while training: the learned weights depend on
+        the count (:func:`pipeline.threads.torch_threads`).
 
     Returns
     -------
     history : list of float
         Mean training loss per epoch. The decoder is left in eval mode.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise invalid_param(name, "train_decoder", "a positive int", value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise invalid_param("lr", "train_decoder", "a positive float", lr)
     if len(data) == 0:
         raise DataError("train_decoder got no training rows.")
+    with torch_threads(threads):
+        return _train_decoder(decoder, data, epochs, batch_size, lr, betas, seed, device)
+
+
+def _train_decoder(decoder, data, epochs, batch_size, lr, betas, seed, device):
     decoder.to(device).train()
     opt = torch.optim.Adam(decoder.parameters(), lr=lr, betas=tuple(betas))
     gen = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import file_sha256  # noqa: F401  (re-exported: checkpoints are hashed by it)
 from pipeline.errors import ConfigError, DataError, invalid_param
+from pipeline.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 
 
 def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_decay=5e-4, seed=0, device="cpu",
-                augment=False, num_workers=0):
+                augment=False, num_workers=0, threads=1):
     """Train with SGD + one-cycle schedule on a (image, label) dataset.
 
     Parameters
@@ -269,12 +270,24 @@ def train_model(model, dataset, *, epochs, batch_size, lr, momentum=0.9, weight_
         Apply :func:`augment_batch` (seeded) to every batch.
     num_workers : int
         DataLoader workers (for data sets decoded from files).
+    threads : int, default=1
+        torch's CPU threads while training: the learned weights depend on
+        the count (:func:`pipeline.threads.torch_threads`), so it is a
+        parameter like ``lr``, not whatever the machine has free.
 
     Returns
     -------
     history : list of float
         Mean training loss per epoch.
     """
+    with torch_threads(threads):
+        return _train_model(model, dataset, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, seed=seed, device=device, augment=augment,
+                            num_workers=num_workers)
+
+
+def _train_model(model, dataset, *, epochs, batch_size, lr, momentum, weight_decay, seed, device, augment,
+                 num_workers):
     model.to(device).train()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),

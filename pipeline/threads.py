@@ -14,7 +14,13 @@ minus the tasks other processes keep runnable. ``compute.threads`` in
 ``params.yaml`` overrides the count (``auto`` by default), and an explicit
 ``OMP_NUM_THREADS`` caps it. Nothing here changes a result: reductions are
 computed the same way whatever the thread count (the tests check bit-identity),
-so ``compute`` stays out of every stage's DVC dependencies.
+so ``compute`` stays out of every stage's DVC dependencies. Training is the
+exception: a backward pass sums gradients and batch statistics in one chunk
+per thread, so the weights it learns depend on the count. The two trainings
+(the backbone in ``train``, the heatmap decoder in ``fit``) therefore run on
+a fixed count of their own, ``train.threads`` and ``fit.heatmap.threads``
+(:func:`torch_threads`): tracked parameters, like any other that changes a
+result, and 1 by default, the count every machine has free.
 
 This module imports nothing heavy: the CLI calls it before torch is loaded, so
 the environment variables it sets are the ones the libraries read at import.
@@ -22,6 +28,7 @@ the environment variables it sets are the ones the libraries read at import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -150,3 +157,21 @@ def use_threads(threads="auto") -> int:
 def chosen() -> int:
     """The count :func:`use_threads` chose in this process (or what it would choose now)."""
     return _STATE["chosen"] or resolve("auto")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op pool at exactly ``n`` threads inside; as it was, after.
+
+    For training only (see the module's docstring): the same ``n`` gives the
+    same weights on any machine, busy or not, whatever ``compute.threads``
+    chose for the rest of the stage.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)

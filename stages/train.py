@@ -38,7 +38,7 @@ def run(params, data, model_out, metrics_out):
         model = init_model(spec, cfg.seed)
         history = train_model(model, train.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                               momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed, device=device,
-                              augment=cfg.augment, num_workers=cfg.workers)
+                              augment=cfg.augment, num_workers=cfg.workers, threads=cfg.threads)
         report = {"epochs_trained": cfg.epochs, "final_loss": round(history[-1], 6)}
         log.info("trained in %.1f s on %s", time.perf_counter() - start, device)
     save_checkpoint(model, spec, model_out)

@@ -49,6 +49,8 @@ def test_unknown_key_is_named_with_the_valid_ones():
     ("train", {"epochs": "ten"}, r"'train.epochs' parameter of params.yaml must be of type int. Got 'ten'"),
     ("train", {"epochs": 0}, r"'train.epochs' .* must be a positive number. Got 0"),
     ("train", {"device": "gpu"}, r"'train.device' .* torch device. Got 'gpu'.*Hint: use 'auto'"),
+    ("train", {"threads": 0}, r"'train.threads' .* a positive int. Got 0.*Hint: training's thread count"),
+    ("train", {"threads": "auto"}, r"'train.threads' .* of type int. Got 'auto'"),
     ("extract", {"dtype": "float64"}, r"'extract.dtype' .* one of .*Got 'float64'"),
     ("extract", {"layers": []}, r"'extract.layers' .* non-empty list"),
     ("extract", {"shard_rows": 1000}, r"'extract.shard_rows' .* multiple of extract.chunk_rows=512"),

@@ -215,6 +215,20 @@ def test_training_decreases_loss_and_is_deterministic(problem):
     assert all(torch.equal(state[k], runs[1][1][k]) for k in state)
 
 
+def test_training_pins_its_thread_count(problem):
+    """The decoder's weights depend on ``threads`` only, not on the pool the stage was given."""
+    data, _ = problem
+    states = []
+    for outer, pinned in ((1, 1), (2, 1), (2, 2)):
+        torch.set_num_threads(outer)
+        decoder = init_decoder(16, N_CLASSES, (1, S, S), width=8, seed=3)
+        train_decoder(decoder, data, epochs=2, batch_size=64, lr=1e-3, seed=7, threads=pinned)
+        assert torch.get_num_threads() == outer
+        states.append(decoder.state_dict())
+    same = [all(torch.equal(states[0][k], other[k]) for k in states[0]) for other in states[1:]]
+    assert same == [True, False]
+
+
 def test_train_decoder_param_errors(problem):
     data, _ = problem
     decoder = init_decoder(16, N_CLASSES, (1, S, S), width=8)
@@ -222,6 +236,8 @@ def test_train_decoder_param_errors(problem):
         train_decoder(decoder, data, epochs=0, batch_size=8)
     with pytest.raises(ConfigError, match="The 'lr' parameter of train_decoder must be a positive float"):
         train_decoder(decoder, data, epochs=1, batch_size=8, lr=-1.0)
+    with pytest.raises(ConfigError, match="The 'threads' parameter of train_decoder must be a positive int"):
+        train_decoder(decoder, data, epochs=1, batch_size=8, threads=0)
 
 
 def test_auroc_floor(problem):

@@ -44,6 +44,27 @@ def test_training_learns_a_separable_task(rng):
     assert not model.training
 
 
+def _trained_under(outer_threads, rng_seed=0, **kwargs):
+    """A tiny model trained one epoch while this process's torch pool has ``outer_threads`` threads."""
+    rng = np.random.default_rng(rng_seed)
+    split = ImageSplit("id_train", rng.random((256, 1, 16, 16)).astype("f4"), rng.integers(0, 2, 256), {})
+    torch.set_num_threads(outer_threads)
+    model = init_model({**TINY_SPEC, "num_classes": 2}, seed=0)
+    train_model(model, SplitDataset(split), epochs=1, batch_size=128, lr=0.05, seed=0, **kwargs)
+    return model.state_dict(), torch.get_num_threads()
+
+
+def test_training_gives_the_same_weights_whatever_threads_the_machine_has_free():
+    # compute.threads sizes the pool from the free cores; training pins its own count (train.threads)
+    one, pool_after_one = _trained_under(1)
+    two, pool_after_two = _trained_under(2)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert (pool_after_one, pool_after_two) == (1, 2)  # the stage's pool is given back
+    # the pin is what makes them equal: a backward pass sums per thread, so the count is part of the result
+    on_two, _ = _trained_under(2, threads=2)
+    assert not all(torch.equal(one[k], on_two[k]) for k in one)
+
+
 def test_checkpoint_round_trip(tmp_path, tiny_model):
     path = save_checkpoint(tiny_model, TINY_SPEC, tmp_path / "m.pt")
     loaded, spec = load_checkpoint(path)

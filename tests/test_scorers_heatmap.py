@@ -99,6 +99,7 @@ def test_fit_needs_outliers_and_images(heatmap_store):
     ({"aux_sets": "noise"}, r"'aux_sets' parameter of heatmap must be a non-empty list .* Hint: e.g. aux_sets"),
     ({"aux_sets": []}, r"'aux_sets' parameter of heatmap must be a non-empty list"),
     ({"lr": 0}, r"'lr' parameter of heatmap must be a positive float"),
+    ({"threads": 0}, r"'threads' parameter of heatmap must be an int >= 1"),
     ({"betas": [0.5]}, r"'betas' parameter of heatmap must be two floats in \[0, 1\)"),
     ({"device": 0}, r"'device' parameter of heatmap must be 'auto'"),
 ])

@@ -61,6 +61,9 @@ class HeatmapScorer(BaseScorer):
         Seeds the decoder's weights, the outlier draw and the shuffling.
     device : str, default="auto"
         CUDA when present.
+    threads : int, default=1
+        torch's CPU threads while training: part of the result (the learned
+        weights depend on the count), so a parameter, not the free cores.
 
     Attributes
     ----------
@@ -82,7 +85,7 @@ class HeatmapScorer(BaseScorer):
     trained = True
 
     def __init__(self, fw_layers=2, epochs=20, n_aux=1000, aux_sets=(), batch_size=64, lr=2e-4, betas=(0.5, 0.999),
-                 width=32, seed=0, device="auto"):
+                 width=32, seed=0, device="auto", threads=1):
         self.fw_layers = fw_layers
         self.epochs = epochs
         self.n_aux = n_aux
@@ -93,10 +96,11 @@ class HeatmapScorer(BaseScorer):
         self.width = width
         self.seed = seed
         self.device = device
+        self.threads = threads
 
     def check_params(self, prefix=""):
         """Raise ``ConfigError`` on a bad hyperparameter, naming it (after ``prefix``); returns self."""
-        for name in ("epochs", "batch_size", "width"):
+        for name in ("epochs", "batch_size", "width", "threads"):
             _check_int(prefix + name, getattr(self, name), low=1)
         _check_int(prefix + "fw_layers", self.fw_layers, low=0)
         if self.n_aux is not None:
@@ -157,7 +161,7 @@ class HeatmapScorer(BaseScorer):
         start = time.perf_counter()
         self.history_ = train_decoder(self.decoder_, data, epochs=self.epochs, batch_size=self.batch_size,
                                       lr=self.lr, betas=tuple(self.betas), seed=self.seed,
-                                      device=resolve_device(self.device))
+                                      device=resolve_device(self.device), threads=self.threads)
         self.fit_seconds_ = time.perf_counter() - start
         self.decoder_.cpu()
         self.n_train_, self.n_outliers_ = int(ident.sum()), int(outlier.sum())
