@@ -728,12 +728,13 @@ def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
     core is free for it, writing shard k (Zstd, files) overlaps the passes of
     shard k + 1, and at most two shards are in memory
     (:class:`~pipeline.store.WriteBehind` with depth 1); else each shard is
-    written as it is finished.
+    written as it is finished, its files encoded by as many threads as the
+    passes use (they wait meanwhile).
     """
     from tqdm.auto import tqdm
 
-    with WriteBehind(writer, depth=_write_behind_depth(job)) as behind, tqdm(total=len(tasks), desc="extract", unit="shard",
-                                                      disable=None) as bar:
+    with WriteBehind(writer, depth=_write_behind_depth(job), encoders=torch.get_num_threads()) as behind, \
+            tqdm(total=len(tasks), desc="extract", unit="shard", disable=None) as bar:
         for task in tasks:
             behind.submit(task[0], task[1], job.compute(task))
             bar.update(1)

@@ -112,11 +112,11 @@ def test_unknown_split_and_array_are_named(store_path):
         store.to_numpy("id_train", "layer9")
 
 
-def _write_behind(path, n=10, broken=None, caller_error=None, depth=1):
+def _write_behind(path, n=10, broken=None, caller_error=None, depth=1, encoders=1):
     """Write a one-split store through :class:`WriteBehind`; ``broken``: a shard given one row too few."""
     with StoreWriter(path, "k", chunk_rows=2, shard_rows=4) as writer:
         writer.create_split("id_train", n, SPECS, {"role": "id", "n_samples": n})
-        with WriteBehind(writer, depth=depth) as behind:
+        with WriteBehind(writer, depth=depth, encoders=encoders) as behind:
             for i in writer.pending_shards("id_train", n):
                 data = rows(*writer.shard_range(i, n))
                 if i == broken:
@@ -128,20 +128,38 @@ def _write_behind(path, n=10, broken=None, caller_error=None, depth=1):
         writer.finalize({"checkpoint_sha256": "abc"}, ["layer1"])
 
 
-@pytest.mark.parametrize("depth", [0, 1])
-def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path, depth):
-    """depth 1: a writer thread; depth 0 (no core to spare): WriteBehind writes in the caller's thread."""
+@pytest.mark.parametrize("depth, encoders", [(0, 1), (0, 3), (1, 1)])
+def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path, depth, encoders):
+    """depth 1: a writer thread; depth 0 (no core to spare): WriteBehind writes in the caller's thread,
+    its files encoded by ``encoders`` threads meanwhile."""
     from tests.faults import tree_bytes
 
     write(tmp_path / "blocking.zarr")
-    _write_behind(tmp_path / "behind.zarr", depth=depth)
+    _write_behind(tmp_path / "behind.zarr", depth=depth, encoders=encoders)
     assert tree_bytes(tmp_path / "behind.zarr") == tree_bytes(tmp_path / "blocking.zarr")
 
 
-@pytest.mark.parametrize("depth", [0, 1])
-def test_a_failed_background_write_is_raised_and_the_shard_stays_pending(store_path, depth):
+def test_a_blocking_write_encodes_its_files_on_the_encoder_threads(tmp_path, monkeypatch):
+    """With depth 0 the caller waits for the write: its cores encode the shard's arrays in parallel."""
+    import threading
+
+    from pipeline import store
+
+    threads, original = set(), store.encode_shard
+
+    def spy(*args):
+        threads.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return original(*args)
+
+    monkeypatch.setattr(store, "encode_shard", spy)
+    _write_behind(tmp_path / "s.zarr", depth=0, encoders=2)
+    assert threads == {"layerscope-encoder"}
+
+
+@pytest.mark.parametrize("depth, encoders", [(0, 1), (0, 2), (1, 1)])
+def test_a_failed_background_write_is_raised_and_the_shard_stays_pending(store_path, depth, encoders):
     with pytest.raises(ValueError, match=r"shard 1 of id_train/layer1 needs 4 rows, got 3"):
-        _write_behind(store_path, broken=1, depth=depth)
+        _write_behind(store_path, broken=1, depth=depth, encoders=encoders)
     with StoreWriter(store_path, "k", chunk_rows=2, shard_rows=4) as writer:
         assert 1 in writer.pending_shards("id_train", 10)  # never recorded: a rerun writes it again
     with pytest.raises(StoreError, match="incomplete"):
@@ -155,3 +173,66 @@ def test_the_callers_error_wins_and_the_shards_written_meanwhile_are_kept(store_
         assert writer.pending_shards("id_train", 10) == []  # every submitted shard was written, then recorded
     write(store_path)  # resumes: nothing left to compute, then finalize
     np.testing.assert_array_equal(open_store(store_path).to_numpy("id_train", "label"), np.arange(10))
+
+
+def _planted(n, dtype, shape, seed):
+    """``(n, *shape)`` values of ``dtype`` with the cases a shard file must get right, at 4-row chunks.
+
+    Rows 4-7 are zero (a chunk left out of its shard), rows 8-11 are -0.0 for
+    floats (not the fill value's bytes: kept), row 12 holds a NaN.
+    """
+    rng = np.random.default_rng(seed)
+    kind = np.dtype(dtype).kind
+    values = (rng.normal(size=(n, *shape)) * 100 if kind == "f" else rng.integers(-9, 9, size=(n, *shape)))
+    values = values.astype(dtype)
+    values[4:8] = 0
+    if kind == "f":
+        values[8:12] = -0.0
+        values.reshape(n, -1)[12:13, 0] = np.nan
+    return values
+
+
+ENCODED = [ArraySpec("vec", 3, "float32"), ArraySpec("half", 5, "float16"), ArraySpec("double", 2, "float64"),
+           ArraySpec("label", None, "int64"), ArraySpec("scalar", None, "float32"),
+           ArraySpec("map", None, "float32", sample_shape=(2, 3, 3), dims=("c", "h", "w"))]
+
+
+@pytest.mark.parametrize("n", [21, 16, 3])  # a partial last shard and chunk; whole shards; one chunk, padded
+def test_shard_files_are_the_bytes_zarr_writes(tmp_path, n):
+    """The shard files :func:`encode_shard` writes must be zarr's own, byte for byte (stores stay byte-identical)."""
+    from tests.faults import tree_bytes
+
+    data = {spec.name: _planted(n, spec.dtype, spec.sample_shape or ((spec.width,) if spec.width else ()), i)
+            for i, spec in enumerate(ENCODED)}
+    data["label"][16:] = 0  # a whole shard of the fill value: zarr writes no file for it
+    paths = {}
+    for how in ("encoded", "zarr"):
+        with StoreWriter(tmp_path / f"{how}.zarr", "k", chunk_rows=4, shard_rows=8) as writer:
+            writer.create_split("s", n, ENCODED, {"n_samples": n})
+            for i in writer.pending_shards("s", n):
+                start, stop = writer.shard_range(i, n)
+                if how == "encoded":
+                    writer.write_shard("s", i, {k: v[start:stop] for k, v in data.items()})
+                    continue
+                for name, values in data.items():
+                    zarr.open_array(writer.staged_store / "s" / name, mode="r+")[start:stop] = values[start:stop]
+            paths[how] = writer.staged_store / "s"
+        assert not list(paths[how].rglob("*.partial"))
+    assert tree_bytes(paths["encoded"]) == tree_bytes(paths["zarr"])
+    assert n <= 16 or not (paths["encoded"] / "label" / "c" / "2").exists()
+
+
+def test_arrays_of_another_layout_are_written_by_zarr(tmp_path):
+    """encode_shard knows one layout; any other array (here: a fill value of 1, no sharding) is left to zarr."""
+    from pipeline.store import encode_shard, write_shard_data
+
+    with StoreWriter(tmp_path / "s.zarr", "k", chunk_rows=2, shard_rows=4) as writer:
+        writer.create_split("id_train", 10, SPECS, {"n_samples": 10})
+        group = zarr.open_group(writer.staged_store / "id_train", mode="r+")
+        group.create_array("ones", shape=(10,), chunks=(2,), dtype="int64", fill_value=1)
+        arrays = write_shard_data(writer.staged_store, "id_train", 1, 4, {"ones": np.arange(4, 8), **rows(4, 8)})
+        assert encode_shard(arrays.arrays["ones"], 4, np.arange(4, 8)) is None
+        assert encode_shard(arrays.arrays["label"], 4, np.arange(4, 6)) is None  # not a whole shard
+        assert encode_shard(arrays.arrays["label"], 4, np.arange(4, 8))[0] == "c/1"
+        np.testing.assert_array_equal(group["ones"][:], [1, 1, 1, 1, 4, 5, 6, 7, 1, 1])
+        np.testing.assert_array_equal(group["layer1"][4:8], rows(4, 8)["layer1"])
