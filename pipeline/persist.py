@@ -1,5 +1,9 @@
 """Fitted estimators on disk without pickles: skops files, byte-reproducible, loaded from an allowlist.
 
+Our own estimators whose fitted state is plain data are written in a lighter
+form instead, :mod:`pipeline.statefile` (read without importing skops); see
+:func:`dump`. Everything below is about the skops files.
+
 Why not joblib/pickle: unpickling runs whatever the file says (``__reduce__``
 can name ``os.system``), so a crafted ``.joblib`` in a detectors directory runs
 code on ``layerscope detect``. A skops file (:mod:`skops.io`) is a zip of
@@ -45,6 +49,7 @@ import json
 import zipfile
 from pathlib import Path
 
+from pipeline import statefile
 from pipeline.artifacts import atomic_write
 from pipeline.errors import IntegrityError
 
@@ -56,20 +61,39 @@ _STRUCTURED = b"'descr': ["  # how an .npy header starts the description of a st
 _DEFAULT_HINT = "it was not written by layerscope; rerun the stage that writes it."
 
 
-def dump(obj, path) -> Path:
-    """Write ``obj`` to ``path`` as a canonical skops file, atomically.
+def dump(obj, stem, allowlist=()) -> Path:
+    """Write ``obj`` next to ``stem`` in the lighter form it fits, atomically; returns the file written.
+
+    Our own estimators whose state is plain data are written as a
+    :mod:`pipeline.statefile` archive (``stem.zip``): reading it back does not
+    import skops. Anything else is a canonical skops file (``stem.skops``).
 
     Parameters
     ----------
     obj : object
         A fitted estimator (anything :func:`skops.io.dumps` supports).
-    path : path-like
+    stem : path-like
+        The path without its suffix.
+    allowlist : collection of str
+        The types the file may hold (as for :func:`load`); of these, only our
+        own (``pipeline.*``) classes are written as plain data.
 
     Returns
     -------
     Path
     """
-    return atomic_write(path, dumps(obj))
+    suffix, data = encode(obj, allowlist)
+    stem = Path(stem)
+    return atomic_write(stem.with_name(stem.name + suffix), data)
+
+
+def encode(obj, allowlist=()) -> tuple[str, bytes]:
+    """``(suffix, bytes)`` of ``obj``: a plain-data archive when it is one, else canonical skops bytes."""
+    ours = [name for name in allowlist if name.startswith("pipeline.")]  # classes whose state we know is data
+    try:
+        return statefile.SUFFIX, statefile.dumps(obj, ours)
+    except statefile.Unsupported:
+        return SUFFIX, dumps(obj)
 
 
 def dumps(obj) -> bytes:
@@ -99,10 +123,12 @@ def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
         ``path`` is not a skops file (e.g. a pickle), is malformed, or declares
         a type outside ``allowlist``: one line naming the file (and the type).
     """
+    path = Path(path)
+    if path.name.endswith(statefile.SUFFIX):
+        return _load_state(path, allowlist, hint)
     skops_io = _skops_io()
     from skops.io.exceptions import UntrustedTypesFoundException
 
-    path = Path(path)
     data = path.read_bytes()
     try:
         # skops audits the whole node tree against the allowlist before it imports or builds anything
@@ -117,6 +143,23 @@ def load(path, allowlist, *, hint: str = _DEFAULT_HINT):
                              f"layerscope trusts there. Hint: {hint}") from None
     except (KeyError, ValueError, TypeError) as exc:  # a malformed schema, a member it names missing, bad arrays
         raise IntegrityError(f"Refusing to load '{path}': not a valid skops file ({type(exc).__name__}: "
+                             f"{_one_line(exc)}). Hint: {hint}") from None
+
+
+def _load_state(path: Path, allowlist, hint: str):
+    """:func:`load` for a plain-data archive (:mod:`pipeline.statefile`); the same one-line refusals."""
+    try:
+        return statefile.loads(path.read_bytes(), allowlist)
+    except zipfile.BadZipFile:
+        raise IntegrityError(f"Refusing to load '{path}': it is not a zip archive of arrays (pickles and joblib files "
+                             f"are never loaded: they can run code). Hint: {hint}") from None
+    except statefile.StaleParams:
+        raise  # the caller words it (an older layerscope wrote the file)
+    except statefile.DisallowedClass as exc:
+        raise IntegrityError(f"Refusing to load '{path}': it declares type '{exc.args[0]}', which is not a type "
+                             f"layerscope trusts there. Hint: {hint}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, ImportError) as exc:  # malformed state or members
+        raise IntegrityError(f"Refusing to load '{path}': not a valid estimator archive ({type(exc).__name__}: "
                              f"{_one_line(exc)}). Hint: {hint}") from None
 
 

@@ -7,8 +7,9 @@ store (:mod:`pipeline.provenance`).
 
 On disk (:func:`save_detectors`), a detectors directory is an artifact of
 :mod:`pipeline.artifacts`: built aside, sealed last (every file's size and
-SHA-256), published atomically. Each fitted detector is a skops file
-(:mod:`pipeline.persist`), never a pickle, loaded from an allowlist of the
+SHA-256), published atomically. Each fitted detector is one file
+(:mod:`pipeline.persist`: a plain-data archive for ours, else a skops file),
+never a pickle, loaded from an allowlist of the
 types our detectors are made of (:func:`trusted_types`). Every load checks
 every file's SHA-256 against the seal: the files are small.
 
@@ -419,7 +420,7 @@ def _n(store, split):
 
 
 def save_detectors(fitted: FittedDetectors, directory) -> Path:
-    """Write one skops file per (detector, layer), the trained scorers and ``manifest.json``; seal; publish.
+    """Write one file per (detector, layer), the trained scorers and ``manifest.json``; seal; publish.
 
     Built in a private staging directory and sealed last
     (:func:`pipeline.artifacts.seal`), then swapped in atomically under the
@@ -447,10 +448,9 @@ def _write_detectors(fitted: FittedDetectors, directory: Path):
     files = {}
     for name in fitted.names:  # a fixed order, not the order the fits finished in
         for layer in fitted.layers:
-            rel = f"{name}/{layer}{persist.SUFFIX}"
             (directory / name).mkdir(exist_ok=True)
-            persist.dump(fitted.detectors[name, layer], directory / rel)
-            files.setdefault(name, {})[layer] = rel
+            written = persist.dump(fitted.detectors[name, layer], directory / name / layer, trusted_types())
+            files.setdefault(name, {})[layer] = f"{name}/{written.name}"
     for name, scorer in sorted(fitted.scorers.items()):
         scorer.save(directory / SCORER_DIR / name)
     manifest = {"format": MANIFEST_FORMAT, "layers": fitted.layers, "detectors": fitted.names, "files": files,
@@ -524,7 +524,7 @@ def load_detectors(directory, scorers=()) -> FittedDetectors:
         Nothing was fitted into ``directory``.
     IntegrityError
         The directory is damaged, from an older layerscope, or holds a file
-        that is not a skops file of our detectors' types (one line naming it).
+        that is not a detector file of our detectors' types (one line naming it).
     """
     directory = Path(directory)
     manifest, sealed = read_manifest(directory)
@@ -537,9 +537,9 @@ def load_detectors(directory, scorers=()) -> FittedDetectors:
 
 
 def _load_one(path):
-    detector = persist.load(path, trusted_types(), hint=f"this is not a detector `layerscope fit` wrote; "
-                                                        f"{DETECTORS.hint}")
     try:  # a file from before a detector gained a parameter lacks it: refuse it rather than fail mid-score
+        detector = persist.load(path, trusted_types(), hint=f"this is not a detector `layerscope fit` wrote; "
+                                                            f"{DETECTORS.hint}")
         _check_params_present(detector)
     except AttributeError as exc:
         raise IntegrityError(f"Detector file '{path}' was written by an older layerscope ({exc}). Hint: "

@@ -22,6 +22,7 @@ import skops.io
 
 from pipeline import persist
 from pipeline.detectors import available_detectors, make_detector
+from pipeline.detectors.standardized import Standardized
 from pipeline.errors import IntegrityError
 from pipeline.scoring import trusted_types
 
@@ -145,3 +146,101 @@ def test_trusted_types_come_from_the_registry():
     assert {"pipeline.detectors.standardized.Standardized", "pyod.models.iforest.IForest", "pyod.models.lof.LOF",
             "sklearn.tree._tree.Tree", "sklearn.neighbors._kd_tree.KDTree"} <= trusted
     assert not {t for t in trusted if t.startswith(("os.", "builtins.", "subprocess."))}
+
+
+# ------------------------------------------------------------------ plain-data archives (pipeline.statefile)
+
+#: our detectors whose fitted state is only arrays, numbers and strings (a neighbours index: its rows)
+PLAIN = {"gmm", "knn_l2", "mahalanobis", "mahalanobis_pp", "rmds", "rmds_pp", "ssd"}
+
+
+def test_each_detector_is_written_in_the_lighter_form_it_fits_and_loads_back(tmp_path, blobs):
+    written = {}
+    for name in available_detectors():
+        for wrapped in (False, True):  # fit.standardize wraps it in Standardized (a scaler + the detector)
+            det = fit(name, blobs)
+            det = Standardized(detector=det).fit(blobs.X_train, blobs.y_train) if wrapped else det
+            path = persist.dump(det, tmp_path / f"{name}-{wrapped}", trusted_types())
+            written[name, wrapped] = path.suffix
+            loaded = persist.load(path, trusted_types())
+            assert type(loaded) is type(det), name
+            # before scoring: a KD-tree counts its queries in its state
+            assert persist.encode(loaded, trusted_types())[1] == path.read_bytes(), name  # same bytes again
+            np.testing.assert_array_equal(loaded.score(blobs.X_ood), det.score(blobs.X_ood), err_msg=name)
+    assert {name for (name, _), suffix in written.items() if suffix == ".zip"} == PLAIN
+    assert all(written[name, False] == written[name, True] for name in available_detectors())
+
+
+def test_plain_archives_have_no_clock_and_do_not_depend_on_the_process(blobs):
+    names = sorted(PLAIN)
+    script = ("import hashlib, json, sys\nimport numpy as np\nfrom pipeline import persist\n"
+              "from pipeline.scoring import trusted_types\nfrom tests.conftest import make_blobs\n"
+              "from tests.test_persist import fit\nb = make_blobs(np.random.default_rng(0))\n"
+              "print(json.dumps({n: hashlib.sha256(persist.encode(fit(n, b), trusted_types())[1]).hexdigest() "
+              "for n in sys.argv[1:]}))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", script, *names], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    here = {n: hashlib.sha256(persist.encode(fit(n, blobs), trusted_types())[1]).hexdigest() for n in names}
+    assert json.loads(out.strip().splitlines()[-1]) == here
+    with zipfile.ZipFile(io.BytesIO(persist.encode(fit("mahalanobis", blobs), trusted_types())[1])) as archive:
+        infos = archive.infolist()
+    assert {info.date_time for info in infos} == {persist.ZIP_EPOCH}
+    assert [info.filename for info in infos[:2]] == ["state.json", "0.npy"]
+
+
+def test_loading_a_plain_archive_does_not_import_skops(tmp_path, blobs):
+    path = persist.dump(fit("mahalanobis", blobs), tmp_path / "det", trusted_types())
+    script = ("import sys\nfrom pipeline import persist\nfrom pipeline.scoring import trusted_types\n"
+              f"persist.load({str(path)!r}, trusted_types())\nprint('skops' in ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.strip() == "False"
+
+
+def plain_archive(root, arrays=()) -> bytes:
+    """A plain-data archive holding ``root`` (a state node) and ``arrays`` (name, bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("state.json", json.dumps({"format": "layerscope-estimator/1", "root": root}))
+        for name, data in arrays:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("cls", ["os.system", "subprocess.Popen", "sklearn.svm._classes.OneClassSVM"])
+def test_a_plain_archive_naming_another_class_is_refused_before_it_is_imported(tmp_path, cls):
+    marker = tmp_path / "ran"
+    root = {"estimator": cls, "params": {"dict": {}}, "attrs": {"dict": {}}}
+    if cls == "os.system":  # what a builder that trusted the name would run
+        root["params"] = {"dict": {"command": f"touch {marker}"}}
+    (tmp_path / "det.zip").write_bytes(plain_archive(root))
+    with pytest.raises(IntegrityError, match=rf"^Refusing to load '.*det.zip': it declares type '{re.escape(cls)}', "
+                                             r"which is not a type layerscope trusts there. Hint: "):
+        persist.load(tmp_path / "det.zip", trusted_types())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(pickle.dumps(Touch(p.parent / "ran"))), r"it is not a zip archive of arrays \(pickles "),
+    (lambda p: p.write_bytes(plain_archive({"array": "0.npy"})), r"not a valid estimator archive \(KeyError: "),
+    (lambda p: p.write_bytes(plain_archive({"array": "0.npy"}, [("0.npy", _npy(np.array([{}], dtype=object)))])),
+     r"not a valid estimator archive \(ValueError: Object arrays cannot be loaded"),
+    (lambda p: p.write_bytes(plain_archive([1, 2])), r"not a valid estimator archive \(ValueError: a malformed node"),
+    (lambda p: p.write_bytes(plain_archive({"estimator": "pipeline.detectors.mahalanobis.ClassConditionalMahalanobis",
+                                            "params": {"dict": {"normalize": "none", "reg": 1e-6, "no_such": 1}},
+                                            "attrs": {"dict": {}}})),
+     r"not a valid estimator archive \(TypeError: .*'no_such'"),
+])
+def test_a_damaged_plain_archive_is_one_line_and_runs_nothing(tmp_path, damage, message):
+    path = tmp_path / "det.zip"
+    damage(path)
+    with pytest.raises(IntegrityError, match=rf"^Refusing to load '.*det.zip': {message}.*Hint: "):
+        persist.load(path, trusted_types())
+    assert not (tmp_path / "ran").exists()
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()

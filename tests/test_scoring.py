@@ -1,20 +1,24 @@
 import dataclasses
 import json
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from pipeline import persist
 from pipeline.artifacts import seal
 from pipeline.config import read_params
 from pipeline.errors import ConfigError, DataError, IntegrityError, OutputError
 from pipeline.provenance import ProvenanceError
-from pipeline.scoring import DETECTORS, fit_detectors, load_detectors, save_detectors, score_split, verify_detectors
+from pipeline.detectors import make_detector
+from pipeline.scoring import (DETECTORS, _load_one, fit_detectors, load_detectors, save_detectors, score_split,
+                              trusted_types, verify_detectors)
 from pipeline.store import ArraySpec, StoreWriter, open_store
 from stages import fit as fit_stage
-from tests.test_persist import Touch
+from tests.test_persist import PLAIN, Touch
 
 
 def write_store(path, blobs, checkpoint="aaa", shard_rows=32, key="k"):
@@ -82,6 +86,23 @@ def test_a_detector_saved_before_it_gained_a_parameter_is_refused(tmp_path, blob
         load_detectors(tmp_path / "det")
 
 
+def test_a_plain_archive_written_before_a_parameter_existed_is_refused(tmp_path, blobs):
+    path = persist.dump(make_detector("mahalanobis").fit(blobs.X_train, blobs.y_train), tmp_path / "m",
+                        trusted_types())
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    state = json.loads(members["state.json"])
+    # as written before Mahalanobis++'s `normalize` existed (make_detector wraps it: fit.standardize)
+    del state["root"]["attrs"]["dict"]["detector_"]["params"]["dict"]["normalize"]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in {**members, "state.json": json.dumps(state).encode()}.items():
+            archive.writestr(name, data)
+    with pytest.raises(IntegrityError, match=r"^Detector file '.*m.zip' was written by an older layerscope "
+                                             r"\('ClassConditionalMahalanobis' object has no attribute 'normalize'\)\. "
+                                             r"Hint: .*fit"):
+        _load_one(path)
+
+
 def test_detectors_from_another_checkpoint_are_refused(tmp_path, blobs):
     fitted = fit_detectors(write_store(tmp_path / "a.zarr", blobs, checkpoint="aaa111"), {"knn": {}})
     other = write_store(tmp_path / "b.zarr", blobs, checkpoint="bbb222")
@@ -143,7 +164,9 @@ def test_the_default_set_fitted_twice_saves_to_identical_bytes(tmp_path, blobs):
     a = save_detectors(fit_detectors(store, DEFAULT_DETECTORS), tmp_path / "a")
     b = save_detectors(fit_detectors(store, DEFAULT_DETECTORS), tmp_path / "b")
     assert files_of(a) == files_of(b)
-    assert {rel.rsplit(".", 1)[-1] for rel in files_of(a)} == {"skops", "json"}  # no pickles
+    # no pickles: our plain-data detectors as arrays archives, the PyOD ones as skops files
+    assert {rel.rsplit(".", 1)[-1] for rel in files_of(a)} == {"skops", "zip", "json"}
+    assert {rel.split("/")[0] for rel in files_of(a) if rel.endswith(".zip")} == PLAIN & set(DEFAULT_DETECTORS)
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["store_key"] == "k" and manifest["provenance"]["checkpoint_sha256"] == "aaa"
     summary = verify_detectors(a)
@@ -160,8 +183,8 @@ def saved(tmp_path, blobs):
     (lambda d: (d / "knn/l1.skops").unlink(), r"file 'knn/l1.skops' is missing"),
     (lambda d: (d / "knn/l2.skops").write_bytes((d / "knn/l2.skops").read_bytes()[:-10]),
      r"file 'knn/l2.skops' has \d+ bytes, expected \d+"),
-    (lambda d: (d / "mahalanobis/l1.skops").write_bytes(flip((d / "mahalanobis/l1.skops").read_bytes())),
-     r"file 'mahalanobis/l1.skops' has been altered"),
+    (lambda d: (d / "mahalanobis/l1.zip").write_bytes(flip((d / "mahalanobis/l1.zip").read_bytes())),
+     r"file 'mahalanobis/l1.zip' has been altered"),
     (lambda d: (d / "manifest.json").write_bytes(flip((d / "manifest.json").read_bytes())),
      r"file 'manifest.json' has been altered"),
     (lambda d: (d / "knn/evil.joblib").write_bytes(b"x"), r"holds 1 file\(s\) it was not published with, e.g. "
