@@ -18,16 +18,25 @@ traced, or whose values do not keep the batch first, fails a self-check at
 construction with a :class:`~pipeline.errors.ModelError`, never a silent full
 pass.
 
-What happens to the rows that stop: dropping them copies every batch-shaped
-value still needed (``index_select``); carrying them on costs their share of
-the rest of the network. After a guarded layer the guard drops them only when
-that share, in the network's FLOPs (``torch.utils.flop_counter``, counted once
-at construction), is worth more than the copy (:data:`COPY_FLOPS` per copied
-element); otherwise they ride along, masked: they are neither scored nor
-decided again, and their logits are discarded. A row's own values do not
-depend on the rows beside it, so decisions, scores and logits are the same
-either way. In practice a few rows that stop early are dropped, and rows that
-stop at a layer near the output (where little is left to pay) are carried.
+What happens to the rows that stop: dropping them moves the rows that go on
+to the front of every batch-shaped value still needed, in place, and the
+next segment runs on the front slice (:func:`_compact`: one row copied per
+stopped row among the first ``n_live``, no new full-size tensor; a fresh
+copy of every live row, ``index_select``, made the allocator page in several
+MB per drop, which cost more than the rows saved). Carrying them on costs
+their share of the rest of the network. After a guarded layer the guard drops
+them only when that share, in the network's FLOPs
+(``torch.utils.flop_counter``, counted at first need), is worth more than the
+drop (:data:`DROP_FLOPS` per drop, :data:`COPY_FLOPS` per copied element);
+otherwise they ride along, masked: they are neither scored nor decided again,
+and their logits are discarded. A row's own values do not depend on the rows
+beside it, nor on its place in the batch, so decisions, scores and logits are
+the same either way. In practice rows that stop early are dropped, and rows
+that stop at a layer near the output (where little is left to pay) are
+carried. A value the guard does not own alone (the caller's input, a view
+sharing memory with another value, an overlapping layout), or any value while
+the model has forward hooks (which may keep a reference to it), is copied
+instead (``index_select``), never changed in place.
 
 Pooling is not paid twice: an ``nn.AdaptiveAvgPool2d(1)`` applied to a guarded
 layer's output in the next segment (a ResNet's global pooling after its last
@@ -64,6 +73,10 @@ log = logging.getLogger(__name__)
 #: threads, digits ResNet: ``index_select`` of 250 of 256 rows costs 16 to 26 FLOPs of the next stages per element.
 #: The lower end: a drop is rather made than skipped, as before carrying existed.
 COPY_FLOPS = 16
+
+#: What one drop costs besides its copies, in the network's FLOPs: the index arrays and a few torch calls per
+#: value (about 30 us on the CPU, where the digits ResNet runs about 100 MFLOPs in 1 ms at 2 threads).
+DROP_FLOPS = 3e6
 
 
 @dataclass
@@ -150,6 +163,7 @@ class Guard:
         self.scorers = [compile_scorer(det, self.device) for det in self.detectors]
         self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
         self._segments = segments(self.graph, [guard_nodes[layer] for layer in self.layers])
+        self._all_modules = list(self.model.modules())  # whose hooks forbid changing activations in place
         self._self_check()
 
     def _position(self, node):
@@ -221,10 +235,10 @@ class Guard:
             dead = stop if dead is None else _mark(dead, live, stop)
             if dead.all():
                 return self._result(None, rows, dead, exit_layer, scores)
-            if not carry or self._drop_pays(k, dead, values, seg.batched):
-                keep = np.flatnonzero(~dead)
-                values = _take_all(values, seg.batched, torch.from_numpy(keep).to(self.device), len(dead))
-                rows, dead = (keep if rows is None else rows[keep]), None
+            owned = self._owned(values, seg.batched, len(dead), x)
+            if not carry or self._drop_pays(k, dead, values, seg.batched, owned):
+                values, order = _compact(values, seg.batched, dead, owned, self.device)
+                rows, dead = (order if rows is None else rows[order]), None
         raise AssertionError("unreachable: the last segment has no guard")  # segments() always ends with one
 
     def _score(self, k, pooled, threshold, validated) -> tuple[np.ndarray, np.ndarray]:
@@ -234,15 +248,28 @@ class Guard:
             return s, s > threshold
         return self.scorers[k](pooled, float(threshold))
 
-    def _drop_pays(self, k, dead, values, batched) -> bool:
+    def _drop_pays(self, k, dead, values, batched, owned) -> bool:
         """Whether dropping the ``dead`` rows after guarded layer ``k`` costs less than carrying them to the output.
 
-        Carrying costs the dead rows' FLOPs after the layer; dropping, a copy of the live rows of every
-        batch-shaped value (:data:`COPY_FLOPS` per element).
+        Carrying costs the dead rows' FLOPs after the layer. Dropping costs :data:`DROP_FLOPS`, plus a copy
+        (:data:`COPY_FLOPS` per element) of one row per dead row among the first ``n_live`` rows of each value
+        the guard owns (``owned``, see :meth:`_owned`), and of every live row of the others.
         """
-        n_dead = int(np.count_nonzero(dead))
-        per_row = sum(_row_elements(v, len(dead)) for v, b in zip(values, batched) if b)
-        return n_dead * self._tail_flops[k] > COPY_FLOPS * (len(dead) - n_dead) * per_row
+        n, n_dead = len(dead), int(np.count_nonzero(dead))
+        moved = int(np.count_nonzero(dead[:n - n_dead]))
+        copied = sum(_row_elements(v, n) * (moved if id(v) in owned else n - n_dead)
+                     for v in _batch_tensors(values, batched, n))
+        return n_dead * self._tail_flops[k] > DROP_FLOPS + COPY_FLOPS * copied
+
+    def _owned(self, values, batched, n, x) -> set:
+        """``id`` of the tensors of ``values`` with ``n`` rows that :func:`_compact` may change in place.
+
+        None while the model has forward hooks (a hook may hold an activation); otherwise those that
+        :func:`_exclusive` finds alone in their memory and apart from the input ``x``.
+        """
+        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self._all_modules):
+            return set()
+        return _exclusive(_batch_tensors(values, batched, n), x)
 
     def _result(self, output, rows, dead, exit_layer, scores) -> GuardResult:
         """The result of a pass: ``output`` holds the logits of the running rows (None: every row stopped).
@@ -506,26 +533,94 @@ def _mark(dead, live, stop):
     return dead
 
 
-def _take_all(values, batched, keep, n):
-    """Rows ``keep`` of every batch-shaped value (``batched``) of a segment's ``values``."""
-    return tuple(_take_rows(v, keep, n) if b else v for v, b in zip(values, batched))
+def _compact(values, batched, dead, owned, device) -> tuple[tuple, np.ndarray]:
+    """The batch-shaped ``values`` without their ``dead`` rows, and the running rows they keep, in their new order.
 
+    Rows that go on are moved to the front: each dead row among the first
+    ``n_live`` takes the place of a live row from behind them, and every value
+    becomes its first ``n_live`` rows (a view). A tensor of ``owned`` (ids) is
+    changed in place; any other is copied, its rows in the same order.
 
-def _take_rows(value, keep, n):
-    """``value``'s rows ``keep`` (int64 indices) where its first dimension is the batch's ``n``; others as they are.
-
-    ``index_select`` copies whole rows (contiguous in a batch-first tensor): cheaper than a boolean mask, which
-    gathers element by element.
+    Returns
+    -------
+    values : tuple
+    order : ndarray of shape (n_live,), int64
+        Running row (before the drop) of each row after it.
     """
+    n = len(dead)
+    m = n - int(np.count_nonzero(dead))
+    holes = np.flatnonzero(dead[:m])
+    order = np.arange(m)
+    order[holes] = m + np.flatnonzero(~dead[m:])  # as many live rows behind as dead rows in front
+    index = {name: torch.from_numpy(a).to(device) for name, a in (("holes", holes), ("fillers", order[holes]),
+                                                                    ("order", order))}
+    done = {}
+    return tuple(_compact_value(v, index, n, m, owned, done) if b else v for v, b in zip(values, batched)), order
+
+
+def _compact_value(value, index, n, m, owned, done):
+    """:func:`_compact` of one value: in place for an ``owned`` tensor (once per tensor: ``done``), else a copy."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, keep) if value.dim() and value.shape[0] == n else value
+        if not (value.dim() and value.shape[0] == n):
+            return value
+        if id(value) not in owned:
+            return value.index_select(0, index["order"])
+        if id(value) not in done:
+            if len(index["holes"]):
+                value.index_copy_(0, index["holes"], value.index_select(0, index["fillers"]))
+            done[id(value)] = value[:m]
+        return done[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_take_rows(v, keep, n) for v in value)
+        return type(value)(_compact_value(v, index, n, m, owned, done) for v in value)
     return value
 
 
+def _batch_tensors(values, batched, n) -> list:
+    """The tensors with ``n`` rows among the batch-shaped (``batched``) ``values``, nested ones included."""
+    out = []
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            if value.dim() and value.shape[0] == n:
+                out.append(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                visit(v)
+
+    for v, b in zip(values, batched):
+        if b:
+            visit(v)
+    return out
+
+
+def _exclusive(tensors, x) -> set:
+    """``id`` of the ``tensors`` whose memory no other tensor of them, nor ``x``, shares, laid out without overlap.
+
+    Rows of such a tensor can be moved in place without changing any other value. The same tensor object
+    listed twice counts once (:func:`_compact` moves its rows once).
+    """
+    unique = list({id(t): t for t in tensors}.values())
+    storage = [t.untyped_storage().data_ptr() for t in unique]
+    shared = {p for p in storage if storage.count(p) > 1} | {x.untyped_storage().data_ptr()}
+    return {id(t) for t, p in zip(unique, storage) if p not in shared and _dense(t)}
+
+
+def _dense(t) -> bool:
+    """Whether no two elements of ``t`` share memory (contiguous, channels last or not)."""
+    if t.dim() == 4:
+        return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+    return t.is_contiguous()
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module are in place (``nn.modules.module.register_module_*``)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def _row_elements(value, n) -> int:
-    """Elements per row of what :func:`_take_rows` would copy of ``value``."""
+    """Elements per row of ``value``'s tensors with ``n`` rows (what a drop may copy)."""
     if isinstance(value, torch.Tensor):
         return value.numel() // n if value.dim() and value.shape[0] == n else 0
     if isinstance(value, (tuple, list)):

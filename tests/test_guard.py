@@ -220,11 +220,13 @@ def _spy_drops(guard, monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("copy_flops, expected", [(0.0, [(0, True), (1, True)]),  # every stopped row dropped
-                                                  (1e30, [(0, False), (1, False)]),  # carried to the output
-                                                  (guard_module.COPY_FLOPS, [(0, True), (1, False)])])
+@pytest.mark.parametrize("copy_flops, drop_flops, expected", [
+    (0.0, 0.0, [(0, True), (1, True)]),  # every stopped row dropped
+    (1e30, 0.0, [(0, False), (1, False)]),  # carried to the output: the copies cost too much
+    (0.0, 1e30, [(0, False), (1, False)]),  # or the drop itself
+    (guard_module.COPY_FLOPS, 1e4, [(0, True), (1, False)])])  # a drop's fixed cost scaled to the tiny model
 def test_stopped_rows_dropped_or_carried_give_the_same_result(tiny_model, tiny_splits, cached, monkeypatch,
-                                                              copy_flops, expected):
+                                                              copy_flops, drop_flops, expected):
     """Carried rows are neither scored nor decided again, and the rows that go on keep their values."""
     store, detectors = cached
     thresholds = _midway(store, detectors)
@@ -234,9 +236,10 @@ def test_stopped_rows_dropped_or_carried_give_the_same_result(tiny_model, tiny_s
         dropped = guard._run(x, guard.thresholds, carry=False)  # the drop at every layer, as before carrying
         plain = tiny_model(x).numpy()
     monkeypatch.setattr(guard_module, "COPY_FLOPS", copy_flops)
+    monkeypatch.setattr(guard_module, "DROP_FLOPS", drop_flops)
     made = _spy_drops(guard, monkeypatch)
     got = guard(x)
-    assert made == expected  # the default: a drop after layer1 (layer2 left to pay), a carry after layer2
+    assert made == expected  # the last: a drop after layer1 (layer2 left to pay), a carry after layer2
     assert np.array_equal(got.exit_layer, exit_layers(layer_scores(store, "noise_test", detectors), thresholds))
     assert np.array_equal(got.exit_layer, dropped.exit_layer) and np.array_equal(got.pred, dropped.pred)
     np.testing.assert_allclose(got.scores, dropped.scores, rtol=1e-6, atol=0)  # NaN alike: no carried row scored
@@ -336,3 +339,102 @@ def test_one_rows_prediction_is_the_batch_argmax(row, expected):
     """The batch-1 path's argmax in Python floats: the first maximum, NaN read as 0, as numpy's on the batch."""
     logits = np.array([row], dtype=np.float32)
     assert guard_module._argmax_one(logits).tolist() == guard_module._argmax(logits).tolist() == [expected]
+
+
+def _dropping(guard, monkeypatch):
+    """``guard`` with every drop made (no fixed or per-element cost): the rows that stop leave the batch."""
+    monkeypatch.setattr(guard_module, "COPY_FLOPS", 0.0)
+    monkeypatch.setattr(guard_module, "DROP_FLOPS", 0.0)
+    return guard
+
+
+def _spy_inputs(segment, monkeypatch):
+    """The first value each call of ``segment`` receives."""
+    seen, forward = [], segment.module.forward
+    monkeypatch.setattr(segment.module, "forward", lambda *values: seen.append(values[0]) or forward(*values))
+    return seen
+
+
+def test_a_drop_moves_rows_in_place_and_gives_the_copys_result(tiny_model, tiny_splits, cached, monkeypatch):
+    """Regression (issue 18): a drop copied every live row (``index_select``), and the fresh tensor made the
+    allocator page in several MB per batch (1944 page faults per drop at batch 256 on the digits ResNet), more
+    than the rows saved. The next segment now runs on the front rows of the same memory, with the same result."""
+    store, detectors = cached
+    guard = _dropping(Guard(tiny_model, detectors, dict(zip(LAYERS, _midway(store, detectors))), (1, 8, 8)),
+                      monkeypatch)
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    guard.block_flops()  # counted on a probe input, through the segments: before the spies
+    made, outputs = _spy_drops(guard, monkeypatch), []
+    forward = guard._segments[0].module.forward
+    monkeypatch.setattr(guard._segments[0].module, "forward", lambda *v: outputs.append(forward(*v)) or outputs[-1])
+    seen = _spy_inputs(guard._segments[1], monkeypatch)
+    got = guard(x)
+    assert made[0] == (0, True) and 0 < len(seen[0]) < len(x)
+    assert seen[0].untyped_storage().data_ptr() == outputs[0][0].untyped_storage().data_ptr()  # no copy
+    monkeypatch.setattr(guard, "_owned", lambda *args: set())  # every value copied, as before
+    copied = guard(x)
+    assert seen[1].untyped_storage().data_ptr() != outputs[1][0].untyped_storage().data_ptr()
+    for field in ("exit_layer", "pred", "scores", "logits"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(copied, field))
+
+
+class _InputSkip(_Branchy):
+    """The input is used after block1 too: a value live across the cut that is the caller's own tensor."""
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(x)).mean(dim=(2, 3)) + x.mean(dim=(2, 3)))
+
+
+def test_a_drop_never_changes_the_callers_input(rng, monkeypatch):
+    torch.manual_seed(0)
+    model = _InputSkip().eval()
+    x = torch.from_numpy(rng.random((6, 1, 8, 8), dtype=np.float32))
+    before = x.clone()
+    detectors = _random_detectors(model, ["block1"], (1, 8, 8), rng)
+    scores = Guard(model, detectors, {"block1": np.inf}, (1, 8, 8))(x).scores[:, 0]
+    guard = _dropping(Guard(model, detectors, {"block1": float(np.sort(scores)[2])}, (1, 8, 8)), monkeypatch)
+    made = _spy_drops(guard, monkeypatch)
+    got = guard(x)
+    with torch.inference_mode():
+        plain = model(x).numpy()
+    assert made == [(0, True)] and torch.equal(x, before)
+    np.testing.assert_allclose(got.logits[~got.ood], plain[~got.ood], rtol=1e-5, atol=1e-6)
+
+
+def test_a_hook_keeps_the_activation_it_was_given(tiny_model, tiny_splits, cached, monkeypatch):
+    """A forward hook may hold on to a module's output: while the model has one, a drop copies rows."""
+    store, detectors = cached
+    guard = _dropping(Guard(tiny_model, detectors, dict(zip(LAYERS, _midway(store, detectors))), (1, 8, 8)),
+                      monkeypatch)
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    kept = []
+    handle = tiny_model.layer1.register_forward_hook(lambda module, args, out: kept.append(out))
+    try:
+        made = _spy_drops(guard, monkeypatch)
+        guard(x)
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        expected = tiny_model.layer1(torch.relu(tiny_model.bn1(tiny_model.conv1(tiny_model.normalize(x)))))
+    assert made[0] == (0, True)
+    torch.testing.assert_close(kept[0], expected, rtol=0, atol=0)
+
+
+def test_compact_keeps_the_live_rows_front_first():
+    dead = np.array([False, True, False, True, False, False, True])  # 4 live: rows 1 and 3 refilled from 4 and 5
+    with torch.inference_mode():
+        owned, other = torch.arange(7.0)[:, None].repeat(1, 2), torch.arange(7.0) * 10
+        values, order = guard_module._compact((owned, other, "not batched"), (True, True, False), dead,
+                                              {id(owned)}, torch.device("cpu"))
+    assert order.tolist() == [0, 4, 2, 5]
+    assert values[0][:, 0].tolist() == [0, 4, 2, 5] and values[0].data_ptr() == owned.data_ptr()  # in place
+    assert values[1].tolist() == [0, 40, 20, 50] and other.tolist() == [0, 10, 20, 30, 40, 50, 60]  # a copy
+    assert values[2] == "not batched"
+
+
+def test_only_tensors_alone_in_their_memory_are_changed_in_place():
+    with torch.inference_mode():
+        x, alone, base = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 6)
+        left, right, wide = base[:, :3], base[:, 3:], torch.zeros(4, 1).expand(4, 3)
+        owned = guard_module._exclusive([alone, alone, left, right, wide, x, x[:2]], x)
+    assert owned == {id(alone)}  # views of one tensor, broadcast rows and the input are not
