@@ -29,7 +29,11 @@ its images stacked into one tensor:
    is repeated ``--repeats`` times after two untimed warm-up passes; the
    figure is the median pass.
    ``torch.set_num_threads(--threads)`` is fixed and recorded, and so are the
-   BLAS thread pools (capped with ``--blas-threads``).
+   BLAS thread pools (capped with ``--blas-threads``). Each path's minor page
+   faults per image are recorded too (``minor_faults_per_image``): whether the
+   allocator hands a batch's activations back to the OS and pages them in
+   again changes a pass's time by a tenth or more, for every path alike but
+   not always at the same moments.
 2. The guard's own decisions on the whole split: fraction flagged, exits per
    guarded layer, and the FLOP fraction saved, ``1 - mean(spent) / full``, where
    ``spent`` is ``Guard.block_flops()`` up to the exit layer (the full network for
@@ -50,6 +54,7 @@ import json
 import logging
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -139,12 +144,14 @@ def plain_call(model):
     return run
 
 
-def interleaved_pass(runners, batches, loops, shift=0) -> dict:
+def interleaved_pass(runners, batches, loops, shift=0, faults=None) -> dict:
     """Seconds of each path over ``batches`` run ``loops`` times, the paths taking turns batch by batch.
 
     The order of the paths rotates from one batch to the next (and with
     ``shift``), so none always runs first on a cold cache or last after the
-    others; a load that comes and goes is shared by every path alike.
+    others; a load that comes and goes is shared by every path alike. With
+    ``faults`` (a dict), each path's minor page faults are added to it, read
+    outside the timed calls.
     """
     pc, names = time.perf_counter, list(runners)
     seconds = dict.fromkeys(names, 0.0)
@@ -153,11 +160,24 @@ def interleaved_pass(runners, batches, loops, shift=0) -> dict:
         for xb in batches:
             for j in range(len(names)):
                 name = names[(i + j) % len(names)]
+                before = minor_faults() if faults is not None else 0
                 start = pc()
                 runners[name](xb)
                 seconds[name] += pc() - start
+                if faults is not None:
+                    faults[name] = faults.get(name, 0) + minor_faults() - before
             i += 1
     return seconds
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far: memory the allocator handed back to the OS and touches again.
+
+    On a CPU the allocator's trimming decides whether a pass pages in its activations afresh (several MB per
+    batch of 256, a tenth or more of the time), and that depends on the order of earlier allocations: a path
+    with more faults than another is slower for a reason that is not its own arithmetic.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure_times(guard, reference, executor, splits, batch_size, latency_n, repeats, min_seconds) -> dict:
@@ -189,10 +209,11 @@ def measure_times(guard, reference, executor, splits, batch_size, latency_n, rep
     for r in range(repeats):
         log.info("round %d/%d", r + 1, repeats)
         for key, (batches, loops, _n) in plans.items():
-            got = {}
-            _, other = other_cpu_share(lambda b=batches, lp=loops, g=got, s=r: g.update(interleaved_pass(runners, b, lp, s)))
+            got, faults = {}, {}
+            _, other = other_cpu_share(lambda b=batches, lp=loops, g=got, s=r, f=faults:
+                                       g.update(interleaved_pass(runners, b, lp, s, f)))
             for path, seconds in got.items():
-                runs[key][path].append((seconds, other))
+                runs[key][path].append((seconds, other, faults[path]))
     out = {}
     for (name, bs), (_batches, loops, n) in plans.items():
         timing = {path: summarise(runs[name, bs][path], n, loops) for path in PATHS}
@@ -203,14 +224,15 @@ def measure_times(guard, reference, executor, splits, batch_size, latency_n, rep
 
 
 def summarise(passes, n, loops=1) -> dict:
-    """``passes`` is a list of ``(seconds, other_cpu_share)``, each over ``n`` images ``loops`` times; ms per image."""
-    seconds = [s / loops for s, _ in passes]
-    clean = [s for s, other in passes if other < CLEAN_SHARE]
+    """``passes``: ``(seconds, other_cpu_share, minor_faults)``, each over ``n`` images ``loops`` times; in ms/image."""
+    seconds = [s / loops for s, _, _ in passes]
+    clean = [s for s, other, _ in passes if other < CLEAN_SHARE]
     return {"images": n, "loops": loops, "seconds": [round(s, 5) for s in seconds],
-            "other_cpu_share": [round(o, 3) for _, o in passes],
+            "other_cpu_share": [round(o, 3) for _, o, _ in passes],
             "median_ms": round(1e3 * statistics.median(seconds) / n, 4), "best_ms": round(1e3 * min(seconds) / n, 4),
             "clean_median_ms": round(1e3 * statistics.median(clean) / n, 4) if clean else None,
-            "clean_passes": len(clean)}
+            "clean_passes": len(clean),
+            "minor_faults_per_image": round(statistics.median(f / loops for _, _, f in passes) / n, 1)}
 
 
 # --------------------------------------------------------------------------- decisions, FLOPs, honesty
@@ -366,11 +388,12 @@ def print_report(res, console):
                         f"median of {c['repeats']} interleaved rounds")
     cols = ("split", "role", "n", "flagged", "exits", "FLOPs saved",
             f"plain@{big}", f"guard@{big}", "x", "plain@1", "guard@1", "x", "no-exit@1", "executor@1",
-            "other CPU")
+            f"faults@{big}", "other CPU")
     for col in cols:
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, p in res["splits"].items():
         t_big, t_one = p["timing"][big], p["timing"]["1"]
+        faults = "/".join(f"{t_big[who].get('minor_faults_per_image', math.nan):.0f}" for who in ("plain", "guard"))
         other = max(max(t[path]["other_cpu_share"]) for t in (t_big, t_one) for path in PATHS)
         table.add_row(name, p["role"], str(p["n"]), f"{p['flagged']:.1%}",
                       "/".join(f"{v:.0%}" for v in p["exits"].values()), f"{p['flops_saved']:.1%}",
@@ -378,7 +401,7 @@ def print_report(res, console):
                       f"{t_big['speedup']:.2f}", f"{t_one['plain']['median_ms']:.3f}",
                       f"{t_one['guard']['median_ms']:.3f}", f"{t_one['speedup']:.2f}",
                       f"{t_one['guard_no_exit']['median_ms']:.3f}", f"{t_one['executor']['median_ms']:.3f}",
-                      f"{other:.0%}")
+                      faults, f"{other:.0%}")
     agree = res["cached_agreement"]
     agree_text = (agree["skipped"] if "skipped" in agree else
                   "live exits vs cached-feature cascade, inputs that differ: "
@@ -388,7 +411,8 @@ def print_report(res, console):
     lines = [f"exits: share of inputs stopped at {', '.join(c['layers'])}, and passed. x = speed-up (plain / guard). "
              f"Batch 1 over {images} images of a split.",
              "no-exit = the guard with every threshold at +inf (executor + detectors, nothing stops); "
-             "executor = the same with free detectors (segmented run + pooling only).",
+             "executor = the same with free detectors (segmented run + pooling only). "
+             f"faults@{big} = minor page faults per image, plain/guard.",
              "FLOPs per input: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fl.items())
              + f". Honesty: every passed input's guard pred == plain argmax (batch {big} and 1): ok.",
              agree_text]

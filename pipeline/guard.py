@@ -74,9 +74,11 @@ log = logging.getLogger(__name__)
 #: The lower end: a drop is rather made than skipped, as before carrying existed.
 COPY_FLOPS = 16
 
-#: What one drop costs besides its copies, in the network's FLOPs: the index arrays and a few torch calls per
-#: value (about 30 us on the CPU, where the digits ResNet runs about 100 MFLOPs in 1 ms at 2 threads).
-DROP_FLOPS = 3e6
+#: What one drop costs besides its copies, in the network's FLOPs: the index arrays, the check of what may change
+#: in place and a few torch calls per value, on rows the convolutions have left out of the caches. Measured on the
+#: CPU inside the guard's pass, digits ResNet at batch 256: 50 to 75 us per drop, where the network runs about 66
+#: MFLOPs per ms on one thread (110 on two). A single row stopping at layer2 (4.2 MFLOPs left) is then carried.
+DROP_FLOPS = 5e6
 
 
 @dataclass
@@ -264,7 +266,7 @@ class Guard:
     def _owned(self, values, batched, n, x) -> set:
         """``id`` of the tensors of ``values`` with ``n`` rows that :func:`_compact` may change in place.
 
-        None while the model has forward hooks (a hook may hold an activation); otherwise those that
+        Empty while the model has forward hooks (a hook may hold an activation); otherwise those that
         :func:`_exclusive` finds alone in their memory and apart from the input ``x``.
         """
         if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self._all_modules):
