@@ -55,8 +55,7 @@ from pipeline.errors import IntegrityError
 
 SCHEMA = "schema.json"
 SUFFIX = ".skops"
-#: The earliest time a zip entry can hold: no clock reading in the file.
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+ZIP_EPOCH = statefile.ZIP_EPOCH  # the earliest time a zip entry can hold: no clock reading in the file
 _STRUCTURED = b"'descr': ["  # how an .npy header starts the description of a structured dtype
 _DEFAULT_HINT = "it was not written by layerscope; rerun the stage that writes it."
 
@@ -208,10 +207,11 @@ def canonicalise(raw: bytes) -> bytes:
             raise RuntimeError(f"skops wrote members its schema does not name: {sorted(orphans)}")
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-            _write(dst, SCHEMA, json.dumps(schema, separators=(",", ":")).encode())  # compact: 3x smaller, faster
+            # compact: 3x smaller, faster
+            statefile.write_entry(dst, SCHEMA, json.dumps(schema, separators=(",", ":")).encode())
             for old, new in renamer.files.items():  # in walk order
                 data = src.read(old)
-                _write(dst, new, _zero_padding(data) if new.endswith(".npy") else data)
+                statefile.write_entry(dst, new, _zero_padding(data) if new.endswith(".npy") else data)
     return out.getvalue()
 
 
@@ -291,14 +291,6 @@ def _without_ids(value):
     if not isinstance(value, dict):
         return value
     return {k: _without_ids(v) for k, v in value.items() if k not in ("__id__", "file")}
-
-
-def _write(archive: zipfile.ZipFile, name: str, data: bytes):
-    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-    info.compress_type = zipfile.ZIP_STORED
-    info.create_system = 3  # unix, whatever the platform
-    info.external_attr = 0o644 << 16
-    archive.writestr(info, data)
 
 
 def _one_line(exc) -> str:

@@ -79,11 +79,11 @@ def dumps(estimator, allowlist) -> bytes:
     state = {"format": FORMAT, "root": writer.node(estimator)}
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-        _write(archive, STATE, json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+        write_entry(archive, STATE, json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
         for name, array in writer.arrays:
             buffer = io.BytesIO()
             np.save(buffer, array, allow_pickle=False)
-            _write(archive, name, buffer.getvalue())
+            write_entry(archive, name, buffer.getvalue())
     return out.getvalue()
 
 
@@ -141,7 +141,8 @@ def qualified_name(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _write(archive, name, data):
+def write_entry(archive, name, data):
+    """One stored zip entry with no clock reading and fixed attributes: the same data, the same bytes."""
     info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
     info.compress_type = zipfile.ZIP_STORED
     info.create_system = 3  # unix, whatever the platform
