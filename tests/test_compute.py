@@ -66,6 +66,20 @@ def reference(project):
     return _run(project, "threads", {"scheduler": "threads"})
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of 2 worker processes, shared by the tests that run stages on an existing cluster.
+
+    Each new cluster costs its workers their imports (torch, scikit-learn): seconds on a busy CI machine. What
+    ``scheduler: local`` adds (the stage starts and stops its own cluster) has its own test,
+    :func:`test_local_cluster_extraction_is_bit_identical_to_threads`. The worker-kill test comes last.
+    """
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster
+
+
 def test_local_cluster_extraction_is_bit_identical_to_threads(project, reference):
     assert_same_store(_run(project, "local", {"scheduler": "local", "n_workers": 2, "dashboard": False}), reference)
 
@@ -83,13 +97,64 @@ def test_the_thread_count_does_not_change_a_bit(project, reference, threads):
         torch.set_num_threads(before)
 
 
-def test_killing_a_worker_mid_extraction_then_resuming_gives_the_same_store(project, reference, tmp_path):
-    from distributed import Client, LocalCluster
+# ten trees, not PyOD's hundred: the same code on any scheduler, and a tenth of the detector to save and load
+FIT = {"detectors": {"mahalanobis": {}, "knn": {"n_neighbors": 3}, "iforest": {"n_estimators": 10, "random_state": 0}}}
+DETECT = {"methods": {"msp": {}, "ebo": {}, "react": {"percentile": 90}, "vim": {"dim": 3}}, "figures": False}
+
+
+def _fit_detect(project, store_path, name, compute):
+    params = project / f"{name}-fd.yaml"
+    params.write_text(yaml.safe_dump({"fit": FIT, "detect": DETECT, "compute": compute}))
+    out = project / name
+    fit.run(params, store_path, out / "detectors")
+    detect.run(params, store_path, out / "detectors", out / "metrics.json", out / "table.csv", out / "figures",
+               out / "argmax.json", detail_out=out / "detail.json")
+    return json.loads((out / "detail.json").read_text())
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
+    return {prefix: tree}
+
+
+@pytest.fixture(scope="module")
+def threads_metrics(project, reference):
+    """fit and detect on threads, from the threads store: what the cluster's and the URL store's runs must give."""
+    return _fit_detect(project, reference.path, "fd-threads", {"scheduler": "threads"})
+
+
+def test_fit_and_detect_give_the_same_metrics_on_threads_and_a_local_cluster(project, reference, threads_metrics,
+                                                                             cluster):
+    threads = _flatten(threads_metrics)
+    local = _flatten(_fit_detect(project, reference.path, "fd-local", {"scheduler": cluster.scheduler_address}))
+    assert threads.keys() == local.keys() and len(threads) > 50
+    for key, value in threads.items():
+        assert local[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_search_gives_the_same_leaderboard_on_threads_and_a_local_cluster(project, reference, cluster):
+    grid = {"react": {"percentile": [80, 90]}, "mahalanobis": {}, "knn": {"n_neighbors": [1, 3]}}
+    boards = {}
+    for tag, compute in {"threads": {"scheduler": "threads"}, "local": {"scheduler": cluster.scheduler_address}}.items():
+        params = project / f"search-{tag}.yaml"
+        params.write_text(yaml.safe_dump({"search": {"methods": grid, "n_jobs": 2}, "compute": compute}))
+        boards[tag], _ = search.run(params, reference.path, project / f"search-{tag}")
+    assert len(boards["threads"]) > 5
+    for a, b in zip(boards["threads"], boards["local"], strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if key != "seconds":  # timing, not a result
+                assert b[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+def test_killing_a_worker_mid_extraction_then_resuming_gives_the_same_store(project, reference, cluster):
+    """Last of the tests on the shared cluster: its nanny restarts the killed worker, for the resumed run."""
+    from distributed import Client
 
     out = project / "killed.zarr"
     progress = project / ".staging" / "killed.zarr" / "progress.json"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with Client(cluster) as client:
         params = _params(project, "killed", {"scheduler": cluster.scheduler_address})
         pids = client.run(os.getpid)
         failure = []
@@ -113,60 +178,15 @@ def test_killing_a_worker_mid_extraction_then_resuming_gives_the_same_store(proj
     assert_same_store(open_store(out), reference)
 
 
-FIT = {"detectors": {"mahalanobis": {}, "knn": {"n_neighbors": 3}, "iforest": {"random_state": 0}}}
-DETECT = {"methods": {"msp": {}, "ebo": {}, "react": {"percentile": 90}, "vim": {"dim": 3}}, "figures": False}
-
-
-def _fit_detect(project, store_path, name, compute):
-    params = project / f"{name}-fd.yaml"
-    params.write_text(yaml.safe_dump({"fit": FIT, "detect": DETECT, "compute": compute}))
-    out = project / name
-    fit.run(params, store_path, out / "detectors")
-    detect.run(params, store_path, out / "detectors", out / "metrics.json", out / "table.csv", out / "figures",
-               out / "argmax.json", detail_out=out / "detail.json")
-    return json.loads((out / "detail.json").read_text())
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
-    return {prefix: tree}
-
-
-def test_fit_and_detect_give_the_same_metrics_on_threads_and_a_local_cluster(project, reference):
-    threads = _flatten(_fit_detect(project, reference.path, "fd-threads", {"scheduler": "threads"}))
-    local = _flatten(_fit_detect(project, reference.path, "fd-local",
-                                 {"scheduler": "local", "n_workers": 2, "dashboard": False}))
-    assert threads.keys() == local.keys() and len(threads) > 50
-    for key, value in threads.items():
-        assert local[key] == pytest.approx(value, abs=1e-6), key
-
-
-def test_search_gives_the_same_leaderboard_on_threads_and_a_local_cluster(project, reference):
-    grid = {"react": {"percentile": [80, 90]}, "mahalanobis": {}, "knn": {"n_neighbors": [1, 3]}}
-    boards = {}
-    for tag, compute in {"threads": {"scheduler": "threads"},
-                         "local": {"scheduler": "local", "n_workers": 2, "dashboard": False}}.items():
-        params = project / f"search-{tag}.yaml"
-        params.write_text(yaml.safe_dump({"search": {"methods": grid, "n_jobs": 2}, "compute": compute}))
-        boards[tag], _ = search.run(params, reference.path, project / f"search-{tag}")
-    assert len(boards["threads"]) > 5
-    for a, b in zip(boards["threads"], boards["local"], strict=True):
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            if key != "seconds":  # timing, not a result
-                assert b[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
-
-
-def test_a_store_at_an_fsspec_url_is_written_in_place_and_reads_the_same(project, reference, monkeypatch):
+def test_a_store_at_an_fsspec_url_is_written_in_place_and_reads_the_same(project, reference, threads_metrics,
+                                                                          monkeypatch):
     monkeypatch.chdir(project)  # a URL store keeps its lock and progress under ./.staging
     url = f"file://{project / 'url-store.zarr'}"
     extract.run(_params(project, "url", {"scheduler": "threads"}), project / "data", project / "model.pt", url)
     store = open_store(url)
     assert isinstance(store.path, str) and store.path == url
     assert_same_store(store, reference)
-    metrics = _fit_detect(project, url, "fd-url", {"scheduler": "threads"})
-    assert metrics == _fit_detect(project, reference.path, "fd-url-ref", {"scheduler": "threads"})
+    assert _fit_detect(project, url, "fd-url", {"scheduler": "threads"}) == threads_metrics
 
 
 def test_an_unfinished_url_store_is_refused(project, tmp_path, monkeypatch):

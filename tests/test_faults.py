@@ -10,8 +10,15 @@ uninterrupted run; no ``*.partial`` file is ever published. At the end, a plain
 rerun (a real ``python -m pipeline extract``) resumes, and every file of the
 result is byte-identical to the uninterrupted run's.
 
-The harness (:mod:`tests.faults`) takes the command and the artifact path, so
-``layerscope fit`` can be given the same treatment.
+The harness (:mod:`tests.faults`) takes the command and the artifact path;
+``layerscope fit`` gets the same treatment, on the store the first campaign
+left (one project, one zygote): kills after a random delay (while fitting, while
+saving) and at the failpoints of the seal and of both steps of the publish.
+After every kill, the detectors at ``--out`` are either refused by
+:func:`~pipeline.scoring.load_detectors` or complete and byte-identical to an
+uninterrupted fit (the set there before the campaign is one). ``fit`` is not
+resumable (it refits), but a killed fit's build is cleared by the next one, and
+the final rerun gives byte-identical detectors.
 """
 
 import json
@@ -26,8 +33,9 @@ import pytest
 import yaml
 
 from pipeline.datasets import ImageSplit, write_benchmark
-from pipeline.errors import IntegrityError, StoreError
+from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 from pipeline.models import init_model, save_checkpoint
+from pipeline.scoring import load_detectors, verify_detectors
 from pipeline.store import open_store, verify_store
 from tests.conftest import TINY_SPEC
 from tests.faults import Kill, Zygote, kill_campaign, run_once
@@ -58,6 +66,13 @@ def project(tmp_path_factory):
     save_checkpoint(init_model(TINY_SPEC, seed=0), TINY_SPEC, root / "model.pt")
     (root / "params.yaml").write_text(yaml.safe_dump({"extract": EXTRACT}))
     return root
+
+
+@pytest.fixture(scope="module")
+def zygote(project):
+    """One zygote for both campaigns: its imports (torch, torchvision, scikit-learn) cost seconds."""
+    with Zygote(project) as zygote:
+        yield zygote
 
 
 def argv(project, out):
@@ -137,18 +152,17 @@ def plan_kills(rng, run_seconds, n=28):
     return kills
 
 
-def test_kills_anywhere_never_expose_a_partial_store_and_resume_bit_identical(project, tmp_path):
+def test_kills_anywhere_never_expose_a_partial_store_and_resume_bit_identical(project, zygote, tmp_path):
     rng = np.random.default_rng(SEED)
     reference, out = project / "reference.zarr", project / "features.zarr"
-    with Zygote(project) as zygote:
-        start = time.monotonic()
-        assert run_once(zygote, argv(project, reference), tmp_path / "reference.log", Kill("none")) == 0
-        run_seconds = time.monotonic() - start
-        reference_files = files(reference)
-        shutil.copytree(reference, out)  # an earlier extraction: the publish kills have an old store to displace
-        campaign = kill_campaign(argv(project, out), out, plan_kills(rng, run_seconds), zygote=zygote,
-                                 logs=tmp_path / "logs", progress=lambda: shards_done(out), phase=extract_phase(),
-                                 check=checker(reference_files), n_kills=N_KILLS)
+    start = time.monotonic()
+    assert run_once(zygote, argv(project, reference), tmp_path / "reference.log", Kill("none")) == 0
+    run_seconds = time.monotonic() - start
+    reference_files = files(reference)
+    shutil.copytree(reference, out)  # an earlier extraction: the publish kills have an old store to displace
+    campaign = kill_campaign(argv(project, out), out, plan_kills(rng, run_seconds), zygote=zygote,
+                             logs=tmp_path / "logs", progress=lambda: shards_done(out), phase=extract_phase(),
+                             check=checker(reference_files), n_kills=N_KILLS)
     print(campaign.report())
     log.warning("fault injection: %s", campaign.report())
     landed = campaign.phases
@@ -164,3 +178,104 @@ def test_kills_anywhere_never_expose_a_partial_store_and_resume_bit_identical(pr
     assert files(out) == reference_files, "the resumed store differs from an uninterrupted run"
     assert not (project / ".staging" / out.name).exists() and not (project / ".staging" / "features.zarr.replaced").exists()
     verify_store(out)
+
+
+# ---------------------------------------------------------------- the same on `layerscope fit`
+
+FIT_SEED = 15
+FIT = {"detectors": {"mahalanobis": {}, "knn": {"n_neighbors": 3}, "iforest": {"n_estimators": 10, "random_state": 0}},
+       "standardize": True}
+FIT_FAILPOINTS = ["seal:before-manifest", "publish:after-aside", "publish:after-swap"]
+FIT_PHASES = ["start-up or fitting (nothing written yet)", "saving detectors"]  # before and after the build appears
+
+
+def fit_argv(root, out):
+    return ["fit", "--params", str(root / "fit.yaml"), "--features", str(root / "features.zarr"),
+            "--model", str(root / "model.pt"), "--out", str(out)]
+
+
+def fit_phase():
+    """``phase(out)``: where a kill of `fit` landed, from what is new in ``.staging`` since the last run."""
+    seen_builds, last_publish = set(), [None]
+
+    def phase(out):
+        staging = out.parent / ".staging"
+        builds = set(staging.glob(f"{out.name}.build-*")) - seen_builds
+        seen_builds.update(builds)
+        replaced = staging / f"{out.name}.replaced"
+        publish = (True, out.exists()) if replaced.exists() else None
+        moved, last_publish[0] = publish is not None and publish != last_publish[0], publish
+        if moved:  # a displaced set left by an earlier kill is not where this one landed
+            return "publish: new set in, old not deleted" if out.exists() else "publish: old set aside"
+        if not builds:
+            return "start-up or fitting (nothing written yet)"
+        (build,) = builds
+        return "saving: sealed, before publish" if (build / "layerscope.json").exists() else "saving detectors"
+
+    return phase
+
+
+def builds_started(out):
+    """``progress()`` for `fit`: how many build directories have appeared in ``.staging`` so far.
+
+    A ``progress`` kill of 1 then lands as soon as the run has created its build: while it saves.
+    """
+    seen = set()
+
+    def progress():
+        seen.update((out.parent / ".staging").glob(f"{out.name}.build-*"))
+        return len(seen)
+
+    return progress
+
+
+def plan_fit_kills(rng, run_seconds):
+    """Every phase of a fit killed at least once, whatever the timings, plus three kills at random moments.
+
+    A fit run costs seconds (the kills of extract, a fraction of one), so each phase gets the kill that
+    cannot miss it: a timer at 5% of an uninterrupted run (fitting: the build does not exist yet), a kill as
+    soon as the build appears (saving), and the failpoints of the seal and of both steps of the publish.
+    The random timers, drawn within 90% of a run, land wherever the run happens to be.
+    """
+    kills = [Kill("timer", round(0.05 * run_seconds, 3)), Kill("progress", 1)]
+    kills += [Kill("timer", round(float(t), 3)) for t in rng.uniform(0.05, 0.9 * run_seconds, size=3)]
+    kills += [Kill("failpoint", name) for name in FIT_FAILPOINTS]
+    return [kills[i] for i in rng.permutation(len(kills))]
+
+
+def fit_checker(reference):
+    def check(out):
+        try:
+            fitted = load_detectors(out)
+        except LayerscopeError as exc:
+            assert "\n" not in str(exc)
+            return
+        assert files(out) == reference, "detectors were accepted but differ from an uninterrupted fit"
+        assert set(fitted.names) == set(FIT["detectors"])
+    return check
+
+
+def test_kills_anywhere_never_expose_partial_detectors_and_a_rerun_is_bit_identical(project, zygote, tmp_path):
+    rng = np.random.default_rng(FIT_SEED)
+    (project / "fit.yaml").write_text(yaml.safe_dump({"extract": EXTRACT, "fit": FIT}))
+    reference, out = project / "reference-detectors", project / "detectors"
+    if not (project / "features.zarr").exists():  # the store the extract campaign resumed (run alone: made here)
+        assert run_once(zygote, argv(project, project / "features.zarr"), tmp_path / "x.log", Kill("none")) == 0
+    start = time.monotonic()
+    assert run_once(zygote, fit_argv(project, reference), tmp_path / "reference.log", Kill("none")) == 0
+    run_seconds = time.monotonic() - start
+    reference_files = files(reference)
+    shutil.copytree(reference, out)  # an earlier fit: the publish kills have a set to displace
+    kills = plan_fit_kills(rng, run_seconds)
+    campaign = kill_campaign(fit_argv(project, out), out, kills, zygote=zygote, logs=tmp_path / "logs",
+                             progress=builds_started(out), phase=fit_phase(), check=fit_checker(reference_files))
+    log.warning("fault injection (fit): %s", campaign.report())
+    print(campaign.report())
+    landed = campaign.phases
+    assert sum(landed.values()) >= len(kills) - 2, campaign.report()  # a random timer may come after the run
+    for phase in [*FIT_PHASES, *(f"failpoint {name}" for name in FIT_FAILPOINTS)]:
+        assert landed[phase] >= 1, campaign.report()
+    assert run_once(zygote, fit_argv(project, out), tmp_path / "rerun.log", Kill("none")) == 0
+    assert files(out) == reference_files, "the refit differs from an uninterrupted fit"
+    assert sorted(p.name for p in (project / ".staging").glob("detectors*")) == ["detectors.lock"]
+    verify_detectors(out)
