@@ -541,7 +541,7 @@ def _compact(values, batched, dead, owned, device) -> tuple[tuple, np.ndarray]:
     Rows that go on are moved to the front: each dead row among the first
     ``n_live`` takes the place of a live row from behind them, and every value
     becomes its first ``n_live`` rows (a view). A tensor of ``owned`` (ids) is
-    changed in place; any other is copied, its rows in the same order.
+    changed in place (:func:`_move_rows`); any other is copied, its rows in the same order.
 
     Returns
     -------
@@ -554,27 +554,60 @@ def _compact(values, batched, dead, owned, device) -> tuple[tuple, np.ndarray]:
     holes = np.flatnonzero(dead[:m])
     order = np.arange(m)
     order[holes] = m + np.flatnonzero(~dead[m:])  # as many live rows behind as dead rows in front
-    index = {name: torch.from_numpy(a).to(device) for name, a in (("holes", holes), ("fillers", order[holes]),
-                                                                    ("order", order))}
+    moves = _Moves(holes, order[holes], order, device)
     done = {}
-    return tuple(_compact_value(v, index, n, m, owned, done) if b else v for v, b in zip(values, batched)), order
+    return tuple(_compact_value(v, moves, n, m, owned, done) if b else v for v, b in zip(values, batched)), order
 
 
-def _compact_value(value, index, n, m, owned, done):
+@dataclass
+class _Moves:
+    """The row indices of one :func:`_compact`, as numpy arrays, and as tensors on ``device`` once one needs them."""
+
+    holes: np.ndarray
+    fillers: np.ndarray
+    order: np.ndarray
+    device: torch.device
+
+    @functools.cached_property
+    def tensors(self) -> dict:
+        return {k: torch.from_numpy(getattr(self, k)).to(self.device) for k in ("holes", "fillers", "order")}
+
+
+def _compact_value(value, moves, n, m, owned, done):
     """:func:`_compact` of one value: in place for an ``owned`` tensor (once per tensor: ``done``), else a copy."""
     if isinstance(value, torch.Tensor):
         if not (value.dim() and value.shape[0] == n):
             return value
         if id(value) not in owned:
-            return value.index_select(0, index["order"])
+            return value.index_select(0, moves.tensors["order"])
         if id(value) not in done:
-            if len(index["holes"]):
-                value.index_copy_(0, index["holes"], value.index_select(0, index["fillers"]))
+            if len(moves.holes):
+                _move_rows(value, moves)
             done[id(value)] = value[:m]
         return done[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_compact_value(v, index, n, m, owned, done) for v in value)
+        return type(value)(_compact_value(v, moves, n, m, owned, done) for v in value)
     return value
+
+
+def _move_rows(value, moves):
+    """Rows ``moves.fillers`` of ``value`` copied onto its rows ``moves.holes``, in place.
+
+    On the CPU, in numpy (a view of the same memory): on the calling thread. ``index_copy_`` of a few rows of a
+    large activation is an OpenMP region, which on a busy machine can wait a scheduler tick for its second thread.
+    """
+    rows = _numpy_view(value)
+    if rows is not None:
+        rows[moves.holes] = rows[moves.fillers]
+    else:
+        value.index_copy_(0, moves.tensors["holes"], value.index_select(0, moves.tensors["fillers"]))
+
+
+def _numpy_view(value):
+    """``value.numpy()`` for a CPU tensor of a dtype numpy has; None otherwise (another device, bfloat16, ...)."""
+    if value.device.type != "cpu" or value.dtype in (torch.bfloat16, torch.complex32) or value.is_quantized:
+        return None
+    return value.numpy()
 
 
 def _batch_tensors(values, batched, n) -> list:

@@ -16,9 +16,10 @@ guard's self-check and by the tests):
   clipped at 0 (:func:`~pipeline.detectors.mahalanobis_scores`), in whitened
   coordinates ``w = z L`` (``P = L L'``) with the scaler ``z = (x - m) / s``
   folded into ``L`` and an offset: two matrix products and a row minimum.
-  On the CPU it also has a numpy twin for a few rows, and a scalar twin for
-  one row (:meth:`LeanScorer.one`, the guard's batch-1 path: one torch product,
-  then Python floats).
+  On the CPU it has a numpy twin, which scores every batch there (see
+  :data:`SERIAL_MACS` for why), and a scalar twin for one row
+  (:meth:`LeanScorer.one`, the guard's batch-1 path: one torch product, then
+  Python floats).
 * :class:`~pipeline.detectors.KNNL2`: the distance to the k-th nearest row of
   the normalised ID-train bank, from ``|z|^2 - 2 z Z' + |Z|^2`` (the expansion
   scikit-learn's brute-force search uses) and ``torch.kthvalue``, standardised
@@ -47,9 +48,14 @@ import torch
 _EPS = 1e-10  # as pipeline.detectors.knn_l2: x / (||x|| + 1e-10)
 _NUMPY_DTYPES = (torch.float32, torch.float64)  # what a numpy twin takes as is (numpy has no bfloat16)
 
-#: Up to this many rows on the CPU, a scorer with a numpy twin runs it (a numpy op on a few rows costs a fraction of
-#: a torch op's dispatch); above, or on another device, torch.
-SMALL_BATCH = 16
+#: On the CPU a scorer with a numpy twin runs it at every batch size, and its matrix product is made in row blocks of
+#: at most this many multiply-adds each: numpy's OpenBLAS computes such a product on the calling thread
+#: (``interface/gemm.c``: 65536 x ``GEMM_MULTITHREAD_THRESHOLD`` 4), above it wakes threads of its own, which then
+#: spin on the cores the next convolution needs. torch's float64 product (MKL) is an OpenMP region at any size: on a
+#: machine where another process holds a core, each such region, like each of the network's own, can wait a scheduler
+#: tick for its second thread (4 to 12 ms measured on 2 cores, against 15 us for the product). The network pays that
+#: risk anyway; the guard's scoring should not add to it.
+SERIAL_MACS = 1 << 18
 
 #: Compiled scores agree with ``score`` to this relative tolerance (checked by the guard's self-check); a score
 #: this close to its threshold is recomputed with ``score``.
@@ -97,7 +103,7 @@ class LeanScorer:
             ``scores > threshold``.
         """
         if self.fn is not None and pooled.shape[1] == self.n_features:
-            if self._small is not None and len(pooled) <= SMALL_BATCH and pooled.dtype in _NUMPY_DTYPES:
+            if self._small is not None and pooled.dtype in _NUMPY_DTYPES:  # the CPU (see SERIAL_MACS)
                 scores = self._small(pooled.numpy())  # float32 rows, promoted to float64 by the twin
             else:
                 scores = self.fn(pooled.double()).cpu().numpy()
@@ -263,8 +269,18 @@ def _mahalanobis(det, device, affine):
 
 
 def _whitened_min(x, G, g, d):
-    """``score`` of :func:`_mahalanobis` in numpy, for a few rows: ``x`` (n, C) float32 or float64."""
-    wq = x.astype(np.float64) @ G  # float32 -> float64 is exact
+    """``score`` of :func:`_mahalanobis` in numpy: ``x`` (n, C) float32 or float64, on the calling thread.
+
+    The product is made in row blocks of at most :data:`SERIAL_MACS` multiply-adds.
+    """
+    x = x.astype(np.float64)  # float32 -> float64 is exact
+    block = max(1, SERIAL_MACS // G.size)
+    if len(x) <= block:
+        wq = x @ G
+    else:
+        wq = np.empty((len(x), G.shape[1]))
+        for start in range(0, len(x), block):
+            np.matmul(x[start:start + block], G, out=wq[start:start + block])
     wq += g
     w = wq[:, :d]
     out = wq[:, d:].min(axis=1)

@@ -438,3 +438,14 @@ def test_only_tensors_alone_in_their_memory_are_changed_in_place():
         left, right, wide = base[:, :3], base[:, 3:], torch.zeros(4, 1).expand(4, 3)
         owned = guard_module._exclusive([alone, alone, left, right, wide, x, x[:2]], x)
     assert owned == {id(alone)}  # views of one tensor, broadcast rows and the input are not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's rows on the CPU; index_copy_ without
+def test_rows_are_moved_in_place_whatever_the_dtype(dtype):
+    moves = guard_module._Moves(np.array([1, 3]), np.array([4, 5]), np.array([0, 4, 2, 5]), torch.device("cpu"))
+    with torch.inference_mode():
+        value = torch.arange(6, dtype=dtype)[:, None].repeat(1, 3)
+        pointer = value.data_ptr()
+        guard_module._move_rows(value, moves)
+    assert value[:, 0].tolist() == [0, 4, 2, 5, 4, 5] and value.data_ptr() == pointer
+    assert (guard_module._numpy_view(value) is None) == (dtype == torch.bfloat16)

@@ -9,7 +9,8 @@ import torch
 from pipeline.detectors import Standardized, make_detector
 from pipeline.errors import DataError
 from pipeline.guard import Guard
-from pipeline.lean import SMALL_BATCH, _clear, compile_scorer
+from pipeline import lean
+from pipeline.lean import _clear, compile_scorer
 from pipeline.scoring import fit_detectors
 
 LAYERS = ["layer1", "layer2"]
@@ -35,10 +36,38 @@ def test_lean_scores_equal_the_detectors_own_at_every_batch_size(fitted, name):
         scorer = compile_scorer(det)
         assert scorer.compiled == (name in COMPILED)
         X = np.concatenate([_rows(store, "id_val", layer), _rows(store, "noise_test", layer)])
-        for rows in (X[:1], X[:3], X[:SMALL_BATCH + 1], X):  # the numpy twin and the torch path
+        for rows in (X[:1], X[:3], X[:17], X):
             scores, above = scorer(torch.from_numpy(rows).float(), threshold=np.median(det.score(X)) * 1.001)
             np.testing.assert_allclose(scores, det.score(rows), rtol=1e-6, atol=0)
             assert np.array_equal(above, scores > np.median(det.score(X)) * 1.001)
+            if scorer.compiled:  # the torch function (other devices, and the CPU for kinds without a numpy twin)
+                np.testing.assert_allclose(scorer.fn(torch.from_numpy(rows)).numpy(), det.score(rows), rtol=1e-6)
+
+
+def test_the_cpu_scores_a_batch_in_row_blocks_that_numpy_computes_on_one_thread(fitted, monkeypatch):
+    """Every CPU batch goes to the numpy twin, whose product is cut in blocks of at most SERIAL_MACS multiply-adds
+    (OpenBLAS wakes threads of its own above); the blocks give the scores of one product."""
+    store, detectors = fitted
+    det = detectors.detectors["mahalanobis", "layer2"]
+    scorer = compile_scorer(det)
+    rows = torch.from_numpy(_rows(store, "noise_test", "layer2")).float()
+    whole, _ = scorer(rows)
+    sizes = []
+
+    class Numpy:  # numpy for lean, with its matmul counting the rows of each product
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def matmul(self, a, b, out):
+            sizes.append(len(a))
+            return np.matmul(a, b, out=out)
+
+    monkeypatch.setattr(lean, "np", Numpy())
+    monkeypatch.setattr(lean, "SERIAL_MACS", 3 * scorer._small.keywords["G"].size)  # 3 rows per product
+    blocked, _ = scorer(rows)
+    assert sizes == [3] * (len(rows) // 3) + ([len(rows) % 3] if len(rows) % 3 else [])
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(blocked, det.score(rows.numpy().astype(np.float64)), rtol=1e-6, atol=0)
 
 
 def test_a_standardized_knn_is_compiled_too(fitted):
