@@ -34,7 +34,9 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -239,6 +241,20 @@ def _spatial_layers(param, names, shapes) -> tuple:
     return tuple(sorted(dict.fromkeys(names), key=order.__getitem__))
 
 
+@dataclass
+class _Recorded:
+    """What one thread's last pass left in a :class:`LayerRecorder`."""
+
+    pooled: dict = field(default_factory=dict)
+    energies: dict = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+    gram: dict = field(default_factory=dict)
+    penultimate: torch.Tensor | None = None
+    paused: bool = False
+    rankfeat: str | None = None  # the layer whose rank-1 part this thread's passes remove now
+
+
 class LayerRecorder:
     """Context manager: forward hooks that keep pooled activations and energies.
 
@@ -247,18 +263,39 @@ class LayerRecorder:
     ``penultimate`` the input of the head, ``maps[name]`` the unpooled maps and
     ``gram[name]`` (n, P, C) the Gram row sums of ``extract.gram`` layers. Inside
     :meth:`pause` the hooks keep nothing. Hooks are removed on exit.
+
+    Each thread sees what its own passes left (the values live in a
+    ``threading.local``), so several threads may run passes through one
+    model and one recorder at once. Every hook is installed at enter, the
+    RankFeat ones too (idle until :meth:`rankfeat_logits`): adding a hook
+    while another thread runs a pass would change the module's hook dict
+    under its iteration.
     """
 
     def __init__(self, model, plan: Plan):
         self.model, self.plan = model, plan
-        self.pooled, self.energies, self.raw, self.penultimate, self._handles = {}, {}, {}, None, []
-        self.maps, self.gram, self.paused = {}, {}, False
+        self._handles, self._local = [], threading.local()
+
+    def _state(self) -> _Recorded:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _Recorded()
+        return state
+
+    pooled = property(lambda self: self._state().pooled)
+    energies = property(lambda self: self._state().energies)
+    raw = property(lambda self: self._state().raw)
+    maps = property(lambda self: self._state().maps)
+    gram = property(lambda self: self._state().gram)
+    penultimate = property(lambda self: self._state().penultimate)
+    paused = property(lambda self: self._state().paused)
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.plan.layers]
         self._handles += [modules[name].register_forward_hook(self._map_hook(name)) for name in self.plan.maps]
         self._handles += [modules[name].register_forward_hook(self._gram_hook(name)) for name in self.plan.gram]
+        self._handles += [modules[name].register_forward_hook(self._rankfeat_hook(name)) for name in self.plan.rankfeat]
         if self.plan.head is not None:
             self._handles.append(modules[self.plan.head].register_forward_pre_hook(self._head_hook))
         return self
@@ -271,39 +308,60 @@ class LayerRecorder:
     @contextlib.contextmanager
     def pause(self):
         """Hooks keep nothing inside: the extra passes (ODIN, RankFeat) leave the main pass's values alone."""
-        self.paused = True
+        state = self._state()
+        state.paused = True
         try:
             yield self
         finally:
-            self.paused = False
+            state.paused = False
+
+    def rankfeat_logits(self, x, layer: str) -> torch.Tensor:
+        """:func:`rankfeat_logits` through this recorder's own hook on ``layer`` (call it inside :meth:`pause`)."""
+        state = self._state()
+        state.rankfeat = layer
+        try:
+            with torch.inference_mode():
+                return self.model(x.detach()).float()
+        finally:
+            state.rankfeat = None
 
     def _hook(self, name):
         def hook(_module, _inputs, output):
-            if self.paused:
+            state = self._state()
+            if state.paused:
                 return
             act = _first_tensor(output)
             if name in self.plan.grad_layers:
-                self.raw[name] = act
+                state.raw[name] = act
             act = act.detach()
-            self.pooled[name] = pool(act).float()
-            self.energies[name] = energy(act)
+            state.pooled[name] = pool(act).float()
+            state.energies[name] = energy(act)
         return hook
 
     def _map_hook(self, name):
         def hook(_module, _inputs, output):
-            if not self.paused:
-                self.maps[name] = _first_tensor(output).detach().float()
+            state = self._state()
+            if not state.paused:
+                state.maps[name] = _first_tensor(output).detach().float()
         return hook
 
     def _gram_hook(self, name):
         def hook(_module, _inputs, output):
-            if not self.paused:
-                self.gram[name] = gram_rowsums(_first_tensor(output), self.plan.gram_powers).float()
+            state = self._state()
+            if not state.paused:
+                state.gram[name] = gram_rowsums(_first_tensor(output), self.plan.gram_powers).float()
+        return hook
+
+    def _rankfeat_hook(self, name):
+        def hook(_module, _inputs, output):
+            if self._state().rankfeat == name:
+                return _rank1_output(name, output)
         return hook
 
     def _head_hook(self, _module, inputs):
-        if not self.paused:
-            self.penultimate = torch.flatten(_first_tensor(inputs).detach(), 1).float()
+        state = self._state()
+        if not state.paused:
+            state.penultimate = torch.flatten(_first_tensor(inputs).detach(), 1).float()
 
 
 def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
@@ -337,7 +395,7 @@ def extract_batch(model, x, recorder: LayerRecorder) -> dict[str, np.ndarray]:
         with recorder.pause():  # extra passes: the hooks keep what the main pass gave
             if plan.odin_temperatures:
                 out[ODIN] = odin_confidences(model, x, logits, steps, plan.odin_temperatures, plan.odin_noises)
-            out.update({f"{RANKFEAT_PREFIX}{name}": rankfeat_logits(model, x, name).cpu().numpy()
+            out.update({f"{RANKFEAT_PREFIX}{name}": recorder.rankfeat_logits(x, name).cpu().numpy()
                         for name in plan.rankfeat})
     return out
 
@@ -457,18 +515,21 @@ def rank1_removed(activation: torch.Tensor) -> torch.Tensor:
 
 def rankfeat_logits(model, x, layer: str) -> torch.Tensor:
     """The logits of a pass in which ``layer``'s output is replaced by :func:`rank1_removed` of it: (n, K)."""
-    def hook(_module, _inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise ConfigError(f"The 'extract.rankfeat.layers' entry {layer!r} returns a {type(output).__name__}; "
-                              "RankFeat needs a module whose output is one (C, H, W) tensor.")
-        return rank1_removed(output)
-
-    handle = dict(model.named_modules())[layer].register_forward_hook(hook)
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda _module, _inputs, output: _rank1_output(layer, output))
     try:
         with torch.inference_mode():
             return model(x.detach()).float()
     finally:
         handle.remove()
+
+
+def _rank1_output(layer: str, output) -> torch.Tensor:
+    """A RankFeat hook's replacement for ``layer``'s output: :func:`rank1_removed` of it (one tensor only)."""
+    if not isinstance(output, torch.Tensor):
+        raise ConfigError(f"The 'extract.rankfeat.layers' entry {layer!r} returns a {type(output).__name__}; "
+                          "RankFeat needs a module whose output is one (C, H, W) tensor.")
+    return rank1_removed(output)
 
 
 def method_provenance(plan: Plan) -> dict:
@@ -639,6 +700,7 @@ class ShardJob:
     shard_rows: int
     batch_size: int
     num_workers: int
+    lanes: int = 1  # threads computing a shard's batches side by side, one torch thread each (:func:`_extract_rows`)
 
     def __call__(self, task):
         """Compute and write one whole shard (what a Dask worker runs); ``task`` is ``(split, index, start, stop)``."""
@@ -653,11 +715,11 @@ class ShardJob:
         device = next(model.parameters()).device
         with LayerRecorder(model, self.plan) as recorder:
             return _extract_rows(model, self.data(split), start, stop, recorder, self.batch_size, device,
-                                 self.num_workers)
+                                 self.num_workers, self.lanes)
 
 
 def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, batch_size=128, device="cpu",
-                     dtype="float32", num_workers=0, runner=None, sources=None):
+                     dtype="float32", num_workers=0, runner=None, sources=None, lanes=None):
     """Run every split through the model and write whole shards to ``writer``.
 
     Groups and arrays are created here, before the fan-out; then each pending
@@ -695,6 +757,11 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
         Picklable callables that give the model and a split's dataset in a
         worker process (:class:`CheckpointModel`, :class:`BenchmarkData`);
         default: ``model`` and ``splits`` themselves (:class:`InMemory`).
+    lanes : int, optional
+        Threads that compute each shard's batches side by side in this
+        process, one torch thread each (see :func:`_extract_rows`); default:
+        torch's thread count for a network on the CPU, else 1. Cluster
+        workers compute with one lane. The store is the same whatever the count.
     """
     first = next(iter(splits.values()))[0]
     input_shape = tuple(first[0][0].shape)
@@ -717,19 +784,31 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
         for (name, index, _, _), _rows in runner.map_unordered(job, tasks, desc="extract", unit="shard"):
             writer.mark_done(name, index)
     else:
-        _extract_here(job, tasks, writer)
+        _extract_here(replace(job, lanes=default_lanes(model) if lanes is None else int(lanes)), tasks, writer)
     return specs
 
 
-def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
-    """Compute ``tasks`` in this thread, in order; each finished shard is written in the background.
+def default_lanes(model) -> int:
+    """Lanes for a network in this process: torch's thread count on the CPU, 1 on an accelerator.
 
-    One thread computes: the shards share one model and its hooks. When a
-    core is free for it, writing shard k (Zstd, files) overlaps the passes of
-    shard k + 1, and at most two shards are in memory
-    (:class:`~pipeline.store.WriteBehind` with depth 1); else each shard is
-    written as it is finished, its files encoded by as many threads as the
-    passes use (they wait meanwhile).
+    On the CPU, one torch thread per lane computes each operation alone: no
+    thread waits at the end of every operation for the others (a pass through
+    a small network is many short operations and Python between them), and a
+    writer thread beside the lanes only shares a core, as any process does.
+    """
+    return torch.get_num_threads() if next(model.parameters()).device.type == "cpu" else 1
+
+
+def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
+    """Compute ``tasks`` in order, in this process; each finished shard is written in the background.
+
+    The shards share one model and its hooks; a shard's batches are computed
+    by ``job.lanes`` threads side by side (:func:`_extract_rows`). When the
+    writer hinders no pass (:func:`_write_behind_depth`), writing shard k
+    (Zstd, files) overlaps the passes of shard k + 1, and at most two shards
+    are in memory (:class:`~pipeline.store.WriteBehind` with depth 1); else
+    each shard is written as it is finished, its files encoded by as many
+    threads as the passes use (they wait meanwhile).
     """
     from tqdm.auto import tqdm
 
@@ -741,18 +820,20 @@ def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
 
 
 def _write_behind_depth(job: ShardJob) -> int:
-    """1 (write in the background) when a core is free for the writer, 0 (write in this thread) when not.
+    """1 (write in the background) when the writer hinders no pass, 0 (write in this thread) when it would.
 
-    A core is free when the network runs on an accelerator, or when torch's
-    pool is smaller than the cores this process may use. Otherwise the writer
-    thread takes a core from the passes' OpenMP threads, which then wait for
-    each other at every operation (see :mod:`pipeline.threads`): on 2 cores,
-    background writes made extraction slower, not faster.
+    The writer hinders none when the network runs on an accelerator, when
+    torch's pool is smaller than the cores this process may use, or when the
+    passes run in lanes (each operation on one thread: a writer beside them
+    only shares a core). Otherwise the writer thread takes a core from the
+    passes' OpenMP threads, which then wait for each other at every
+    operation (see :mod:`pipeline.threads`): on 2 cores, background writes
+    made extraction slower, not faster.
     """
     from pipeline.threads import usable_cores
 
     device = next(job.model().parameters()).device
-    return 1 if device.type != "cpu" or torch.get_num_threads() < usable_cores() else 0
+    return 1 if device.type != "cpu" or job.lanes > 1 or torch.get_num_threads() < usable_cores() else 0
 
 
 def _n_classes(model, input_shape, device):
@@ -760,27 +841,113 @@ def _n_classes(model, input_shape, device):
         return int(model(torch.zeros((1, *input_shape), device=device)).shape[1])
 
 
-def _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers=0):
+def _extract_rows(model, dataset, start, stop, recorder, batch_size, device, num_workers=0, lanes=1):
     """Rows ``[start, stop)`` of every array, computed batch by batch.
 
-    Each batch is copied straight into arrays of the shard's size, allocated
-    at the first batch: one copy of the data, where concatenating the
-    batches at the end made two and held both at once.
+    Each batch is copied straight into arrays of the shard's size, at its own
+    rows (:class:`_ShardRows`): one copy of the data, where concatenating
+    the batches at the end made two and held both at once. With ``lanes`` >
+    1, that many threads take the next batch in turn, each with one torch
+    thread (:func:`_side_by_side`); every batch is computed as it would be
+    alone, so the rows are the same whichever lane computes them.
     """
-    rows, done = {}, 0
-    for x, y in _batches(dataset, start, stop, batch_size, num_workers):
-        batch = extract_batch(model, x.to(device), recorder)
-        batch["label"] = np.asarray(y, dtype=np.int64)
-        n = len(batch["label"])
+    rows = _ShardRows(stop - start)
+    batches = _Shared(_numbered(_batches(dataset, start, stop, batch_size, num_workers)))
+
+    def lane():
+        for offset, x, y in batches:
+            batch = extract_batch(model, x.to(device), recorder)
+            batch["label"] = np.asarray(y, dtype=np.int64)
+            rows.put(offset, batch)
+
+    _side_by_side(lane, lanes, batches.close)
+    out = rows.arrays(start, stop)
+    out["sample"] = source_index(dataset)[start:stop]
+    return out
+
+
+class _ShardRows:
+    """One shard's arrays, ``name -> (n, ...)``, allocated at the first batch and filled at each batch's rows."""
+
+    def __init__(self, n: int):
+        self.n, self.done, self._arrays, self._lock = n, 0, {}, threading.Lock()
+
+    def put(self, offset: int, batch: dict[str, np.ndarray]):
+        """Copy ``batch`` (``name -> (rows, ...)``) into rows ``[offset, offset + rows)``; any thread."""
+        with self._lock:
+            for key, values in batch.items():
+                if key not in self._arrays:
+                    self._arrays[key] = np.empty((self.n, *values.shape[1:]), dtype=values.dtype)
+            self.done += len(batch["label"])
         for key, values in batch.items():
-            if key not in rows:
-                rows[key] = np.empty((stop - start, *values.shape[1:]), dtype=values.dtype)
-            rows[key][done:done + n] = values
-        done += n
-    if done != stop - start:  # an empty row would be written as whatever np.empty held
-        raise RuntimeError(f"the dataset gave {done} rows for rows [{start}, {stop}), expected {stop - start}")
-    rows["sample"] = source_index(dataset)[start:stop]
-    return rows
+            self._arrays[key][offset:offset + len(values)] = values
+
+    def arrays(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The filled arrays; raises unless every row was put (an empty row would be written as np.empty held)."""
+        if self.done != self.n:
+            raise RuntimeError(f"the dataset gave {self.done} rows for rows [{start}, {stop}), expected {self.n}")
+        return dict(self._arrays)
+
+
+def _numbered(batches):
+    """``(offset, x, y)``: each batch with its first row within the shard."""
+    offset = 0
+    for x, y in batches:
+        yield offset, x, y
+        offset += len(x)
+
+
+class _Shared:
+    """An iterator that several threads draw from in turn, until it ends or :meth:`close` is called."""
+
+    def __init__(self, iterator):
+        self._iterator, self._lock, self._closed = iterator, threading.Lock(), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._lock:
+            if self._closed:
+                raise StopIteration
+            return next(self._iterator)
+
+    def close(self):
+        """The other threads stop at their next draw (one has failed, or the caller is interrupted)."""
+        self._closed = True
+
+
+def _side_by_side(work, lanes: int, stop):
+    """Run ``work()`` on ``lanes`` threads of one torch thread each; 1: in this thread, as it is.
+
+    The lanes' threads are new: each takes torch's thread count at its first
+    operation, which is set to 1 meanwhile, then put back. The first error
+    of a lane is raised once every lane has ended; ``stop()`` makes the
+    others end at their next batch.
+    """
+    if lanes <= 1:
+        return work()
+
+    def lane():
+        try:
+            work()
+        except BaseException:
+            stop()
+            raise
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(lanes, thread_name_prefix="layerscope-lane") as pool:
+            futures = [pool.submit(lane) for _ in range(lanes)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop()
+                raise
+    finally:
+        torch.set_num_threads(before)
 
 
 def source_index(dataset) -> np.ndarray:

@@ -259,12 +259,93 @@ def test_the_whole_store_opens_as_an_xarray_datatree(tiny_model, tiny_splits, st
 
 def test_shards_are_written_in_the_background_only_when_a_core_is_free(tiny_model):
     """A writer thread beside torch's pool on every core would make the passes' threads wait for each other."""
+    from dataclasses import replace
+
     from pipeline.extract import InMemory, ShardJob, _write_behind_depth
     from pipeline.threads import usable_cores
 
     job = ShardJob(InMemory(tiny_model), None, None, "unused", 4, 4, 0)
     torch.set_num_threads(usable_cores())  # the conftest fixture puts the count back afterwards
     assert _write_behind_depth(job) == 0
+    assert _write_behind_depth(replace(job, lanes=2)) == 1  # one torch thread per lane: a writer only shares a core
     if usable_cores() > 1:
         torch.set_num_threads(usable_cores() - 1)
         assert _write_behind_depth(job) == 1
+
+
+def _full_plan_store(path, model, splits, lanes, batch_size=3):
+    """A store with every kind of array (gradients, maps, images, Gram, ODIN, RankFeat), computed in ``lanes``."""
+    from pipeline.extract import resolve_plan
+
+    plan = resolve_plan(model, ["layer1", "layer2", "fc"], (1, 8, 8), grad_layers=["layer2"], head="fc",
+                        maps=["layer2"], images=True, gram=["layer1"], gram_powers=(1, 2),
+                        odin_temperatures=(1.0, 1000.0), odin_noises=(0.0, 0.0014), rankfeat=["layer2", "layer1"])
+    with StoreWriter(path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(model, {name: (SplitDataset(s), s.attrs) for name, s in splits.items()}, plan, writer,
+                         batch_size=batch_size, lanes=lanes)
+        writer.finalize({}, list(plan.layers))
+    return path
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_lanes_give_the_bytes_of_one_lane(tiny_model, tiny_splits, tmp_path, lanes):
+    """Batches computed side by side, each on one torch thread, must store what one thread stores, byte for byte."""
+    from tests.faults import tree_bytes
+
+    threads_before = torch.get_num_threads()
+    one = _full_plan_store(tmp_path / "one.zarr", tiny_model, tiny_splits, lanes=1)
+    many = _full_plan_store(tmp_path / "many.zarr", tiny_model, tiny_splits, lanes=lanes)
+    assert tree_bytes(many) == tree_bytes(one)
+    assert torch.get_num_threads() == threads_before  # the lanes' count of 1 is put back
+    assert not tiny_model.layer1._forward_hooks and not tiny_model.layer2._forward_hooks  # RankFeat's too
+
+
+def test_a_recorder_keeps_each_threads_own_pass(tiny_model):
+    """Two threads passing other inputs through one model and recorder each read back their own values."""
+    import threading
+
+    inputs = [torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    seen, barrier = {}, threading.Barrier(2)
+    with LayerRecorder(tiny_model, Plan(("layer1",))) as rec:
+        def run(i):
+            with torch.inference_mode():
+                tiny_model(inputs[i])
+                barrier.wait()  # both passes done before either reads
+                seen[i] = rec.pooled["layer1"].clone()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with torch.inference_mode():
+            expected = [pool(tiny_model.layer1(torch.relu(tiny_model.bn1(tiny_model.conv1(tiny_model.normalize(x))))))
+                        for x in inputs]
+    for i in range(2):
+        torch.testing.assert_close(seen[i], expected[i], rtol=0, atol=0)
+
+
+class _Failing(torch.utils.data.Dataset):
+    """Images of 1x8x8; item ``bad`` raises (a corrupt file, say)."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad, self.served = n, bad, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise OSError(f"cannot decode item {i}")
+        self.served.append(i)
+        return torch.zeros(1, 8, 8), 0
+
+
+def test_a_lanes_error_is_raised_and_stops_the_other_lanes(tiny_model, tmp_path):
+    from pipeline.extract import ShardJob, InMemory
+
+    data = _Failing(64, bad=5)
+    job = ShardJob(InMemory(tiny_model), InMemory({"s": data}), Plan(("layer1",)), "unused", 64, 4, 0, lanes=2)
+    with pytest.raises(OSError, match="cannot decode item 5"):
+        job.compute(("s", 0, 0, 64))
+    assert len(data.served) < 40  # the other lane stopped at its next batch, not at the shard's end
