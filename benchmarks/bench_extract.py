@@ -21,10 +21,12 @@ writes ``benchmarks/results/bench_extract_resnet18_cifar.json`` (full run).
    included) against a bare ``torch.inference_mode()`` forward pass over exactly
    the same batches. Two plans: ``layers`` only (forward hooks, no backward) and
    the stage's plan from ``params.yaml`` (with ``grad_layers``: one backward pass
-   per batch), plus two intermediate paths that say where the difference goes:
-   ``loader_forward`` (the real path's batching, sliced per shard, then the bare
-   forward) and ``hooks_no_write`` (that plus hooks, pooling, energies and the
-   per-shard arrays, nothing written).
+   per batch), plus intermediate paths that say where the difference goes:
+   ``forward_lanes`` (the bare forward computed in the lanes extraction uses, one
+   torch thread per lane: what the lanes alone change), ``loader_forward`` (the
+   real path's batching, sliced per shard, then the bare forward) and
+   ``hooks_no_write`` (batching, hooks, pooling, energies and the per-shard
+   arrays in the lanes, nothing written).
 2. Stored bytes per sample of the stage's plan, float32 and float16.
 3. Peak RSS of a whole extraction of N and 10N samples, each in a fresh
    subprocess (``--rss N``), on a lazy dataset whose memory does not grow with N.
@@ -67,6 +69,9 @@ from pipeline.extract import (
     LayerRecorder,
     _batches,
     _extract_rows,
+    _Shared,
+    _side_by_side,
+    default_lanes,
     extract_to_store,
     resolve_plan,
 )
@@ -84,7 +89,7 @@ SEED = 0
 SPLIT = "bench"
 THROUGHPUT_GOAL = {"default": 0.9, "resnet18_cifar": 0.97}  # extract / bare forward (issue 18)
 CLEAN_SHARE = 0.10        # a pass is "clean" when other processes used < 10% of the cores meanwhile
-PATHS = ("forward", "loader_forward", "hooks_no_write", "extract", "extract_with_grads")
+PATHS = ("forward", "forward_lanes", "loader_forward", "hooks_no_write", "extract", "extract_with_grads")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -175,6 +180,23 @@ def run_forward(model, batches):
             model(x)
 
 
+def run_forward_lanes(model, shards, lanes):
+    """Bare forward pass over pre-built batches, each shard's computed in ``lanes`` as extraction computes them.
+
+    ``shards`` is a list of each shard's batch tensors; one torch thread per
+    lane (:func:`pipeline.extract._side_by_side`), no hooks, no writing.
+    """
+    for batches in shards:
+        shared = _Shared(iter(batches))
+
+        def lane():
+            with torch.inference_mode():
+                for x in shared:
+                    model(x)
+
+        _side_by_side(lane, lanes, shared.close)
+
+
 def run_loader_forward(model, dataset, cfg):
     """Forward pass fed by the same per-shard batches as the real path (sliced, or a ``DataLoader``), no hooks."""
     with torch.inference_mode():
@@ -182,15 +204,17 @@ def run_loader_forward(model, dataset, cfg):
             model(x)
 
 
-def run_hooks(model, dataset, cfg, plan):
+def run_hooks(model, dataset, cfg, plan, lanes=None):
     """Batches, forward hooks, pooling, energies and the per-shard arrays, as the real path computes them; nothing written.
 
-    ``extract_batch`` enters inference mode itself (or grad mode for gradient layers).
+    ``extract_batch`` enters inference mode itself (or grad mode for gradient
+    layers). ``lanes``: as extraction's default (:func:`pipeline.extract.default_lanes`) when None.
     """
+    lanes = default_lanes(model) if lanes is None else lanes
     with LayerRecorder(model, plan) as recorder:
         for start in range(0, len(dataset), cfg.shard_rows):
             _extract_rows(model, dataset, start, min(start + cfg.shard_rows, len(dataset)), recorder,
-                          cfg.batch_size, "cpu")
+                          cfg.batch_size, "cpu", lanes=lanes)
 
 
 def _shard_loaders(dataset, cfg):
@@ -269,7 +293,10 @@ def measure_throughput(model, cfg, plan_by_name, n, repeats, workdir, shape=IMAG
 def _timed_paths(model, cfg, plan_by_name, dataset, workdir) -> dict:
     """Name -> zero-argument callable for every timed path (see ``PATHS``)."""
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    batches = [images[a:b] for a, b in shard_batches(len(dataset), cfg.shard_rows, cfg.batch_size)]
+    bounds = shard_batches(len(dataset), cfg.shard_rows, cfg.batch_size)
+    batches = [images[a:b] for a, b in bounds]
+    shards = [[images[a:b] for a, b in bounds if a // cfg.shard_rows == k]  # the lanes meet at each shard's end
+              for k in range(-(-len(dataset) // cfg.shard_rows))]
     layers, params = plan_by_name["layers"], plan_by_name["params"]
 
     def store():
@@ -277,6 +304,7 @@ def _timed_paths(model, cfg, plan_by_name, dataset, workdir) -> dict:
 
     paths = {
         "forward": lambda: run_forward(model, batches),
+        "forward_lanes": lambda: run_forward_lanes(model, shards, default_lanes(model)),
         "loader_forward": lambda: run_loader_forward(model, dataset, cfg),
         "hooks_no_write": lambda: run_hooks(model, dataset, cfg, layers),
         "extract": lambda: run_extract(model, dataset, cfg, layers, store()),
@@ -300,6 +328,10 @@ def _throughput_summary(runs, n):
         for stat in ("median", "best", "clean_median"):
             if path in out and out[path][f"{stat}_img_s"] and out["forward"][f"{stat}_img_s"]:
                 out[f"ratio_{path}_{stat}"] = round(out[path][f"{stat}_img_s"] / out["forward"][f"{stat}_img_s"], 3)
+            # what extraction costs beyond the lanes themselves
+            if path in out and out[path][f"{stat}_img_s"] and out.get("forward_lanes", {}).get(f"{stat}_img_s"):
+                out[f"ratio_{path}_lanes_{stat}"] = round(
+                    out[path][f"{stat}_img_s"] / out["forward_lanes"][f"{stat}_img_s"], 3)
     return out
 
 
@@ -589,7 +621,7 @@ def profile(n, top=15, backbone="default"):
     with tempfile.TemporaryDirectory() as workdir:
         run_extract(model, dataset, cfg, plan, Path(workdir) / "warm.zarr")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            run_hooks(model, dataset, cfg, plan)
+            run_hooks(model, dataset, cfg, plan, lanes=1)  # one thread: the profile of the operations themselves
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
         profiler = cProfile.Profile()
         profiler.runcall(run_extract, model, dataset, cfg, plan, Path(workdir) / "prof.zarr")
@@ -644,6 +676,9 @@ def _throughput_table(tp, cfg):
     verdict = "ok" if tp["ratio_extract_best"] >= goal else "BELOW GOAL"
     table.caption = (f"extract (layers only) / forward = {_ratios(tp, 'extract')}; goal >= {goal}: "
                      f"{verdict}. Clean pass: other processes used < {CLEAN_SHARE:.0%} of the cores.")
+    if "ratio_extract_lanes_best" in tp:
+        table.caption += (f"\nextract / forward_lanes (the bare forward in extraction's {cfg.get('lanes')} lanes) = "
+                          f"{_ratios(tp, 'extract_lanes')}")
     if "ratio_extract_with_grads_best" in tp:
         table.caption += (f"\nextract_with_grads (grad_layers {cfg['grad_layers']}) / forward = "
                           f"{_ratios(tp, 'extract_with_grads')}")
@@ -726,7 +761,8 @@ def run_benchmark(args) -> dict:
     config = {"backbone": setup.name, "n": args.n, "repeats": args.repeats, "image_shape": setup.shape,
               "model": setup.spec, "layers": list(params.layers), "grad_layers": list(params.grad_layers),
               "head": params.head, "batch_size": cfg.batch_size, "chunk_rows": cfg.chunk_rows,
-              "shard_rows": cfg.shard_rows, "compression_level": cfg.compression_level}
+              "shard_rows": cfg.shard_rows, "compression_level": cfg.compression_level,
+              "lanes": default_lanes(model)}
     out = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "config": config}
     with tempfile.TemporaryDirectory() as workdir:
         out["throughput"] = measure_throughput(model, cfg, plan_by_name, args.n, args.repeats, workdir, setup.shape)
