@@ -49,6 +49,13 @@ Mahalanobis, Mahalanobis++, KNN-L2, standardised or not); the others (PyOD,
 ...) keep their own ``score``. The self-check also compares the compiled scores
 with the detectors' own on its probe rows, and falls back to ``score`` for a
 layer where they differ.
+
+What the guard adds to the network's own work, on the CPU, runs on the calling
+thread (the Mahalanobis scores in numpy, a drop's row moves): an OpenMP region
+of its own would be one more place where, on a machine shared with other
+processes, the pass waits a scheduler tick for a descheduled thread (see
+:data:`pipeline.lean.SERIAL_MACS`). The pooling is the exception: it must be
+extraction's ``mean``, bit for bit.
 """
 
 from __future__ import annotations
