@@ -38,5 +38,7 @@ bench: install
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 # One worker per core (pytest-xdist); --dist loadscope keeps a module's tests, and its
 # module-scoped project, on one worker. Each worker runs torch on one thread (tests/conftest.py).
+# --no-loadscope-reorder keeps the order tests/conftest.py gives (the longest modules first);
+# xdist would otherwise start the modules with the most tests first, and the longest one last.
 test: install
-	pytest -n auto --dist loadscope; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	pytest -n auto --dist loadscope --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc

@@ -107,23 +107,55 @@ def tiny_model():
     return init_model(TINY_SPEC, seed=0).eval()
 
 
-@pytest.fixture
-def tiny_store(tiny_model, tiny_splits, store_path):
-    """The tiny model's store of ``layer1``, ``layer2`` and ``fc`` (the head): what `extract` would write."""
+def write_tiny_store(path, model, splits):
+    """``model``'s store of ``layer1``, ``layer2`` and ``fc`` (the head) on ``splits``: what `extract` would write."""
     from pipeline.datasets import SplitDataset
     from pipeline.extract import extract_to_store, resolve_plan
     from pipeline.store import StoreWriter, open_store
 
-    plan = resolve_plan(tiny_model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
-    with StoreWriter(store_path, "k", chunk_rows=4, shard_rows=8) as writer:
-        extract_to_store(tiny_model, {n: (SplitDataset(s), s.attrs) for n, s in tiny_splits.items()}, plan, writer,
-                         batch_size=5)
+    plan = resolve_plan(model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
+    with StoreWriter(path, "k", chunk_rows=4, shard_rows=8) as writer:
+        extract_to_store(model, {n: (SplitDataset(s), s.attrs) for n, s in splits.items()}, plan, writer, batch_size=5)
         writer.finalize({"checkpoint_sha256": "abc"}, list(plan.layers))
-    return open_store(store_path)
+    return open_store(path)
+
+
+@pytest.fixture(scope="session")
+def _default_tiny_store(tmp_path_factory):
+    """The tiny model's store on the default tiny splits (those of a fresh ``rng``): built once per worker."""
+    from pipeline.models import init_model
+
+    model, splits = init_model(TINY_SPEC, seed=0).eval(), make_tiny_splits(np.random.default_rng(0))
+    path = tmp_path_factory.mktemp("tiny_store") / "features.zarr"
+    write_tiny_store(path, model, splits)
+    return path, model.state_dict(), splits
 
 
 @pytest.fixture
-def tiny_splits(rng):
+def tiny_store(tiny_model, tiny_splits, store_path, _default_tiny_store):
+    """The tiny model's store of ``layer1``, ``layer2`` and ``fc`` (the head): what `extract` would write.
+
+    Most tests get the same model and splits (seeded): they share one store, built once per worker and
+    opened afresh for each (tests only read it). A test whose model or splits differ (it drew from ``rng``
+    before them) gets its own, at ``store_path``.
+    """
+    from pipeline.store import open_store
+
+    path, weights, splits = _default_tiny_store
+    if _same_splits(tiny_splits, splits) and all(value.equal(weights[key])
+                                                  for key, value in tiny_model.state_dict().items()):
+        return open_store(path)
+    return write_tiny_store(store_path, tiny_model, tiny_splits)
+
+
+def _same_splits(a, b):
+    return a.keys() == b.keys() and all(
+        a[n].attrs == b[n].attrs and np.array_equal(a[n].images, b[n].images) and np.array_equal(a[n].labels,
+                                                                                                b[n].labels)
+        for n in a)
+
+
+def make_tiny_splits(rng):
     """Three small image splits ``name -> ImageSplit`` of 1x8x8 images in [0, 1]."""
     from pipeline.datasets import ImageSplit
 
@@ -137,17 +169,34 @@ def tiny_splits(rng):
 
 
 @pytest.fixture
+def tiny_splits(rng):
+    """Three small image splits ``name -> ImageSplit`` of 1x8x8 images in [0, 1]."""
+    return make_tiny_splits(rng)
+
+
+@pytest.fixture
 def no_md5(monkeypatch):
     """Accept tiny CIFAR/SVHN files: torchvision checks their md5 otherwise (the one allowed patch)."""
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     monkeypatch.setattr("torchvision.datasets.svhn.check_integrity", lambda *a, **k: True)
 
 
+# Modules that take a minute or more of a CI worker (2 cores, one worker each), longest first.
+LONG_MODULES = ["test_e2e_dvc.py", "test_presets.py", "test_battery.py", "test_guard.py", "test_faults.py",
+                "test_compute.py", "test_experiments.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end modules first: under pytest-xdist each is one worker's long job, best started at once.
+    """The end-to-end modules first, then the other long ones: under pytest-xdist each is one worker's long job.
 
     Serially this changes nothing but the order; in parallel it keeps a long
-    module from starting last and holding the whole run up (and ``--dist
-    loadscope`` keeps each module, with its module-scoped project, on one worker).
+    module from starting last and holding the whole run up (``--dist loadscope``
+    keeps each module, with its module-scoped project, on one worker, and
+    ``--no-loadscope-reorder`` keeps this order: see the Makefile).
     """
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: collection order otherwise
+    def rank(item):
+        module = item.path.name
+        long_rank = LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
+        return item.get_closest_marker("e2e") is None, long_rank
+
+    items.sort(key=rank)  # stable: collection order otherwise

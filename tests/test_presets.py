@@ -6,7 +6,10 @@ built (random weights, saved as a "user checkpoint") so that its layer names,
 head and selectors are checked against the real architecture.
 """
 
+import contextlib
+import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,8 +29,9 @@ from tests import fakedata
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = sorted(list_presets(CONFIGS))
 SOURCE_PRESETS = [name for name in PRESETS if name != "digits"]
-# ImageNet backbones run at 224 px: two images per split keep them fast.
-SMALL = {"max_train": 12, "max_test": 8, "max_ood": 4}
+# A few images per split: several shards each (extract.shard_rows=4 below), and each a handful of passes through
+# the network (ODIN, RankFeat, gradients), which is most of this test's time. ImageNet backbones run at 224 px.
+SMALL = {"max_train": 6, "max_test": 4, "max_ood": 2}
 IMAGENET_SMALL = {"max_train": 4, "max_test": 4, "max_ood": 2}
 runner = CliRunner()
 
@@ -37,17 +41,39 @@ def private_hash_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashes") / "hashes.sqlite3"))
 
 
-def _params(tmp_path, name, extra=()):
+def _preset(name):
+    """``configs/NAME.yaml`` as ``layerscope init`` renders it (validated), as a fresh dict."""
+    return yaml.safe_load(_rendered(name))
+
+
+@functools.cache
+def _rendered(name):
+    """Validating builds the preset's architecture and runs it once (seconds for ViT-B/16): once per preset and
+    worker, shared by the tests that read the preset unchanged."""
+    return render_params(name, (), CONFIGS)
+
+
+def _params(tmp_path, name, extra=(), checkpoint=None, file="params.yaml"):
+    """The preset shrunk for a test, with data under ``tmp_path/raw``; ``checkpoint`` imports a user's weights.
+
+    The checkpoint file need not exist yet (it is made after generate has counted the classes): validation
+    reads its path only, so one render (one build of the architecture) serves generate, train and extract.
+    """
+    if checkpoint is not None:
+        extra = [f"train.checkpoint={checkpoint}", "train.weights=null", *extra]
     caps = IMAGENET_SMALL if "imagenet" in name else SMALL
+    preset = (CONFIGS / f"{name}.yaml").read_text()
     # one ODIN setting (the one detect scores) exercises the same code as OpenOOD's eight: a pass through the
     # network each, which on the ImageNet backbones is most of this test's time
-    has_odin = "odin:" in (CONFIGS / f"{name}.yaml").read_text()
-    odin = ["extract.odin={temperatures: [1000], noises: [0.0014]}"] if has_odin else []
-    overrides = [f"generate.root={tmp_path / 'raw'}", "generate.val_fraction=0.5", *odin,
+    odin = ["extract.odin={temperatures: [1000], noises: [0.0014]}"] if "odin:" in preset else []
+    # ResNet-50 has the same layers, head and shapes but the spatial ones at 64 px (as in test_guard): 12x fewer
+    # FLOPs per pass (ViT-B/16's position embeddings fix its 224 px); test_preset_is_valid_params checks 224
+    small = ["generate.image_size=64", "generate.resize=73"] if "arch: resnet50_imagenet" in preset else []
+    overrides = [f"generate.root={tmp_path / 'raw'}", "generate.val_fraction=0.5", *odin, *small,
                  *(f"generate.{key}={value}" for key, value in caps.items()),
                  "extract.batch_size=4", "extract.chunk_rows=2", "extract.shard_rows=4",
                  "extract.num_workers=0", "train.num_workers=0", "train.device=cpu", "extract.device=cpu", *extra]
-    path = tmp_path / "params.yaml"
+    path = tmp_path / file
     path.write_text(render_params(name, overrides, CONFIGS))
     return path
 
@@ -61,7 +87,7 @@ def _user_checkpoint(tmp_path, params, n_classes):
 
 
 def test_seed_002_presets_name_tinyimages_as_auxiliary_outliers():
-    gen = load_section("generate", yaml.safe_load(render_params("cifar10-wrn40-2", (), CONFIGS)))
+    gen = load_section("generate", _preset("cifar10-wrn40-2"))
     assert gen.aux["tinyimages"].source == "imagefolder" and gen.aux["tinyimages"].path == "tinyimages300k"
     assert not any(gen.aux["tinyimages"].overlaps(spec, gen.root) for _, spec in gen.ood_sets.values())
 
@@ -69,7 +95,7 @@ def test_seed_002_presets_name_tinyimages_as_auxiliary_outliers():
 @pytest.mark.parametrize("name", PRESETS)
 def test_a_preset_requires_only_the_aux_sets_its_heatmap_decoder_trains_on(name):
     """A preset whose fit trains no decoder asks for no auxiliary outliers (no TinyImages to download for nothing)."""
-    params = yaml.safe_load(render_params(name, (), CONFIGS))
+    params = _preset(name)
     gen, fit = load_section("generate", params), load_section("fit", params)
     assert set(gen.aux) == set((fit.heatmap or {}).get("aux_sets", ())) & set(gen.aux)
     assert fit.heatmap is not None or not gen.aux
@@ -88,30 +114,50 @@ def test_default_params_are_the_digits_preset():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_is_valid_params(name):
-    params = yaml.safe_load(render_params(name, (), CONFIGS))
+    params = _preset(name)  # render_params raises on any invalid value
     assert set(params) == {"generate", "train", "extract", "fit", "detect", "search", "calibrate", "compute"}
 
 
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """``extracted(name)``: the preset's project after generate -> train (importing a user checkpoint) -> extract.
+
+    Built once per preset, in its own directory, by the first test that asks: the offline extract test, which
+    the seed 002 test then takes past extract (it used to repeat the same generate, train and extract).
+    """
+    built = {}
+
+    def build(name):
+        if name not in built:
+            built[name] = _generate_import_extract(tmp_path_factory.mktemp(name), name)
+        return built[name]
+
+    return build
+
+
+def _generate_import_extract(root, name):
+    with contextlib.chdir(root):  # extract opens the data under generate.root of ./params.yaml
+        user = root / "user.pt"
+        params = _params(root, name, checkpoint=user)
+        gen = load_section("generate", params)
+        fakedata.write_sources(gen, np.random.default_rng(0), n=10)
+        data = root / "data"
+        generate.run(params, data)
+        manifest = yaml.safe_load((data / "manifest.json").read_text())
+        _user_checkpoint(root, params, len(manifest["splits"]["id_train"]["classes"]))
+        train.run(params, data, root / "model.pt", root / "train.json")
+        extract.run(params, data, root / "model.pt", root / "features.zarr")
+    return SimpleNamespace(root=root, params=params, gen=gen, data=data, manifest=manifest, user=user,
+                           model=root / "model.pt", store=root / "features.zarr")
+
+
 @pytest.mark.parametrize("name", SOURCE_PRESETS)
-def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, name, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # extract opens the data under generate.root of ./params.yaml
-    params = _params(tmp_path, name)
-    gen = load_section("generate", params)
-    fakedata.write_sources(gen, rng, n=10)
-    data = tmp_path / "data"
-    generate.run(params, data)
+def test_preset_generates_imports_and_extracts_offline(extracted, no_md5, name):
+    project = extracted(name)
+    gen, manifest, params = project.gen, project.manifest, project.params
+    assert yaml.safe_load((project.root / "train.json").read_text())["epochs_trained"] == 0
 
-    manifest = yaml.safe_load((data / "manifest.json").read_text())
-    n_classes = len(manifest["splits"]["id_train"]["classes"])
-    user = _user_checkpoint(tmp_path, params, n_classes)
-    params = _params(tmp_path, name, [f"train.checkpoint={user}", "train.weights=null"])
-    model = tmp_path / "model.pt"
-    train.run(params, data, model, tmp_path / "train.json")
-    assert yaml.safe_load((tmp_path / "train.json").read_text())["epochs_trained"] == 0
-
-    store_path = tmp_path / "features.zarr"
-    extract.run(params, data, model, store_path)
-    store = open_store(store_path)
+    store = open_store(project.store)
     ood_parts = ("test",) if gen.ood_val else ("val", "test")  # separate OOD val sets leave the test sets whole
     expected = {"id_train", "id_val", "id_test", *(f"{s}_{p}" for s in gen.ood_sets for p in ood_parts),
                 *(f"{s}_val" for s in gen.ood_val), *(f"{s}_aux" for s in gen.aux)}
@@ -120,7 +166,7 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
         split = f"{aux_set}_aux"
         assert store.split_attrs(split)["role"] == "aux"
         assert store.to_numpy(split, store.layers[-1]).shape[0] == manifest["splits"][split]["n_samples"] > 0
-    assert store.provenance["model_origin"]["sha256"] == file_sha256(user)
+    assert store.provenance["model_origin"]["sha256"] == file_sha256(project.user)
     cfg = load_section("extract", params)
     if not any(layer.startswith("type:") for layer in cfg.layers):
         assert list(store.layers) == list(cfg.layers)
@@ -129,28 +175,26 @@ def test_preset_generates_imports_and_extracts_offline(tmp_path, rng, no_md5, na
         assert np.isfinite(store.to_numpy(split, store.layers[0])).all()
 
 
-def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(tmp_path, rng, no_md5, monkeypatch):
-    """cifar10-wrn40-2 past extract: the decoder on block3/block2 maps with TinyImages outliers, then the guard."""
-    monkeypatch.chdir(tmp_path)  # extract opens the data under generate.root of ./params.yaml
+def test_seed_002_preset_trains_the_heatmap_decoder_and_calibrates_the_guard(extracted, no_md5, monkeypatch):
+    """cifar10-wrn40-2 past extract: the decoder on block3/block2 maps with TinyImages outliers, then the guard.
+
+    It goes on from the offline extract test's project of the same preset (generate, import, extract).
+    """
     name = "cifar10-wrn40-2"
-    params = _params(tmp_path, name)
-    fakedata.write_sources(load_section("generate", params), rng, n=10)
-    generate.run(params, tmp_path / "data")
-    n_classes = len(yaml.safe_load((tmp_path / "data/manifest.json").read_text())["splits"]["id_train"]["classes"])
-    user = _user_checkpoint(tmp_path, params, n_classes)
-    params = _params(tmp_path, name, [f"train.checkpoint={user}", "train.weights=null", "fit.detectors={mahalanobis: {}}",
-                                      "fit.heatmap.epochs=1", "fit.heatmap.n_aux=8",
-                                      "detect.methods={msp: {}, heatmap: {}}"])
-    train.run(params, tmp_path / "data", tmp_path / "model.pt", tmp_path / "train.json")
-    store, det = tmp_path / "features.zarr", tmp_path / "detectors"
-    extract.run(params, tmp_path / "data", tmp_path / "model.pt", store)
+    project = extracted(name)
+    tmp_path = project.root
+    monkeypatch.chdir(tmp_path)
+    params = _params(tmp_path, name, ["fit.detectors={mahalanobis: {}}", "fit.heatmap.epochs=1", "fit.heatmap.n_aux=8",
+                                      "detect.methods={msp: {}, heatmap: {}}"], checkpoint=project.user,
+                     file="seed002.yaml")
+    store, det = project.store, tmp_path / "detectors"
     fit.run(params, store, det)
     decoder = yaml.safe_load((det / "methods/heatmap/heatmap.json").read_text())
     assert decoder["skip_layers"] == ["block3", "block2"] and decoder["n_outliers"] == 8
     detect.run(params, store, det, tmp_path / "m.json", tmp_path / "t.csv", tmp_path / "figs", tmp_path / "a.json")
     assert "auroc_far" in yaml.safe_load((tmp_path / "m.json").read_text())["heatmap"]
     calibrate.run(params, store, det, tmp_path / "guard.json")
-    report = guard.run(store, det, tmp_path / "guard.json", tmp_path / "model.pt", tmp_path / "guard_report.json")
+    report = guard.run(store, det, tmp_path / "guard.json", project.model, tmp_path / "guard_report.json")
     assert report["layers"] == ["block1", "block2", "block3"] and 0 < report["flops_per_input"]["block1"]
 
 
