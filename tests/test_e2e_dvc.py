@@ -25,8 +25,9 @@ FAST = {  # the default pipeline, shrunk so the test takes seconds
     "generate": {"n_synthetic": 40, "image_size": 12},
     "train": {"epochs": 2, "widths": [8, 16, 16], "blocks": [1, 1, 1]},
     # the stage outputs only (not the first blocks): every method still has each kind of layer, and the
-    # maps, grad layers and guarded layers of the default; many shards, so a kill lands mid-store
-    "extract": {"layers": ["layer1", "layer2", "layer3", "avgpool", "fc"], "chunk_rows": 16, "shard_rows": 32,
+    # maps, grad layers and guarded layers of the default; about 30 shards, so a kill lands mid-store (smaller
+    # ones multiply the store's files, which every DVC command walks and each queued experiment copies)
+    "extract": {"layers": ["layer1", "layer2", "layer3", "avgpool", "fc"], "chunk_rows": 16, "shard_rows": 128,
                 # one ODIN pair (detect's) and three Gram powers: each still extracted, stored and scored
                 "odin": {"temperatures": [1000], "noises": [0.0014]}, "gram": {"layers": ["layer2", "layer3"],
                                                                               "powers": [1, 2, 3]}},
@@ -171,10 +172,36 @@ def test_search_never_runs_the_network(repo, first_run):
     assert sum(r["selected"] for r in board) == 3
     best = yaml.safe_load((repo / "srch/best_params.yaml").read_text())
     assert set(best["detect"]["methods"]) == {"nac_ue", "scale"} and set(best["fit"]["detectors"]) == {"knn"}
+    # and byte-reproducible: the same files as the stage's run (the forced rerun below leaves search to this check)
+    assert tree_bytes(repo / "srch") == tree_bytes(repo / "reports/search")
     shutil.rmtree(repo / "srch")
 
 
+def tree_bytes(directory):
+    """Every file under ``directory``: relative path -> bytes."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_split_file_swapped_by_hand_is_refused_and_dvc_repro_generate_restores_it(repo, first_run):
+    """Issue 14: ``id_test.npz`` overwritten with ``id_val.npz`` was extracted as if nothing happened."""
+    data = repo / "data/benchmark"
+    original = (data / "id_test.npz").read_bytes()
+    shutil.copyfile(data / "id_val.npz", data / "id_test.npz")
+    # train (like extract) opens the benchmark first: refused in one line, before any work
+    proc = subprocess.run(["layerscope", "train", "--model", "m.pt", "--metrics", "t.json"], cwd=repo, env=env(),
+                          capture_output=True, text=True)
+    error = proc.stderr.strip()
+    assert proc.returncode == 2 and "file 'id_test.npz' has" in error and "Hint: run `dvc repro generate`" in error
+    assert len(error.splitlines()) == 1 and not (repo / "m.pt").exists(), error
+    status = run(["dvc", "status", "--with-deps", "generate"], repo)
+    assert "generate:" in status and "changed outs" in status and "modified:" in status, status
+    out = run(["dvc", "repro", "generate"], repo)  # the hint's command: the run cache restores the benchmark
+    assert "Stage 'generate' is cached - skipping run, checking out outputs" in out, out
+    assert (data / "id_test.npz").read_bytes() == original
+
+
 def test_unchanged_pipeline_reruns_nothing(repo, first_run):
+    """After the first run, and after the benchmark restored above: `dvc repro` reruns nothing but `inputs`."""
     assert ran_stages(run(["dvc", "repro"], repo)) == set()
 
 
@@ -189,12 +216,7 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
     run(["dvc", "exp", "run", "--queue", "-S", "detect.recall=0.85,0.9", "-S", "detect.methods.scale.percentile=65"],
         repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo)
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    status = wait_for_queue(repo, 2)
     assert status.count("Success") == 2, status
     # rows read "<task id>  <name>  <created, e.g. 02:55 PM>  Success"
     names = re.findall(r"^\s*[0-9a-f]+\s+(\S+)\s.*\bSuccess\s*$", status, flags=re.M)
@@ -222,6 +244,25 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
 
 
 README_DROP = r"Created|State|Executor|.*:|recall|layer|.*\.(auroc|fpr)"  # README's `dvc exp show --drop`
+
+
+def wait_for_queue(repo, n, timeout=600):
+    """`dvc queue status` once the queue is done: ``n`` experiments committed (their git refs), or one failed.
+
+    Each `dvc queue status` costs about a second of CPU (DVC's imports), which the experiments need on a
+    2-core machine: until ``n`` refs exist, it is asked only every 20 s (to stop at a failure).
+    """
+    deadline, asked = time.monotonic() + timeout, time.monotonic()
+    while time.monotonic() < deadline:
+        refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=repo,
+                              capture_output=True, text=True).stdout.split()
+        done = len(refs) >= n
+        if done or time.monotonic() - asked > 20:
+            status, asked = run(["dvc", "queue", "status"], repo), time.monotonic()
+            if "Failed" in status or ("Queued" not in status and "Running" not in status):
+                return status
+        time.sleep(2 if done else 0.5)  # a committed experiment's task is marked done a moment later
+    return run(["dvc", "queue", "status"], repo)
 
 
 def _flatten(tree, prefix=""):
@@ -260,8 +301,10 @@ def test_outputs_are_byte_reproducible_through_a_forced_killed_and_resumed_run(r
     """Same inputs, same bytes: a forced rerun, killed inside extract and resumed, reproduces dvc.lock exactly.
 
     `dvc repro -f` reruns generate and train (identical outputs); the kill lands
-    mid-store; a forced extract resumes its staging into the same bytes, so fit is
-    up to date; forcing every later stage gives the same lock.
+    mid-store; a forced extract resumes its staging into the same bytes, so the
+    lock is already the same (fit is up to date); forcing every later stage gives
+    the same lock again. (Search, which reads only the store, reruns in
+    :func:`test_search_never_runs_the_network`, its files byte-compared.)
     """
     assert ran_stages(run(["dvc", "repro"], repo)) == set()  # whatever earlier tests changed is reproduced
     lock = (repo / "dvc.lock").read_text()
@@ -276,8 +319,10 @@ def test_outputs_are_byte_reproducible_through_a_forced_killed_and_resumed_run(r
     # a plain `dvc repro` would check the identical store out of DVC's cache; forced, extract resumes its staging
     out = run(["dvc", "repro", "-f", "-s", "extract"], repo)
     assert ran_stages(out) == {"extract"} and "resuming staged store" in out
-    assert "didn't change, skipping" in run(["dvc", "repro", "fit"], repo)  # the same store: fit is up to date
-    later = ["fit", "detect", "search", "calibrate", "guard"]
+    # generate, train and the resumed store hash as before (the lock is unchanged): fit is up to date
+    assert (repo / "dvc.lock").read_text() == lock
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "fit"], repo)
+    later = ["fit", "detect", "calibrate", "guard"]
     assert ran_stages(run(["dvc", "repro", "-f", "-s", *later], repo)) == set(later)
     assert (repo / "dvc.lock").read_text() == lock
 
