@@ -181,13 +181,16 @@ def no_md5(monkeypatch):
     monkeypatch.setattr("torchvision.datasets.svhn.check_integrity", lambda *a, **k: True)
 
 
-# Modules that take a minute or more of a CI worker (2 cores, one worker each), longest first.
-LONG_MODULES = ["test_e2e_dvc.py", "test_presets.py", "test_battery.py", "test_guard.py", "test_faults.py",
-                "test_compute.py", "test_experiments.py"]
+# Modules that take a minute or more of a CI worker (2 cores, one worker each), roughly longest first. Under
+# pytest-xdist each is one worker's job: the long ones start first, so that none starts last and holds the run up.
+# test_e2e_dvc_reruns works on a copy of the project test_e2e_dvc builds: after two modules of other work, the
+# build is done by the time it starts (otherwise its worker would wait for it).
+LONG_MODULES = ["test_e2e_dvc.py", "test_presets.py", "test_e2e_inputs.py", "test_e2e_dvc_reruns.py", "test_battery.py",
+                "test_guard.py", "test_faults.py", "test_compute.py", "test_experiments.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end modules first, then the other long ones: under pytest-xdist each is one worker's long job.
+    """The long modules first, in :data:`LONG_MODULES`'s order, then the others in collection order.
 
     Serially this changes nothing but the order; in parallel it keeps a long
     module from starting last and holding the whole run up (``--dist loadscope``
@@ -196,7 +199,6 @@ def pytest_collection_modifyitems(config, items):
     """
     def rank(item):
         module = item.path.name
-        long_rank = LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
-        return item.get_closest_marker("e2e") is None, long_rank
+        return LONG_MODULES.index(module) if module in LONG_MODULES else len(LONG_MODULES)
 
     items.sort(key=rank)  # stable: collection order otherwise

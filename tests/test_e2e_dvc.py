@@ -2,17 +2,18 @@
 
 Checks the promise of the design: a `detect.*` change reruns only `detect`, a
 `fit.*` change reruns `fit` and `detect`, and nothing short of a data, model or
-extract change reruns `extract`.
+extract change reruns `extract`. The project is built once (:func:`built_project`)
+for this module and ``test_e2e_dvc_reruns.py`` (queued experiments; a forced,
+killed and resumed rerun), which may run at the same time on another worker.
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,9 @@ def copy_project(repo):
             shutil.copy2(src, dst)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("project")
+def make_repo(repo):
+    """The project, shrunk (FAST), committed in a new git repo at ``repo``."""
+    repo.mkdir(parents=True)
     copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in FAST.items():
@@ -93,12 +94,44 @@ def repo(tmp_path_factory):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"], repo)
+
+
+def built_project(tmp_path_factory):
+    """``(directory, output)``: the project after its first `dvc repro`, built once per test session.
+
+    CI keeps one real `dvc repro` path, shared by two modules: this one and
+    ``test_e2e_dvc_reruns.py`` (queued experiments, a forced, killed and resumed
+    rerun), which pytest-xdist may run on two workers at once. The first to ask
+    builds it, holding a file lock, in the session's temporary directory (the
+    other waits for it); each module then works on a copy of its own.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's, above each worker's own
+    built, output = shared / "e2e-built-project", shared / "e2e-first-run.txt"
+    with open(shared / "e2e-built-project.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not output.is_file():
+            shutil.rmtree(built, ignore_errors=True)
+            make_repo(built)
+            output.write_text(run(["dvc", "repro"], built))
+    return built, output.read_text()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The built project, copied: this module's own (its tests change it). DVC's tmp/ (locks, state) is not."""
+    built, _ = built_project(tmp_path_factory)
+    repo = tmp_path_factory.mktemp("project")
+    shutil.copytree(built, repo, symlinks=True, dirs_exist_ok=True,
+                    ignore=lambda where, names: ["tmp"] if Path(where) == built / ".dvc" else [])
     return repo
 
 
 @pytest.fixture(scope="module")
-def first_run(repo):
-    return run(["dvc", "repro"], repo)
+def first_run(tmp_path_factory):
+    """What the first `dvc repro` printed (it ran in the built project this module's repo is a copy of)."""
+    return built_project(tmp_path_factory)[1]
 
 
 def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
@@ -205,78 +238,10 @@ def test_unchanged_pipeline_reruns_nothing(repo, first_run):
     assert ran_stages(run(["dvc", "repro"], repo)) == set()
 
 
-def git_commit(repo, message):
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message], repo)
-
-
-def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, first_run):
-    git_commit(repo, "baseline after dvc repro")
-    # a grid of two queued experiments (recall x percentile), run two at a time
-    run(["dvc", "exp", "run", "--queue", "-S", "detect.recall=0.85,0.9", "-S", "detect.methods.scale.percentile=65"],
-        repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_queue(repo, 2)
-    assert status.count("Success") == 2, status
-    # rows read "<task id>  <name>  <created, e.g. 02:55 PM>  Success"
-    names = re.findall(r"^\s*[0-9a-f]+\s+(\S+)\s.*\bSuccess\s*$", status, flags=re.M)
-    assert len(names) == 2, status
-    for name in names:
-        logs = run(["dvc", "queue", "logs", name], repo)
-        assert ran_stages(logs) == {"detect"}, logs  # the store came from the DVC cache: no re-extraction
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, stderr=False))
-    detects = [exp.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {}).get("detect", {})
-               for exp in _experiments(shown)]
-    assert {"0.85", "0.9"} <= {str(d.get("recall")) for d in detects}, detects
-    assert any(d.get("methods", {}).get("scale", {}).get("percentile") == 65 for d in detects), detects
-    # summary --exps reads the same records: one group per params set (no seeds vary here), FPR at each recall
-    proc = subprocess.run(["layerscope", "summary", "--exps", "--method", "msp"], cwd=repo, capture_output=True,
-                          text=True, env={**env(), "COLUMNS": "250"})
-    assert proc.returncode == 0, proc.stderr
-    assert "3 runs in 3 groups" in proc.stdout and "detect.recall=0.85" in proc.stdout, proc.stdout
-    assert "detect.recall=0.9" in proc.stdout and proc.stdout.count("msp") == 3, proc.stdout
-    # the README's screen-sized `dvc exp show`
-    proc = subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", README_DROP, "--keep",
-                           r"msp\.auroc"], cwd=repo, capture_output=True, text=True, env={**env(), "COLUMNS": "150"})
-    assert proc.returncode == 0 and "msp.auroc_far" in proc.stdout and "…" not in proc.stdout, proc.stdout
-    assert "knn.auroc" not in proc.stdout and "detect.recall" in proc.stdout, proc.stdout
-    run(["git", "checkout", "-q", "--", "."], repo)
-
-
-README_DROP = r"Created|State|Executor|.*:|recall|layer|.*\.(auroc|fpr)"  # README's `dvc exp show --drop`
-
-
-def wait_for_queue(repo, n, timeout=600):
-    """`dvc queue status` once the queue is done: ``n`` experiments committed (their git refs), or one failed.
-
-    Each `dvc queue status` costs about a second of CPU (DVC's imports), which the experiments need on a
-    2-core machine: until ``n`` refs exist, it is asked only every 20 s (to stop at a failure).
-    """
-    deadline, asked = time.monotonic() + timeout, time.monotonic()
-    while time.monotonic() < deadline:
-        refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=repo,
-                              capture_output=True, text=True).stdout.split()
-        done = len(refs) >= n
-        if done or time.monotonic() - asked > 20:
-            status, asked = run(["dvc", "queue", "status"], repo), time.monotonic()
-            if "Failed" in status or ("Queued" not in status and "Running" not in status):
-                return status
-        time.sleep(2 if done else 0.5)  # a committed experiment's task is marked done a moment later
-    return run(["dvc", "queue", "status"], repo)
-
-
 def _flatten(tree, prefix=""):
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
-
-
-def _experiments(shown):
-    """Every experiment record in `dvc exp show --json` output."""
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for revision in exp.get("revs") or []:
-                yield revision
 
 
 def test_guard_is_calibrated_from_the_store_and_reports_its_achieved_tpr(repo, first_run):
@@ -295,43 +260,6 @@ def test_fit_params_rerun_fit_and_what_follows_not_extract(repo, first_run):
     assert ran_stages(run(["dvc", "repro"], repo)) == {"fit", "detect", "calibrate", "guard"}
     decoder = json.loads((repo / "cache/detectors/methods/heatmap/heatmap.json").read_text())
     assert decoder["skip_layers"] == ["layer3"] and decoder["params"]["fw_layers"] == 1
-
-
-def test_outputs_are_byte_reproducible_through_a_forced_killed_and_resumed_run(repo, first_run):
-    """Same inputs, same bytes: a forced rerun, killed inside extract and resumed, reproduces dvc.lock exactly.
-
-    `dvc repro -f` reruns generate and train (identical outputs); the kill lands
-    mid-store; a forced extract resumes its staging into the same bytes, so the
-    lock is already the same (fit is up to date); forcing every later stage gives
-    the same lock again. (Search, which reads only the store, reruns in
-    :func:`test_search_never_runs_the_network`, its files byte-compared.)
-    """
-    assert ran_stages(run(["dvc", "repro"], repo)) == set()  # whatever earlier tests changed is reproduced
-    lock = (repo / "dvc.lock").read_text()
-    progress = repo / "cache/.staging/features.zarr/progress.json"
-    proc = subprocess.Popen(["dvc", "repro", "-f"], cwd=repo, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and count_shards(progress) < 5:
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert count_shards(progress) >= 5 and not (repo / "cache/features.zarr").exists()
-    # a plain `dvc repro` would check the identical store out of DVC's cache; forced, extract resumes its staging
-    out = run(["dvc", "repro", "-f", "-s", "extract"], repo)
-    assert ran_stages(out) == {"extract"} and "resuming staged store" in out
-    # generate, train and the resumed store hash as before (the lock is unchanged): fit is up to date
-    assert (repo / "dvc.lock").read_text() == lock
-    assert "Data and pipelines are up to date" in run(["dvc", "status", "fit"], repo)
-    later = ["fit", "detect", "calibrate", "guard"]
-    assert ran_stages(run(["dvc", "repro", "-f", "-s", *later], repo)) == set(later)
-    assert (repo / "dvc.lock").read_text() == lock
-
-
-def count_shards(progress):
-    try:
-        return sum(len(v) for v in json.loads(progress.read_text())["splits"].values())
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 def test_plots_render(repo, first_run):
