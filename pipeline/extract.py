@@ -807,12 +807,16 @@ def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):
     writer hinders no pass (:func:`_write_behind_depth`), writing shard k
     (Zstd, files) overlaps the passes of shard k + 1, and at most two shards
     are in memory (:class:`~pipeline.store.WriteBehind` with depth 1); else
-    each shard is written as it is finished, its files encoded by as many
-    threads as the passes use (they wait meanwhile).
+    each shard is written as it is finished. The shard's files are encoded
+    by as many threads as the passes use (lanes, or torch's threads when the
+    passes wait for the write), by one beside passes on one torch thread.
     """
     from tqdm.auto import tqdm
 
-    with WriteBehind(writer, depth=_write_behind_depth(job), encoders=torch.get_num_threads()) as behind, \
+    depth = _write_behind_depth(job)
+    # lanes: their threads (idle at the last shard); a blocking write: torch's (they wait); else the writer alone
+    encoders = job.lanes if job.lanes > 1 else torch.get_num_threads() if depth == 0 else 1
+    with WriteBehind(writer, depth=depth, encoders=encoders) as behind, \
             tqdm(total=len(tasks), desc="extract", unit="shard", disable=None) as bar:
         for task in tasks:
             behind.submit(task[0], task[1], job.compute(task))

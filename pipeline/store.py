@@ -569,9 +569,10 @@ class WriteBehind:
         Shards that may wait or be written at a time (1: double buffering;
         0: each shard is written by :meth:`submit` itself, in the caller's thread).
     encoders : int
-        With depth 0, threads that encode the shard's files meanwhile (the
-        caller waits, so the cores its computation uses are free); 1: the
-        caller's thread alone. The background writer always encodes alone.
+        Threads that encode a shard's files (Zstd releases the GIL); 1: the
+        writing thread alone. More pay when the cores they would take are
+        idle meanwhile: the caller's with depth 0 (it waits), the lanes' at
+        the last shard.
     """
 
     def __init__(self, writer: StoreWriter, depth: int = 1, encoders: int = 1):
@@ -581,7 +582,7 @@ class WriteBehind:
 
     def __enter__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerscope-shard-writer")
-        if self.depth == 0 and self.encoders > 1:
+        if self.encoders > 1:
             self._encoders = ThreadPoolExecutor(max_workers=self.encoders, thread_name_prefix="layerscope-encoder")
         return self
 
@@ -596,7 +597,7 @@ class WriteBehind:
             return
         while len(self._pending) >= self.depth:
             self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self.writer.write_shard, split, index, data))
+        self._pending.append(self._pool.submit(self.writer.write_shard, split, index, data, self._encoders))
 
     def __exit__(self, exc_type, exc, tb):
         try:

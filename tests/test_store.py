@@ -128,7 +128,7 @@ def _write_behind(path, n=10, broken=None, caller_error=None, depth=1, encoders=
         writer.finalize({"checkpoint_sha256": "abc"}, ["layer1"])
 
 
-@pytest.mark.parametrize("depth, encoders", [(0, 1), (0, 3), (1, 1)])
+@pytest.mark.parametrize("depth, encoders", [(0, 1), (0, 3), (1, 1), (1, 2)])
 def test_background_writes_give_the_same_bytes_as_blocking_ones(tmp_path, depth, encoders):
     """depth 1: a writer thread; depth 0 (no core to spare): WriteBehind writes in the caller's thread,
     its files encoded by ``encoders`` threads meanwhile."""
