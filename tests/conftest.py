@@ -1,6 +1,7 @@
 """Shared fixtures: a seeded rng, Gaussian blobs with planted outliers, a tiny
 model and a temporary feature-store path."""
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -43,22 +44,31 @@ def _private_hash_cache(tmp_path_factory):
     os.environ.setdefault("LAYERSCOPE_HASH_CACHE", str(tmp_path_factory.mktemp("hashcache") / "hashes.sqlite3"))
 
 
-@pytest.fixture(autouse=True)
-def _keep_thread_counts():
-    """A command run in-process sizes this process's thread pools; the next test gets them back as they were."""
+@contextlib.contextmanager
+def kept_thread_counts():
+    """A command run in-process sizes this process's thread pools: as they were again on leaving."""
     saved_env = {var: os.environ.get(var) for var in threads.ENV_VARS}
     saved_state = dict(threads._STATE)
     torch = sys.modules.get("torch")
     saved_torch = torch.get_num_threads() if torch else None
-    yield
-    for var, value in saved_env.items():
-        if value is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = value
-    threads._STATE.update(saved_state)
-    if saved_torch is not None and sys.modules["torch"].get_num_threads() != saved_torch:
-        sys.modules["torch"].set_num_threads(saved_torch)
+    try:
+        yield
+    finally:
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        threads._STATE.update(saved_state)
+        if saved_torch is not None and sys.modules["torch"].get_num_threads() != saved_torch:
+            sys.modules["torch"].set_num_threads(saved_torch)
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_counts():
+    """The next test gets the thread pools back as they were (module-scoped fixtures use kept_thread_counts)."""
+    with kept_thread_counts():
+        yield
 
 
 @pytest.fixture

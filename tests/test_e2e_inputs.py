@@ -38,6 +38,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.models import init_model
+from tests.conftest import kept_thread_counts
 from tests.test_e2e_dvc import copy_project
 
 EXTRACT = {"layers": ["layer1", "fc"], "grad_layers": [], "maps": [], "images": False, "batch_size": 16,
@@ -88,8 +89,9 @@ class Repo:
             return dvc.status(targets=[target], with_deps=True)
 
     def layerscope(self, *argv):
-        """``layerscope <argv>`` in this process, in the repo; the click result."""
-        with self.inside():
+        """``layerscope <argv>`` in this process, in the repo; the click result. The process's thread pools are
+        as they were after (a stage sizes them; module-scoped setup is outside the per-test fixture that resets)."""
+        with self.inside(), kept_thread_counts():
             return runner.invoke(app, list(argv))
 
     def stage(self, name):
