@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from pipeline.datasets import ImageSplit, write_benchmark
+from pipeline.detectors.pyod_adapter import PYOD_MODELS
 from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 from pipeline.models import init_model, save_checkpoint
 from pipeline.scoring import load_detectors, verify_detectors
@@ -70,8 +71,13 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zygote(project):
-    """One zygote for both campaigns: its imports (torch, torchvision, scikit-learn) cost seconds."""
-    with Zygote(project) as zygote:
+    """One zygote for both campaigns: its imports (torch, torchvision, scikit-learn) cost seconds.
+
+    It also imports what `fit` would import in each child: the PyOD models of :data:`FIT` and skops (which
+    writes the detectors), seconds of every fit run that no kill needs to land in.
+    """
+    lazy = [PYOD_MODELS[name][0] for name in FIT["detectors"] if name in PYOD_MODELS]
+    with Zygote(project, preload=["stages.extract", "stages.fit", *lazy, "skops.io"]) as zygote:
         yield zygote
 
 
