@@ -152,17 +152,18 @@ def tiny_store(tiny_model, tiny_splits, store_path, _default_tiny_store):
     from pipeline.store import open_store
 
     path, weights, splits = _default_tiny_store
-    if _same_splits(tiny_splits, splits) and all(value.equal(weights[key])
-                                                  for key, value in tiny_model.state_dict().items()):
+    if _same_weights(tiny_model.state_dict(), weights) and _same_splits(tiny_splits, splits):
         return open_store(path)
     return write_tiny_store(store_path, tiny_model, tiny_splits)
 
 
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(a[key].equal(b[key]) for key in a)
+
+
 def _same_splits(a, b):
-    return a.keys() == b.keys() and all(
-        a[n].attrs == b[n].attrs and np.array_equal(a[n].images, b[n].images) and np.array_equal(a[n].labels,
-                                                                                                b[n].labels)
-        for n in a)
+    return a.keys() == b.keys() and all(a[n].attrs == b[n].attrs and np.array_equal(a[n].images, b[n].images)
+                                        and np.array_equal(a[n].labels, b[n].labels) for n in a)
 
 
 def make_tiny_splits(rng):
