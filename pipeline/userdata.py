@@ -529,7 +529,10 @@ def open_benchmark(directory, names=None, *, root=None, params="params.yaml") ->
 def channel_stats(dataset, batch_size=256, num_workers=0) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of a dataset's images, in one streamed pass.
 
-    Sums are accumulated in float64, so the result does not depend on the batching.
+    Sums are accumulated in float64, so the result does not depend on the
+    batching, and by numpy on one thread, so it does not depend on torch's
+    thread count either: a torch reduction splits its sum one chunk per
+    thread, and these statistics become the model's input normalisation.
 
     Returns
     -------
@@ -543,11 +546,11 @@ def channel_stats(dataset, batch_size=256, num_workers=0) -> tuple[list[float], 
     total = total_sq = None
     count = 0
     for x, _ in batches:
-        x = x.to(torch.float64)
-        sums, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        x = np.asarray(x, dtype=np.float64)
+        sums, sq = x.sum(axis=(0, 2, 3)), np.square(x).sum(axis=(0, 2, 3))
         total = sums if total is None else total + sums
         total_sq = sq if total_sq is None else total_sq + sq
         count += x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     return mean.tolist(), std.tolist()

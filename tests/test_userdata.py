@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import GenerateConfig, build_config
-from pipeline.datasets import SplitDataset, make_digits_benchmark, write_benchmark
+from pipeline.datasets import ImageSplit, SplitDataset, make_digits_benchmark, write_benchmark
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import EXPECTED_LAYOUT, load_source, source_targets
 from pipeline.userdata import (
@@ -551,6 +551,17 @@ def test_channel_stats_of_a_split_dataset(tiny_splits):
     np.testing.assert_allclose(mean, expected_mean, atol=1e-6)
     np.testing.assert_allclose(std, expected_std, atol=1e-6)
     assert len(mean) == 1 and 0.2 < std[0] < 0.4  # uniform [0, 1]: std ~0.29
+
+
+def test_channel_stats_do_not_depend_on_torch_threads(rng):
+    # they become the model's normalisation (train): a thread-dependent last bit changed model.pt on a busy machine
+    # 4000 grey 16x16 images: a size at which torch's float64 sum differed between 1 and 2 threads
+    split = ImageSplit("id_train", rng.random((4000, 1, 16, 16)).astype("f4"), np.zeros(4000, dtype=np.int64), {})
+    stats = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        stats.append(channel_stats(SplitDataset(split)))
+    assert stats[0] == stats[1]
 
 
 def test_channel_stats_of_an_indexed_dataset_do_not_depend_on_batching(bench, data_root):
