@@ -82,10 +82,11 @@ log = logging.getLogger(__name__)
 COPY_FLOPS = 16
 
 #: What one drop costs besides its copies, in the network's FLOPs: the index arrays, the check of what may change
-#: in place and a few torch calls per value, on rows the convolutions have left out of the caches. Measured on the
-#: CPU inside the guard's pass, digits ResNet at batch 256: 50 to 75 us per drop, where the network runs about 66
-#: MFLOPs per ms on one thread (110 on two). A single row stopping at layer2 (4.2 MFLOPs left) is then carried.
-DROP_FLOPS = 5e6
+#: in place and a few calls per value, on code and rows the convolutions have pushed out of the caches. Measured
+#: inside the guard's pass, digits ResNet at batch 256 on a shared 2-core machine: 50 to 125 us per drop, where the
+#: network runs about 70 MFLOPs per ms on one thread. So a drop pays from two rows stopping at layer1 (8.4 MFLOPs
+#: left each) and from three at layer2 (4.2 MFLOPs left each); fewer are carried.
+DROP_FLOPS = 1e7
 
 
 @dataclass
