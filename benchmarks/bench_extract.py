@@ -67,10 +67,10 @@ from pipeline.config import load_section
 from pipeline.datasets import ImageSplit, SplitDataset
 from pipeline.extract import (
     LayerRecorder,
+    Lanes,
     _batches,
     _extract_rows,
     _Shared,
-    _side_by_side,
     default_lanes,
     extract_to_store,
     resolve_plan,
@@ -184,17 +184,19 @@ def run_forward_lanes(model, shards, lanes):
     """Bare forward pass over pre-built batches, each shard's computed in ``lanes`` as extraction computes them.
 
     ``shards`` is a list of each shard's batch tensors; one torch thread per
-    lane (:func:`pipeline.extract._side_by_side`), no hooks, no writing.
+    lane (:class:`pipeline.extract.Lanes`, kept for the whole pass as
+    extraction keeps them), no hooks, no writing.
     """
-    for batches in shards:
-        shared = _Shared(iter(batches))
+    with Lanes(lanes) as running:
+        for batches in shards:
+            shared = _Shared(iter(batches))
 
-        def lane():
-            with torch.inference_mode():
-                for x in shared:
-                    model(x)
+            def lane():
+                with torch.inference_mode():
+                    for x in shared:
+                        model(x)
 
-        _side_by_side(lane, lanes, shared.close)
+            running.run(lane, shared.close)
 
 
 def run_loader_forward(model, dataset, cfg):
@@ -210,11 +212,10 @@ def run_hooks(model, dataset, cfg, plan, lanes=None):
     ``extract_batch`` enters inference mode itself (or grad mode for gradient
     layers). ``lanes``: as extraction's default (:func:`pipeline.extract.default_lanes`) when None.
     """
-    lanes = default_lanes(model) if lanes is None else lanes
-    with LayerRecorder(model, plan) as recorder:
+    with Lanes(default_lanes(model) if lanes is None else lanes) as running, LayerRecorder(model, plan) as recorder:
         for start in range(0, len(dataset), cfg.shard_rows):
             _extract_rows(model, dataset, start, min(start + cfg.shard_rows, len(dataset)), recorder,
-                          cfg.batch_size, "cpu", lanes=lanes)
+                          cfg.batch_size, "cpu", lanes=running)
 
 
 def _shard_loaders(dataset, cfg):
