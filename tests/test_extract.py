@@ -359,10 +359,15 @@ def test_lanes_keep_their_threads_on_one_torch_thread_each_and_put_the_count_bac
 
     before = torch.get_num_threads()
     seen = []
+    # both lanes must be running at once: a pool that handed the second lane to the first's thread would time out
+    together = threading.Barrier(2, timeout=30)
 
     def work():
         seen.append((threading.get_ident(), torch.get_num_threads()))
+        if threading.get_ident() != caller:
+            together.wait()
 
+    caller = threading.get_ident()
     with Lanes(2) as lanes:
         lanes.run(work, stop=lambda: None)
         lanes.run(work, stop=lambda: None)
