@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as _torch_module
 
 from pipeline.errors import ModelError, invalid_param
 from pipeline.extract import _first_tensor, pool
@@ -173,7 +174,9 @@ class Guard:
         self.scorers = [compile_scorer(det, self.device) for det in self.detectors]
         self.thresholds = np.array([float(thresholds[layer]) for layer in self.layers])
         self._segments = segments(self.graph, [guard_nodes[layer] for layer in self.layers])
-        self._all_modules = list(self.model.modules())  # whose hooks forbid changing activations in place
+        # The hook dicts of every module (each module keeps its own dicts; registering a hook adds to them): while
+        # one is not empty, activations are not changed in place. A list of dicts is checked in one C loop.
+        self._hooks = [h for m in self.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks)]
         self._self_check()
 
     def _position(self, node):
@@ -241,14 +244,17 @@ class Guard:
             scores[slice(None) if scored is None else scored, k] = s
             if not stop.any():
                 continue
-            exit_layer[(np.arange(n) if scored is None else scored)[stop]] = k
+            exit_layer[stop if scored is None else scored[stop]] = k
             dead = stop if dead is None else _mark(dead, live, stop)
             if dead.all():
                 return self._result(None, rows, dead, exit_layer, scores)
+            if carry and not self._drop_pays(k, dead, values, seg.batched):  # dearer than carrying, even in place
+                continue
             owned = self._owned(values, seg.batched, len(dead), x)
-            if not carry or self._drop_pays(k, dead, values, seg.batched, owned):
-                values, order = _compact(values, seg.batched, dead, owned, self.device)
-                rows, dead = (order if rows is None else rows[order]), None
+            if carry and owned is not None and not self._drop_pays(k, dead, values, seg.batched, owned):
+                continue  # some value must be copied, and that costs more
+            values, order = _compact(values, seg.batched, dead, owned, self.device)
+            rows, dead = (order if rows is None else rows[order]), None
         raise AssertionError("unreachable: the last segment has no guard")  # segments() always ends with one
 
     def _score(self, k, pooled, threshold, validated) -> tuple[np.ndarray, np.ndarray]:
@@ -258,28 +264,30 @@ class Guard:
             return s, s > threshold
         return self.scorers[k](pooled, float(threshold))
 
-    def _drop_pays(self, k, dead, values, batched, owned) -> bool:
+    def _drop_pays(self, k, dead, values, batched, owned=None) -> bool:
         """Whether dropping the ``dead`` rows after guarded layer ``k`` costs less than carrying them to the output.
 
         Carrying costs the dead rows' FLOPs after the layer. Dropping costs :data:`DROP_FLOPS`, plus a copy
         (:data:`COPY_FLOPS` per element) of one row per dead row among the first ``n_live`` rows of each value
-        the guard owns (``owned``, see :meth:`_owned`), and of every live row of the others.
+        the guard owns (``owned``, see :meth:`_owned`; None: all of them), and of every live row of the others.
         """
         n, n_dead = len(dead), int(np.count_nonzero(dead))
         moved = int(np.count_nonzero(dead[:n - n_dead]))
-        copied = sum(_row_elements(v, n) * (moved if id(v) in owned else n - n_dead)
+        copied = sum(_row_elements(v, n) * (moved if owned is None or id(v) in owned else n - n_dead)
                      for v in _batch_tensors(values, batched, n))
         return n_dead * self._tail_flops[k] > DROP_FLOPS + COPY_FLOPS * copied
 
-    def _owned(self, values, batched, n, x) -> set:
-        """``id`` of the tensors of ``values`` with ``n`` rows that :func:`_compact` may change in place.
+    def _owned(self, values, batched, n, x) -> set | None:
+        """``id`` of the tensors of ``values`` with ``n`` rows that :func:`_compact` may change in place; None: all.
 
         Empty while the model has forward hooks (a hook may hold an activation); otherwise those that
         :func:`_exclusive` finds alone in their memory and apart from the input ``x``.
         """
-        if _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in self._all_modules):
+        if any(self._hooks) or _global_hooks():
             return set()
-        return _exclusive(_batch_tensors(values, batched, n), x)
+        tensors = _batch_tensors(values, batched, n)
+        owned = _exclusive(tensors, x)
+        return None if all(id(t) in owned for t in tensors) else owned
 
     def _result(self, output, rows, dead, exit_layer, scores) -> GuardResult:
         """The result of a pass: ``output`` holds the logits of the running rows (None: every row stopped).
@@ -548,8 +556,9 @@ def _compact(values, batched, dead, owned, device) -> tuple[tuple, np.ndarray]:
 
     Rows that go on are moved to the front: each dead row among the first
     ``n_live`` takes the place of a live row from behind them, and every value
-    becomes its first ``n_live`` rows (a view). A tensor of ``owned`` (ids) is
-    changed in place (:func:`_move_rows`); any other is copied, its rows in the same order.
+    becomes its first ``n_live`` rows (a view). A tensor of ``owned`` (ids; None:
+    every tensor) is changed in place (:func:`_move_rows`); any other is copied,
+    its rows in the same order.
 
     Returns
     -------
@@ -586,7 +595,7 @@ def _compact_value(value, moves, n, m, owned, done):
     if isinstance(value, torch.Tensor):
         if not (value.dim() and value.shape[0] == n):
             return value
-        if id(value) not in owned:
+        if owned is not None and id(value) not in owned:
             return value.index_select(0, moves.tensors["order"])
         if id(value) not in done:
             if len(moves.holes):
@@ -657,9 +666,7 @@ def _dense(t) -> bool:
 
 def _global_hooks() -> bool:
     """Whether forward hooks registered for every module are in place (``nn.modules.module.register_module_*``)."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 def _row_elements(value, n) -> int:

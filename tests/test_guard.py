@@ -397,7 +397,7 @@ def test_a_drop_never_changes_the_callers_input(rng, monkeypatch):
     got = guard(x)
     with torch.inference_mode():
         plain = model(x).numpy()
-    assert made == [(0, True)] and torch.equal(x, before)
+    assert made == [(0, True), (0, True)] and torch.equal(x, before)  # asked again with the input's copy priced
     np.testing.assert_allclose(got.logits[~got.ood], plain[~got.ood], rtol=1e-5, atol=1e-6)
 
 
