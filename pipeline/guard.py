@@ -197,7 +197,7 @@ class Guard:
         for k, seg in enumerate(self._segments):
             values = seg.forward(*values)
             if seg.guard is None:
-                logits = _first_tensor(values).float().cpu().numpy()
+                logits = _host_float(_first_tensor(values))
                 return GuardResult(_argmax_one(logits), np.full(1, -1, dtype=np.int64), np.array([scores]),
                                    list(self.layers), logits)
             pooled = pool(_first_tensor(values[seg.guard]))
@@ -295,13 +295,13 @@ class Guard:
         ``rows`` and ``dead`` as in :meth:`_run`: the running rows' inputs, and those among them that stopped.
         """
         if rows is None and dead is None:  # nothing stopped: the output's rows are the inputs' (a view on the CPU)
-            logits = output.float().cpu().numpy()
+            logits = _host_float(output)
             return GuardResult(_argmax(logits), exit_layer, scores, list(self.layers), logits)
         n = len(exit_layer)
         logits = np.full((n, self.n_classes), np.nan, dtype=np.float32)
         pred = np.full(n, -1, dtype=np.int64)
         if output is not None:
-            out = output.float().cpu().numpy()
+            out = _host_float(output)
             passed = slice(None) if dead is None else ~dead
             to = _inputs(rows, None if dead is None else np.flatnonzero(~dead))
             logits[slice(None) if to is None else to] = out = out[passed]
@@ -683,7 +683,14 @@ def _argmax_one(logits) -> np.ndarray:
     row = logits[0].tolist()
     if not math.isfinite(sum(row)):
         return _argmax(logits)
-    return np.array([max(range(len(row)), key=row.__getitem__)], dtype=np.int64)
+    return np.array([row.index(max(row))], dtype=np.int64)
+
+
+def _host_float(output) -> np.ndarray:
+    """``output.float().cpu().numpy()``, without the two calls when they change nothing (a CPU float32 tensor)."""
+    if output.dtype != torch.float32 or output.device.type != "cpu":
+        output = output.float().cpu()
+    return output.numpy()
 
 
 def _argmax(logits) -> np.ndarray:

@@ -334,7 +334,8 @@ def test_a_hook_on_the_global_pooling_still_runs(tiny_model, tiny_splits, cached
 
 
 @pytest.mark.parametrize("row, expected", [([0.5, 2.0, 2.0, -1.0], 1), ([np.nan, -1.0, -2.0, -3.0], 0),
-                                           ([1.0, np.inf, np.inf, 0.0], 1), ([-np.inf, -5.0, np.nan, -5.0], 2)])
+                                           ([1.0, np.inf, np.inf, 0.0], 1), ([-np.inf, -5.0, np.nan, -5.0], 2),
+                                           ([-0.0, 0.0, -1.0], 0), ([-1.0, 0.0, -0.0], 1), ([3.0, 1.0, 3.0], 0)])
 def test_one_rows_prediction_is_the_batch_argmax(row, expected):
     """The batch-1 path's argmax in Python floats: the first maximum, NaN read as 0, as numpy's on the batch."""
     logits = np.array([row], dtype=np.float32)
@@ -449,3 +450,11 @@ def test_rows_are_moved_in_place_whatever_the_dtype(dtype):
         guard_module._move_rows(value, moves)
     assert value[:, 0].tolist() == [0, 4, 2, 5, 4, 5] and value.data_ptr() == pointer
     assert (guard_module._numpy_view(value) is None) == (dtype == torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_logits_reach_the_host_as_float32_and_a_cpu_float32_output_is_not_copied(dtype):
+    output = torch.tensor([[1.5, -2.0]], dtype=dtype)
+    logits = guard_module._host_float(output)
+    assert logits.dtype == np.float32 and logits.tolist() == [[1.5, -2.0]]
+    assert (logits.ctypes.data == output.data_ptr()) == (dtype == torch.float32)
