@@ -291,13 +291,14 @@ class StoreWriter:
 
         ``dims`` names each array's dimensions (xarray needs them); default ``<array>_<axis>``.
         """
-        root = _open_group(self.staged_store, mode="r+")
-        group = root.require_group(name)
+        _open_group(self.staged_store, mode="r+").require_group(name)
+        kwargs = []
         for key, values in arrays.items():
             values = np.asarray(values)
             names = (dims or {}).get(key) or tuple(f"{key}_{axis}" for axis in range(values.ndim))
-            group.create_array(key, data=values, compressors=self.compressor, overwrite=True,
-                               dimension_names=tuple(names))
+            kwargs.append({"name": key, "data": values, "compressors": self.compressor, "overwrite": True,
+                           "dimension_names": tuple(names)})
+        zarr_sync(_create_arrays(self.staged_store, name, kwargs))  # one round trip to zarr's loop for them all
 
     def write_shard(self, split: str, index: int, data: dict[str, np.ndarray], pool=None):
         """Write one whole shard of every array of ``split``, then record it as done.
