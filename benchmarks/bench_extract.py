@@ -73,6 +73,7 @@ from pipeline.extract import (
     _Shared,
     default_lanes,
     extract_to_store,
+    layer_shapes,
     resolve_plan,
 )
 from pipeline.models import init_model
@@ -210,12 +211,18 @@ def run_hooks(model, dataset, cfg, plan, lanes=None):
     """Batches, forward hooks, pooling, energies and the per-shard arrays, as the real path computes them; nothing written.
 
     ``extract_batch`` enters inference mode itself (or grad mode for gradient
-    layers). ``lanes``: as extraction's default (:func:`pipeline.extract.default_lanes`) when None.
+    layers). ``lanes``: as extraction's default (:func:`bench_lanes`) when None.
     """
-    with Lanes(default_lanes(model) if lanes is None else lanes) as running, LayerRecorder(model, plan) as recorder:
+    lanes = bench_lanes(model, cfg, tuple(dataset[0][0].shape)) if lanes is None else lanes
+    with Lanes(lanes) as running, LayerRecorder(model, plan) as recorder:
         for start in range(0, len(dataset), cfg.shard_rows):
             _extract_rows(model, dataset, start, min(start + cfg.shard_rows, len(dataset)), recorder,
                           cfg.batch_size, "cpu", lanes=running)
+
+
+def bench_lanes(model, cfg, shape) -> int:
+    """The lanes ``extract_to_store`` runs ``model`` in (:func:`pipeline.extract.default_lanes`) on inputs of ``shape``."""
+    return default_lanes(model, layer_shapes(model, shape), cfg.batch_size)
 
 
 def _shard_loaders(dataset, cfg):
@@ -299,15 +306,16 @@ def _timed_paths(model, cfg, plan_by_name, dataset, workdir) -> dict:
     shards = [[images[a:b] for a, b in bounds if a // cfg.shard_rows == k]  # the lanes meet at each shard's end
               for k in range(-(-len(dataset) // cfg.shard_rows))]
     layers, params = plan_by_name["layers"], plan_by_name["params"]
+    lanes = bench_lanes(model, cfg, tuple(images.shape[1:]))
 
     def store():
         return Path(tempfile.mkdtemp(dir=workdir)) / "s.zarr"
 
     paths = {
         "forward": lambda: run_forward(model, batches),
-        "forward_lanes": lambda: run_forward_lanes(model, shards, default_lanes(model)),
+        "forward_lanes": lambda: run_forward_lanes(model, shards, lanes),
         "loader_forward": lambda: run_loader_forward(model, dataset, cfg),
-        "hooks_no_write": lambda: run_hooks(model, dataset, cfg, layers),
+        "hooks_no_write": lambda: run_hooks(model, dataset, cfg, layers, lanes),
         "extract": lambda: run_extract(model, dataset, cfg, layers, store()),
         "extract_with_grads": lambda: run_extract(model, dataset, cfg, params, store()),
     }
@@ -763,7 +771,7 @@ def run_benchmark(args) -> dict:
               "model": setup.spec, "layers": list(params.layers), "grad_layers": list(params.grad_layers),
               "head": params.head, "batch_size": cfg.batch_size, "chunk_rows": cfg.chunk_rows,
               "shard_rows": cfg.shard_rows, "compression_level": cfg.compression_level,
-              "lanes": default_lanes(model)}
+              "lanes": bench_lanes(model, cfg, setup.shape)}
     out = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "config": config}
     with tempfile.TemporaryDirectory() as workdir:
         out["throughput"] = measure_throughput(model, cfg, plan_by_name, args.n, args.repeats, workdir, setup.shape)

@@ -791,19 +791,36 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
         for (name, index, _, _), _rows in runner.map_unordered(job, tasks, desc="extract", unit="shard"):
             writer.mark_done(name, index)
     else:
-        _extract_here(replace(job, lanes=default_lanes(model) if lanes is None else int(lanes)), tasks, writer)
+        lanes = default_lanes(model, shapes, batch_size) if lanes is None else int(lanes)
+        _extract_here(replace(job, lanes=lanes), tasks, writer)
     return specs
 
 
-def default_lanes(model) -> int:
+# Activation memory the lanes beyond the first may hold (each runs a pass of its own batch at once).
+LANE_MEMORY = 2**30
+LIVE_MAPS = 3  # maps of a batch alive at once in a pass, for that estimate (a block's input, its branch, its output)
+
+
+def default_lanes(model, shapes: dict | None = None, batch_size: int | None = None) -> int:
     """Lanes for a network in this process: torch's thread count on the CPU, 1 on an accelerator.
 
     On the CPU, one torch thread per lane computes each operation alone: no
     thread waits at the end of every operation for the others (a pass through
     a small network is many short operations and Python between them), and a
     writer thread beside the lanes only shares a core, as any process does.
+    Every lane holds a batch's activations, though: given the network's
+    output ``shapes`` (:func:`layer_shapes`) and the ``batch_size``, the
+    lanes beyond the first fit in :data:`LANE_MEMORY` (a CIFAR ResNet-18 at
+    batch 128 takes about 100 MB a lane, an ImageNet ResNet-50 1.2 GB: one
+    lane, torch's threads on each operation as before).
     """
-    return torch.get_num_threads() if next(model.parameters()).device.type == "cpu" else 1
+    if next(model.parameters()).device.type != "cpu":
+        return 1
+    lanes = torch.get_num_threads()
+    if shapes and batch_size:
+        per_lane = batch_size * max(int(np.prod(shape)) for shape in shapes.values()) * 4 * LIVE_MAPS
+        lanes = min(lanes, 1 + LANE_MEMORY // per_lane)
+    return max(1, lanes)
 
 
 def _extract_here(job: ShardJob, tasks: list, writer: StoreWriter):

@@ -378,3 +378,17 @@ def test_lanes_keep_their_threads_on_one_torch_thread_each_and_put_the_count_bac
     with Lanes(1) as lanes:  # one lane: the caller's thread, as it is
         lanes.run(work, stop=lambda: None)
     assert seen[-1] == (threading.get_ident(), before)
+
+
+def test_default_lanes_fit_their_activations_in_the_lane_memory(tiny_model, monkeypatch):
+    """Each lane holds a batch's maps: a network with big maps runs in fewer lanes (one: torch's threads as before)."""
+    from pipeline import extract
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    small = {"layer1": (4, 8, 8), "fc": (3,)}
+    assert extract.default_lanes(tiny_model) == 4 and extract.default_lanes(tiny_model, small, 128) == 4
+    per_lane = 128 * 256 * 56 * 56 * 4 * extract.LIVE_MAPS  # an ImageNet ResNet-50's layer1 at batch 128
+    monkeypatch.setattr(extract, "LANE_MEMORY", per_lane)
+    assert extract.default_lanes(tiny_model, {"layer1": (256, 56, 56)}, 128) == 2
+    monkeypatch.setattr(extract, "LANE_MEMORY", per_lane - 1)
+    assert extract.default_lanes(tiny_model, {"layer1": (256, 56, 56)}, 128) == 1
