@@ -240,3 +240,22 @@ def kill_campaign(argv: list[str], artifact: Path, kills: list[Kill], *, zygote:
 def tree_bytes(directory: Path) -> dict:
     """Every file of a directory tree: relative path -> bytes (what "bit-identical" compares)."""
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def differing(files: dict, reference: dict) -> list[str]:
+    """The paths where two :func:`tree_bytes` maps disagree, each with how; ``[]`` when bit-identical.
+
+    Compared as ``dict == dict``, a failure prints every file's bytes (a store's are megabytes)
+    and the one path that differs is lost in them; this names it.
+    """
+    def why(path):
+        if path not in reference:
+            return "only in the first"
+        if path not in files:
+            return "only in the reference"
+        a, b = files[path], reference[path]
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"{len(a)} vs {len(b)} bytes, first difference at byte {at}: {a[at:at + 60]!r} vs {b[at:at + 60]!r}"
+
+    return [f"{path}: {why(path)}" for path in sorted(files.keys() | reference.keys())
+            if files.get(path) != reference.get(path)]

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.faults import differing, tree_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config",
                  ".dvc/.gitignore", ".dvcignore", ".gitignore"]
@@ -206,13 +208,8 @@ def test_search_never_runs_the_network(repo, first_run):
     best = yaml.safe_load((repo / "srch/best_params.yaml").read_text())
     assert set(best["detect"]["methods"]) == {"nac_ue", "scale"} and set(best["fit"]["detectors"]) == {"knn"}
     # and byte-reproducible: the same files as the stage's run (the forced rerun below leaves search to this check)
-    assert tree_bytes(repo / "srch") == tree_bytes(repo / "reports/search")
+    assert differing(tree_bytes(repo / "srch"), tree_bytes(repo / "reports/search")) == []
     shutil.rmtree(repo / "srch")
-
-
-def tree_bytes(directory):
-    """Every file under ``directory``: relative path -> bytes."""
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_a_split_file_swapped_by_hand_is_refused_and_dvc_repro_generate_restores_it(repo, first_run):

@@ -40,7 +40,7 @@ from pipeline.scoring import load_detectors, verify_detectors
 from pipeline.store import open_store, verify_store
 from tests.conftest import TINY_SPEC
 from tests.faults import Kill, Zygote, kill_campaign, run_once
-from tests.faults import tree_bytes as files
+from tests.faults import differing, tree_bytes as files
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def checker(reference_files):
             except (StoreError, IntegrityError) as exc:
                 assert "\n" not in str(exc)
                 continue
-            assert files(where) == reference_files, f"{where} was accepted but differs from an uninterrupted run"
+            assert differing(files(where), reference_files) == [], f"{where} was accepted but differs from an uninterrupted run"
             verify_store(where)
             assert store.to_numpy("id_train", "layer1").shape == (SPLITS[0][1], 4)
     return check
@@ -181,7 +181,7 @@ def test_kills_anywhere_never_expose_a_partial_store_and_resume_bit_identical(pr
     rerun = subprocess.run([sys.executable, "-m", "pipeline", *argv(project, out)], capture_output=True, text=True,
                            cwd=project, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert files(out) == reference_files, "the resumed store differs from an uninterrupted run"
+    assert differing(files(out), reference_files) == [], "the resumed store differs from an uninterrupted run"
     assert not (project / ".staging" / out.name).exists() and not (project / ".staging" / "features.zarr.replaced").exists()
     verify_store(out)
 
@@ -256,7 +256,7 @@ def fit_checker(reference):
         except LayerscopeError as exc:
             assert "\n" not in str(exc)
             return
-        assert files(out) == reference, "detectors were accepted but differ from an uninterrupted fit"
+        assert differing(files(out), reference) == [], "detectors were accepted but differ from an uninterrupted fit"
         assert set(fitted.names) == set(FIT["detectors"])
     return check
 
@@ -282,6 +282,6 @@ def test_kills_anywhere_never_expose_partial_detectors_and_a_rerun_is_bit_identi
     for phase in [*FIT_PHASES, *(f"failpoint {name}" for name in FIT_FAILPOINTS)]:
         assert landed[phase] >= 1, campaign.report()
     assert run_once(zygote, fit_argv(project, out), tmp_path / "rerun.log", Kill("none")) == 0
-    assert files(out) == reference_files, "the refit differs from an uninterrupted fit"
+    assert differing(files(out), reference_files) == [], "the refit differs from an uninterrupted fit"
     assert sorted(p.name for p in (project / ".staging").glob("detectors*")) == ["detectors.lock"]
     verify_detectors(out)

@@ -18,6 +18,7 @@ from pipeline.scoring import (DETECTORS, _load_one, fit_detectors, load_detector
                               trusted_types, verify_detectors)
 from pipeline.store import ArraySpec, StoreWriter, open_store
 from stages import fit as fit_stage
+from tests.faults import differing, tree_bytes as files_of
 from tests.test_persist import PLAIN, Touch
 
 
@@ -155,15 +156,11 @@ def test_missing_detectors(tmp_path):
 DEFAULT_DETECTORS = read_params(Path(__file__).parents[1] / "params.yaml")["fit"]["detectors"]
 
 
-def files_of(directory):
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def test_the_default_set_fitted_twice_saves_to_identical_bytes(tmp_path, blobs):
     store = write_store(tmp_path / "s.zarr", blobs)
     a = save_detectors(fit_detectors(store, DEFAULT_DETECTORS), tmp_path / "a")
     b = save_detectors(fit_detectors(store, DEFAULT_DETECTORS), tmp_path / "b")
-    assert files_of(a) == files_of(b)
+    assert differing(files_of(a), files_of(b)) == []
     # no pickles: our plain-data detectors as arrays archives, the PyOD ones as skops files
     assert {rel.rsplit(".", 1)[-1] for rel in files_of(a)} == {"skops", "zip", "json"}
     assert {rel.split("/")[0] for rel in files_of(a) if rel.endswith(".zip")} == PLAIN & set(DEFAULT_DETECTORS)
@@ -246,4 +243,4 @@ def test_fit_refuses_an_out_it_would_destroy_before_any_work(tmp_path, make, mes
     # the store does not even exist: the output is checked first
     with pytest.raises(OutputError, match=message):
         fit_stage.run({"fit": {"detectors": {"knn": {}}}}, tmp_path / "missing.zarr", out)
-    assert files_of(tmp_path) == before
+    assert differing(files_of(tmp_path), before) == []
