@@ -318,13 +318,15 @@ class Guard:
             self.n_classes = full.shape[1] if full.ndim == 2 else 1  # known even when every row stops early
             never = np.full(len(self.layers), np.inf)
             for k in range(len(self.layers)):
-                got = self._run(x, never, force={k: [0]}, carry=False).logits[1:]
+                forced = self._run(x, never, force={k: [0]}, carry=False)
+                got = forced.logits[1:]
                 if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
                     raise ModelError(f"Guard cannot split this model at '{self.layers[k]}': the rows that go on do "
                                      "not give the full model's logits (a value computed before that layer is used "
                                      "after it, or keeps the batch off the first dimension). Hint: guard other "
                                      "layers, e.g. the blocks `layerscope layers` lists at the top level.")
-            self._check_scorers(self._run(x, never).scores, self._run(x, never, validated=True).scores)
+            # the last forced run scored every row at every layer (row 0 stops after its last score): the lean scores
+            self._check_scorers(forced.scores, self._run(x, never, validated=True).scores)
         except ModelError:
             raise
         except Exception as err:  # the model's own code failed on the split graph: say so in one line

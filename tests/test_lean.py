@@ -116,6 +116,20 @@ def test_the_guard_decides_as_with_the_detectors_own_score(tiny_model, tiny_spli
         assert np.array_equal(guard(batch).exit_layer, _validated(guard, batch).exit_layer)
 
 
+def test_the_guard_self_check_replaces_a_compiled_scorer_that_disagrees_with_score(tiny_model, fitted, caplog):
+    """The self-check compares each compiled scorer with the detector's own ``score`` on its probe rows."""
+    store, detectors = fitted
+    chosen = {layer: detectors.detectors["mahalanobis", layer] for layer in LAYERS}
+    guard = Guard(tiny_model, chosen, {layer: np.inf for layer in LAYERS}, (1, 8, 8))
+    assert all(s.compiled for s in guard.scorers)  # agreeing scorers are kept
+    broken = guard.scorers[1]
+    broken.fn = broken._small = lambda x: np.zeros(len(x)) if isinstance(x, np.ndarray) else torch.zeros(len(x))
+    with caplog.at_level("WARNING", logger="pipeline.guard"):
+        guard._self_check()
+    assert [s.compiled for s in guard.scorers] == [True, False]
+    assert f"compiled scorer of Standardized at '{LAYERS[1]}' differs from its score()" in caplog.text
+
+
 @torch.inference_mode()
 def _validated(guard, x):
     """The guard with every layer scored by its detector's own ``score`` (the path before the lean one)."""
