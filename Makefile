@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Bytecode for the project's own modules. pip compiles what it installs, but not an editable
-# project, and a Python run with PYTHONDONTWRITEBYTECODE=1 (as on this machine and in CI) never
+# project, and a Python run with PYTHONDONTWRITEBYTECODE=1 (as on this development machine) never
 # caches one: every process compiled pipeline/ again (`import stages.fit`: 1.82 s median without, 1.74 s
 # with, 6 interleaved runs; the suite starts hundreds of such processes).
 # A module edited since is compiled in memory, as before; .dvcignore keeps these out of DVC's hashes.
