@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 
+import psutil  # installed with DVC
 import pytest
 
 from tests.test_e2e_dvc import env, first_run, ran_stages, repo, run  # noqa: F401  (the fixtures)
@@ -31,8 +32,11 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
     # a grid of two queued experiments (recall x percentile), run two at a time
     run(["dvc", "exp", "run", "--queue", "-S", "detect.recall=0.85,0.9", "-S", "detect.methods.scale.percentile=65"],
         repo)
-    run(["dvc", "queue", "start", "-j", "2"], repo)
-    status = wait_for_queue(repo, 2)
+    try:
+        start_queue(repo, 2)
+        status = wait_for_queue(repo, 2)
+    finally:
+        stop_workers(repo)
     assert status.count("Success") == 2, status
     # rows read "<task id>  <name>  <created, e.g. 02:55 PM>  Success"
     names = re.findall(r"^\s*[0-9a-f]+\s+(\S+)\s.*\bSuccess\s*$", status, flags=re.M)
@@ -60,6 +64,41 @@ def test_dvc_experiments_rerun_only_detect_and_queue_restores_the_store(repo, fi
 
 
 README_DROP = r"Created|State|Executor|.*:|recall|layer|.*\.(auroc|fpr)"  # README's `dvc exp show --drop`
+
+
+def start_queue(repo, jobs):
+    """`dvc queue start -j jobs`: it returns once its workers are spawned; their output goes to a file.
+
+    The workers are daemons that keep the stdout and stderr they inherit. Given :func:`run`'s pipes, the call
+    would last until the last worker exits, and forever when one never does: in a dvc-task race, a worker told
+    to shut down (its queue looked empty) while it still ran a task can stay up after it, deaf to
+    `dvc queue stop`.
+    """
+    with open(repo / ".dvc" / "tmp" / "queue-start.log", "w") as log:
+        proc = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode:
+        pytest.fail(f"dvc queue start failed ({proc.returncode}): see {log.name}")
+
+
+def stop_workers(repo, timeout=60):
+    """Stop the DVC processes still running in ``repo`` (its queue's workers) once the queue is done.
+
+    SIGTERM is celery's warm shutdown: a worker still running a task finishes it first; after ``timeout``
+    seconds, SIGKILL.
+    """
+    workers, ours = [], {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid not in ours and proc.info["cwd"] == os.path.realpath(repo) and "dvc" in cmd:
+                proc.terminate()
+                workers.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to see
+            pass
+    _, alive = psutil.wait_procs(workers, timeout=timeout)
+    for proc in alive:
+        proc.kill()
 
 
 def wait_for_queue(repo, n, timeout=600):
