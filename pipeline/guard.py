@@ -209,9 +209,11 @@ class Guard:
                 values = (*values, pooled)
         raise AssertionError("unreachable: the last segment has no guard")
 
-    def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False, carry=True):
+    def _run(self, x, thresholds, force=None, counter=None, boundaries=None, validated=False, carry=True,
+             exact=None):
         """The guarded pass. ``force`` (layer index -> input rows to stop) serves the self-check, with ``carry``
-        False (rows that stop are always dropped: the check must see the drop); ``counter``/``boundaries`` record
+        False (rows that stop are always dropped: the check must see the drop), and ``exact`` (n, n_layers),
+        filled with the detectors' own ``score`` of every scored row; ``counter``/``boundaries`` record
         cumulative FLOPs at each guard; ``validated``: score with the detectors' own ``score`` (no torch arithmetic
         for the FLOP counter to see).
 
@@ -239,6 +241,8 @@ class Guard:
             if live is not None:
                 pooled = pooled.index_select(0, torch.from_numpy(live).to(self.device))
             s, stop = self._score(k, pooled, thresholds[k], validated)
+            if exact is not None:
+                exact[slice(None) if scored is None else scored, k] = self.scorers[k].validated(pooled)
             if force is not None:
                 stop = stop | np.isin(np.arange(n) if scored is None else scored, force.get(k, []))
             scores[slice(None) if scored is None else scored, k] = s
@@ -310,33 +314,61 @@ class Guard:
 
     @torch.inference_mode()
     def _self_check(self):
-        """Guarded rows must give the full model's logits; otherwise the split is wrong: refuse it."""
-        gen = torch.Generator().manual_seed(0)
-        x = torch.rand((3, *self.input_shape), generator=gen).to(self.device)
+        """Guarded rows must give the full model's logits; otherwise the split is wrong: refuse it.
+
+        One pass of ``n_layers + 2`` inputs, input k stopped (and dropped) at guarded layer k: the last two go on
+        through every drop and must end with the full model's logits. The same pass checks each compiled scorer
+        against its detector's own ``score``. Only a failure pays for more passes, to name the layer.
+        """
+        n_layers = len(self.layers)
+        x = torch.rand((n_layers + 2, *self.input_shape), generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device)
+        exact, full = np.full((len(x), n_layers), np.nan), None
         try:
-            full = _first_tensor(self.model(x)).float().cpu().numpy()
+            full = _first_tensor(self.model(x[n_layers:])).float().cpu().numpy()
             self.n_classes = full.shape[1] if full.ndim == 2 else 1  # known even when every row stops early
-            never = np.full(len(self.layers), np.inf)
-            for k in range(len(self.layers)):
-                forced = self._run(x, never, force={k: [0]}, carry=False)
-                got = forced.logits[1:]
-                if not np.allclose(got, full[1:], rtol=1e-4, atol=1e-5):
-                    raise ModelError(f"Guard cannot split this model at '{self.layers[k]}': the rows that go on do "
-                                     "not give the full model's logits (a value computed before that layer is used "
-                                     "after it, or keeps the batch off the first dimension). Hint: guard other "
-                                     "layers, e.g. the blocks `layerscope layers` lists at the top level.")
-            # the last forced run scored every row at every layer (row 0 stops after its last score): the lean scores
-            self._check_scorers(forced.scores, self._run(x, never, validated=True).scores)
+            forced = self._run(x, np.full(n_layers, np.inf), force={k: [k] for k in range(n_layers)}, carry=False,
+                               exact=exact)
+            agrees = _same_logits(forced.logits[n_layers:], full)
         except ModelError:
             raise
         except Exception as err:  # the model's own code failed on the split graph: say so in one line
-            raise ModelError(f"Guard cannot run this model split at {self.layers}: {type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}. Hint: guard other layers.") from err
+            self._locate(x[n_layers - 1:], full)
+            raise self._refusal(self.layers, err) from err
+        if not agrees:
+            self._locate(x[n_layers - 1:], full)
+            raise self._refusal(self.layers)
+        self._check_scorers(forced.scores, exact)
+
+    def _locate(self, x, full):
+        """Raise the refusal naming the first guarded layer at which dropping input 0 of ``x`` alone breaks the
+        split (the others, ``full``'s inputs, must keep the full model's logits); return if none does."""
+        if full is None:  # the full model itself failed: no layer to blame
+            return
+        never = np.full(len(self.layers), np.inf)
+        for k, layer in enumerate(self.layers):
+            try:
+                forced = self._run(x, never, force={k: [0]}, carry=False)
+            except Exception as err:
+                raise self._refusal([layer], err) from err
+            if not _same_logits(forced.logits[1:], full):
+                raise self._refusal([layer])
+
+    def _refusal(self, layers, err=None) -> ModelError:
+        """The one-line refusal of a split at ``layers``: the model's own error ``err``, or wrong logits."""
+        where = f"'{layers[0]}'" if len(layers) == 1 else str(layers)
+        if err is not None:
+            return ModelError(f"Guard cannot run this model split at {where}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}. Hint: guard other layers.")
+        return ModelError(f"Guard cannot split this model at {where}: the rows that go on do not give the full "
+                          "model's logits (a value computed before that layer is used after it, or keeps the batch "
+                          "off the first dimension). Hint: guard other layers, e.g. the blocks `layerscope layers` "
+                          "lists at the top level.")
 
     def _check_scorers(self, lean, exact):
         """A compiled scorer whose scores differ from its detector's own (rtol 1e-6) is replaced by ``score``."""
-        for k, scorer in enumerate(self.scorers):
-            if scorer.compiled and not np.allclose(lean[:, k], exact[:, k], rtol=1e-6, atol=0.0):
+        for k, scorer in enumerate(self.scorers):  # NaN where a row stopped before layer k: in both
+            if scorer.compiled and not np.allclose(lean[:, k], exact[:, k], rtol=1e-6, atol=0.0, equal_nan=True):
                 log.warning("guard: the compiled scorer of %s at '%s' differs from its score(); using score()",
                             type(scorer.detector).__name__, self.layers[k])
                 self.scorers[k] = scorer.uncompiled()
@@ -678,6 +710,11 @@ def _row_elements(value, n) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_row_elements(v, n) for v in value)
     return 0
+
+
+def _same_logits(got, full) -> bool:
+    """Whether the guard's logits ``got`` are the full model's ``full`` (both (n, n_classes)), to float rounding."""
+    return got.shape == full.shape and np.allclose(got, full, rtol=1e-4, atol=1e-5)
 
 
 def _argmax_one(logits) -> np.ndarray:
