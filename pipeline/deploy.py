@@ -192,8 +192,9 @@ def load_guard(model_path, detectors_dir, thresholds_path, device="cpu"):
     """A :class:`~pipeline.guard.Guard` from the pipeline's files (see :func:`build_guard`)."""
     from pipeline.scoring import load_detectors
 
-    content = load_thresholds(thresholds_path)  # first: the thresholds name the detector and layers to load
-    return build_guard(model_path, load_detectors(detectors_dir), content, device, thresholds_path=thresholds_path)
+    content = load_thresholds(thresholds_path)  # first: the thresholds name the detector to load
+    fitted = load_detectors(detectors_dir, only=[content["detector"]])
+    return build_guard(model_path, fitted, content, device, thresholds_path=thresholds_path)
 
 
 def build_guard(model_path, fitted, content: dict, device="cpu", *, thresholds_path=None):

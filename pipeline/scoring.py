@@ -512,11 +512,14 @@ def read_manifest(directory) -> tuple[dict, dict]:
     return manifest, sealed
 
 
-def load_detectors(directory, scorers=()) -> FittedDetectors:
+def load_detectors(directory, scorers=(), only=None) -> FittedDetectors:
     """Load what :func:`save_detectors` wrote, after checking every file against the seal.
 
     Of the trained network-level methods, only those named in ``scorers`` that
     were saved are loaded (the heatmap decoder needs torch: nothing else does).
+    With ``only`` (detector names), only those detectors are loaded: the guard's
+    one need not import skops for the PyOD ones. ``names`` still lists every
+    fitted detector, and every file is still checked against the seal.
 
     Raises
     ------
@@ -529,7 +532,8 @@ def load_detectors(directory, scorers=()) -> FittedDetectors:
     directory = Path(directory)
     manifest, sealed = read_manifest(directory)
     detectors = {(name, layer): _load_one(directory / rel)
-                 for name, per_layer in manifest["files"].items() for layer, rel in per_layer.items()}
+                 for name, per_layer in manifest["files"].items() if only is None or name in only
+                 for layer, rel in per_layer.items()}
     trained = {name: SCORERS[name][0].load(directory / rel) for name, rel in manifest["scorers"].items()
                if name in scorers}
     return FittedDetectors(detectors, manifest["layers"], manifest["detectors"], manifest["provenance"], trained,

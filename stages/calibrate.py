@@ -18,7 +18,7 @@ def run(params, features, detectors, out, model=None):
     cfg = load_section("calibrate", params)
     store = open_store(features)
     check_store_model(store, model)
-    content = calibrate_guard(store, load_detectors(detectors), cfg)
+    content = calibrate_guard(store, load_detectors(detectors, only=[cfg.detector]), cfg)
     save_thresholds(content, out)
     log.info("guard thresholds for %s written to %s", content["layers"], out)
     return content

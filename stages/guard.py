@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def run(features, detectors, thresholds, model, out, recall=0.95):
     check_file_output(out, "guard report")  # before the work
     store = open_store(features)
-    fitted, content = load_detectors(detectors), load_thresholds(thresholds)
+    content = load_thresholds(thresholds)
+    fitted = load_detectors(detectors, only=[content["detector"]])  # the guard's own: not every kind's imports
     fitted.check_compatible(store)  # before the model is loaded
     guard = build_guard(model, fitted, content, device="cpu", thresholds_path=thresholds)  # FLOPs: any device
     result = evaluate_guard(store, fitted, content, guard.block_flops(), recall=recall, thresholds_path=thresholds)

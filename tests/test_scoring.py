@@ -1,6 +1,8 @@
 import dataclasses
 import json
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from pipeline.store import ArraySpec, StoreWriter, open_store
 from stages import fit as fit_stage
 from tests.faults import differing, tree_bytes as files_of
 from tests.test_persist import PLAIN, Touch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_store(path, blobs, checkpoint="aaa", shard_rows=32, key="k"):
@@ -73,6 +77,23 @@ def test_save_and_load_round_trip(tmp_path, blobs):
     assert loaded.store_key == "k" and loaded.digest == fitted.digest and loaded.source == str(tmp_path / "det")
     assert not (tmp_path / "det.tmp").exists()
     assert [p.name for p in (tmp_path / ".staging").glob("det*")] == ["det.lock"]  # nothing staged is left behind
+
+
+def test_only_the_named_detectors_are_loaded_but_every_file_is_checked(tmp_path, blobs):
+    """The guard loads its one detector: a statefile one needs no skops import, even beside PyOD's."""
+    store = write_store(tmp_path / "s.zarr", blobs)
+    det = save_detectors(fit_detectors(store, {"mahalanobis": {}, "ecod": {}}), tmp_path / "det")
+    code = ("import sys; from pipeline.scoring import load_detectors; "
+            f"f = load_detectors({str(det)!r}, only=['mahalanobis']); "
+            "assert 'skops.io' not in sys.modules, 'skops imported'; "
+            "assert sorted(f.detectors) == [('mahalanobis', 'l1'), ('mahalanobis', 'l2')], f.detectors; "
+            "assert f.names == ['mahalanobis', 'ecod'], f.names")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    ecod = det / "ecod" / "l1.skops"
+    ecod.write_bytes(ecod.read_bytes() + b"tampered")
+    with pytest.raises(IntegrityError, match=r"is damaged: file 'ecod/l1.skops'"):
+        load_detectors(det, only=["mahalanobis"])
 
 
 def test_a_detector_saved_before_it_gained_a_parameter_is_refused(tmp_path, blobs):
