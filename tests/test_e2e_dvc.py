@@ -116,8 +116,18 @@ def built_project(tmp_path_factory):
         if not output.is_file():
             shutil.rmtree(built, ignore_errors=True)
             make_repo(built)
-            output.write_text(run(["dvc", "repro"], built))
+            output.write_text(first_repro(built))
     return built, output.read_text()
+
+
+def first_repro(repo):
+    """`dvc repro`'s output, with every stage's process listing the modules it imports (Python's import-time
+    profile, on its stderr) right after DVC's "Running stage" line: one stream, in order."""
+    proc = subprocess.run(["dvc", "repro"], cwd=repo, env={**env(), "PYTHONPROFILEIMPORTTIME": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        pytest.fail(f"dvc repro failed ({proc.returncode}):\n{proc.stdout[-20000:]}")
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +174,45 @@ def test_repro_runs_every_stage_and_reports_every_metric(repo, first_run):
     assert "msp.fpr@95_far" in flat and len(flat) == 3 + 4 * len(methods), sorted(flat)  # 4 per method, not per set
     assert (repo / "reports/figures/knn/textures.png").stat().st_size > 1000
     assert (repo / "cache/features.zarr/zarr.json").is_file()
+
+
+#: Modules no stage lists among its deps, as dvc.yaml's comment says: package docstrings, error messages.
+NOT_DEPS = {"pipeline/__init__.py", "stages/__init__.py", "pipeline/errors.py"}
+
+
+def test_every_module_a_stage_loads_is_one_of_its_deps(first_run):
+    """DVC reruns a stage for a code change only if that code is a dep: every module each stage's process
+    imported in the first `dvc repro` (lazy imports included) must be one of the stage's deps in dvc.yaml."""
+    loaded = stage_imports(first_run)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(loaded) == set(stages) and all(f"stages.{name}" in loaded[name] for name in stages), loaded
+    missing = {}
+    for name, modules in loaded.items():
+        deps = [d.rstrip("/") for d in stages[name]["deps"]]
+        files = {module_file(module) for module in modules} - NOT_DEPS
+        gap = sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps))
+        if gap:
+            missing[name] = gap
+    assert missing == {}, f"loaded, but not among the stage's deps in dvc.yaml (add them): {missing}"
+
+
+def stage_imports(output) -> dict:
+    """``stage -> {module}``: the ``pipeline``/``stages`` modules each stage of :func:`first_repro` imported."""
+    loaded, stage = {}, None
+    for line in output.splitlines():
+        if started := re.search(r"Running stage '([\w-]+)'", line):
+            stage = started.group(1)
+            loaded.setdefault(stage, set())
+        elif stage and (module := re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*((?:pipeline|stages)(?:\.\w+)*)\s*$",
+                                           line)):
+            loaded[stage].add(module.group(1))
+    return loaded
+
+
+def module_file(module) -> str:
+    """The repo-relative file of a ``pipeline``/``stages`` module: ``pkg/mod.py`` or ``pkg/sub/__init__.py``."""
+    path = module.replace(".", "/")
+    return f"{path}.py" if (ROOT / f"{path}.py").is_file() else f"{path}/__init__.py"
 
 
 def without_checkpoint(repo, code, torch=False):
