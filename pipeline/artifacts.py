@@ -84,6 +84,19 @@ class Kind:
 # ------------------------------------------------------------------ before the work
 
 
+def is_url(path) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://...``, ``file:///...``) rather than a local path."""
+    return "://" in str(path)
+
+
+def location(path):
+    """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a ``Path``.
+
+    Here, not in :mod:`pipeline.store`, so that a command resolves its paths without importing zarr.
+    """
+    return str(path) if is_url(path) else Path(path)
+
+
 def check_output(path, kind: Kind, option: str = "--out") -> Path:
     """Refuse, before any work, an output path this run would destroy or cannot write.
 

@@ -197,7 +197,7 @@ def _path(value, key):
     A feature store may be an fsspec URL (``s3://bucket/features.zarr``): URLs stay strings.
     """
     from pipeline.config import project_paths
-    from pipeline.store import location
+    from pipeline.artifacts import location
 
     if value is not None:
         return location(value)
@@ -641,7 +641,7 @@ def verify(paths: list[str] = typer.Argument(None, help="Feature stores, detecto
 
 def _verify_target(value: str):
     from pipeline.errors import DataError
-    from pipeline.store import is_url, location
+    from pipeline.artifacts import is_url, location
 
     path = location(value)
     if not is_url(path) and not Path(path).exists():
@@ -657,10 +657,9 @@ def _verify_one(path, params):
     """``(kind, files checked, what else was checked)`` of one artifact; raises at the first damage."""
     from pipeline import artifacts
     from pipeline.errors import IntegrityError
-    from pipeline.store import is_url
 
-    sealed = None if is_url(path) else artifacts.read_seal(path, missing_ok=True)
-    kind = "feature store" if sealed is None and is_url(path) else (sealed or {}).get("kind")
+    sealed = None if artifacts.is_url(path) else artifacts.read_seal(path, missing_ok=True)
+    kind = "feature store" if sealed is None and artifacts.is_url(path) else (sealed or {}).get("kind")
     if kind == "feature store":
         from pipeline.store import verify_store
 

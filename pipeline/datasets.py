@@ -33,7 +33,6 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline.artifacts import (
     SEAL,
@@ -100,42 +99,6 @@ class ImageSplit:
     def fingerprint(self):
         """See :func:`split_fingerprint`."""
         return split_fingerprint(self)
-
-
-class SplitDataset(torch.utils.data.Dataset):
-    """A torch ``Dataset`` over an :class:`ImageSplit`.
-
-    Parameters
-    ----------
-    split : ImageSplit
-        The split to serve.
-
-    Notes
-    -----
-    ``__getitem__`` returns ``(image, label)``: a float32 tensor of shape
-    (n_channels, image_size, image_size) and a Python ``int``.
-    """
-
-    def __init__(self, split):
-        self.split = split
-        # One conversion up front; np.require copies only if the array is
-        # read-only or non-contiguous, which torch.from_numpy cannot share.
-        images = np.require(split.images, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
-        self._images = torch.from_numpy(images)
-        self._labels = [int(label) for label in split.labels]
-
-    def __len__(self):
-        return len(self._labels)
-
-    def __getitem__(self, index):
-        return self._images[index], self._labels[index]
-
-    def rows(self, start, stop):
-        """Rows ``[start, stop)`` at once: images (n, C, S, S) and labels (n,).
-
-        Extraction reads in-memory splits by slicing rather than item by item.
-        """
-        return self._images[start:stop], torch.as_tensor(self._labels[start:stop], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Real benchmark data sources, read by torchvision's own loaders.
 
 Each source in :data:`SOURCES` builds a torch ``Dataset`` whose items have the
-same shape as :class:`pipeline.datasets.SplitDataset`'s: ``(image, label)``, with
+same shape as :class:`pipeline.userdata.SplitDataset`'s: ``(image, label)``, with
 ``image`` a float32 tensor of shape (channels, image_size, image_size) in [0, 1]
 and ``label`` a Python ``int``.
 

@@ -87,6 +87,7 @@ import zarr.api.asynchronous
 from zarr.core.sync import sync as zarr_sync
 
 from pipeline import artifacts
+from pipeline.artifacts import is_url, location  # noqa: F401  (also this module's API)
 from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 
 log = logging.getLogger(__name__)
@@ -974,16 +975,6 @@ def _url_check_sealed(url: str, deep: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def is_url(path) -> bool:
-    """Whether ``path`` is an fsspec URL (``s3://...``, ``file:///...``) rather than a local path."""
-    return "://" in str(path)
-
-
-def location(path):
-    """A URL stays a string (``Path`` would fold its ``//``); anything else becomes a ``Path``."""
-    return str(path) if is_url(path) else Path(path)
 
 
 def _storage_kwargs(where) -> dict:

@@ -61,7 +61,6 @@ import torch
 
 from pipeline.datasets import (
     GENERATE_HINT,
-    SplitDataset,
     _canonical_json,
     _check_name,
     _stream,
@@ -84,6 +83,43 @@ INDEX_SUFFIX = ".index.npz"
 REGENERATE_HINT = ("rerun generate with `dvc repro generate` (its inputs stage sees the changed files), or "
                    "`layerscope generate` outside DVC")
 _INDEX_KEYS = ("name", "indices", "labels", "attrs")
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A torch ``Dataset`` over an :class:`~pipeline.datasets.ImageSplit` (here, not in :mod:`pipeline.datasets`,
+    so that building and checking the digits benchmark never imports torch).
+
+    Parameters
+    ----------
+    split : ImageSplit
+        The split to serve.
+
+    Notes
+    -----
+    ``__getitem__`` returns ``(image, label)``: a float32 tensor of shape
+    (n_channels, image_size, image_size) and a Python ``int``.
+    """
+
+    def __init__(self, split):
+        self.split = split
+        # One conversion up front; np.require copies only if the array is
+        # read-only or non-contiguous, which torch.from_numpy cannot share.
+        images = np.require(split.images, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+        self._images = torch.from_numpy(images)
+        self._labels = [int(label) for label in split.labels]
+
+    def __len__(self):
+        return len(self._labels)
+
+    def __getitem__(self, index):
+        return self._images[index], self._labels[index]
+
+    def rows(self, start, stop):
+        """Rows ``[start, stop)`` at once: images (n, C, S, S) and labels (n,).
+
+        Extraction reads in-memory splits by slicing rather than item by item.
+        """
+        return self._images[start:stop], torch.as_tensor(self._labels[start:stop], dtype=torch.int64)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import logging
 from pipeline.artifacts import check_output
 from pipeline.config import load_section
 from pipeline.datasets import KIND, make_digits_benchmark, write_benchmark
-from pipeline.userdata import make_source_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +18,8 @@ def run(params, out):
     cfg = load_section("generate", params)
     check_output(out, KIND)  # before the work: never replace what layerscope did not write
     if cfg.benchmark == "sources":
+        from pipeline.userdata import make_source_benchmark  # torch and torchvision: the digits never need them
+
         splits = make_source_benchmark(cfg)
     else:
         splits = make_digits_benchmark(

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import SplitDataset
+from pipeline.userdata import SplitDataset
 from pipeline.errors import ConfigError
 from pipeline.extract import (LayerRecorder, Plan, energy, extract_to_store, hookable_layers, layer_shapes, pool,
                               resolve_layers)

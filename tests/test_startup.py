@@ -12,6 +12,7 @@ scikit-learn. ``benchmarks/bench_startup.py`` measures the times.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +71,20 @@ def test_network_stages_and_npz_splits_import_no_torchvision(tmp_path):
         (["stages.extract", "stages.train"], "", forbidden),
     ])
     assert found == {step: [] for step in found}
+
+
+def test_inputs_and_the_digits_generate_import_no_torch(tmp_path):
+    """`inputs` runs in every `dvc repro` (always changed): it fingerprints files, and needs neither the network's
+    packages nor the store's; generating the digits benchmark needs scikit-learn and scikit-image, not torch."""
+    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    inputs = f"sys.modules['stages.inputs'].run({params!r}, {str(tmp_path / 'g.json')!r}, {str(tmp_path / 't.json')!r})"
+    generate = f"sys.modules['stages.generate'].run({params!r}, {str(tmp_path / 'data')!r})"
+    found = forbidden_imports([
+        (["stages.inputs"], inputs, (*NETWORK, "zarr", "sklearn", "scipy", "skimage", "pandas")),
+        (["stages.generate"], generate, (*NETWORK, "zarr")),
+    ])
+    assert found == {step: [] for step in found}
+    assert (tmp_path / "g.json").is_file() and (tmp_path / "data" / "manifest.json").is_file()
 
 
 def _command(*args, cwd=None):

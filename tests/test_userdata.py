@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import GenerateConfig, build_config
-from pipeline.datasets import ImageSplit, SplitDataset, make_digits_benchmark, write_benchmark
+from pipeline.datasets import ImageSplit, make_digits_benchmark, write_benchmark
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import EXPECTED_LAYOUT, load_source, source_targets
 from pipeline.userdata import (
@@ -23,6 +23,7 @@ from pipeline.userdata import (
     BenchmarkSplit,
     IndexedDataset,
     IndexSplit,
+    SplitDataset,
     channel_stats,
     make_source_benchmark,
     open_benchmark,
