@@ -64,7 +64,7 @@ from rich.table import Table
 
 from pipeline.backbones import DEFAULT_LAYERS, HEADS
 from pipeline.config import load_section
-from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.datasets import ImageSplit
 from pipeline.extract import (
     LayerRecorder,
     Lanes,
@@ -78,6 +78,7 @@ from pipeline.extract import (
 )
 from pipeline.models import init_model
 from pipeline.store import GRAD_PREFIX, FeatureStore, StoreWriter, open_store
+from pipeline.userdata import SplitDataset
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import _machine_busy_seconds, _read_cost_table, machine_info, measure_read_cost  # noqa: E402
 
 from pipeline.config import load_section  # noqa: E402
-from pipeline.datasets import SplitDataset, load_split, read_manifest  # noqa: E402
+from pipeline.datasets import load_split, read_manifest  # noqa: E402
 from pipeline.extract import LayerRecorder, extract_batch, extract_to_store, resolve_plan  # noqa: E402
 from pipeline.models import load_checkpoint, resolve_device  # noqa: E402
 from pipeline.report import ood_sets  # noqa: E402
@@ -71,6 +71,7 @@ from pipeline.scorers import SCORERS  # noqa: E402
 from pipeline.scoring import fit_detectors, fit_scorers, score_methods, score_split  # noqa: E402
 from pipeline.search import leaderboard, load_split_set, run_scorer_group, run_search  # noqa: E402
 from pipeline.store import StoreWriter, open_store  # noqa: E402
+from pipeline.userdata import SplitDataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"

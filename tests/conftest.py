@@ -119,9 +119,9 @@ def tiny_model():
 
 def write_tiny_store(path, model, splits):
     """``model``'s store of ``layer1``, ``layer2`` and ``fc`` (the head) on ``splits``: what `extract` would write."""
-    from pipeline.datasets import SplitDataset
     from pipeline.extract import extract_to_store, resolve_plan
     from pipeline.store import StoreWriter, open_store
+    from pipeline.userdata import SplitDataset
 
     plan = resolve_plan(model, ["layer1", "layer2", "fc"], (1, 8, 8), head="fc")
     with StoreWriter(path, "k", chunk_rows=4, shard_rows=8) as writer:

@@ -10,7 +10,6 @@ from sklearn.datasets import load_digits
 from pipeline import datasets
 from pipeline.datasets import (
     ImageSplit,
-    SplitDataset,
     check_benchmark,
     load_split,
     make_digits_benchmark,
@@ -20,6 +19,7 @@ from pipeline.datasets import (
     write_benchmark,
 )
 from pipeline.errors import ConfigError, DataError, IntegrityError, OutputError
+from pipeline.userdata import SplitDataset
 
 OOD_SETS = ["digits89", "textures", "photos", "faces", "gaussian", "uniform", "constant"]
 FAR_SETS = OOD_SETS[1:]

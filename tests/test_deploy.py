@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tests.conftest import TINY_SPEC
 from pipeline.cli import app
 from pipeline.config import CalibrateConfig
-from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.datasets import ImageSplit
 from pipeline.deploy import (build_guard, calibrate_guard, evaluate_guard, layer_scores, load_guard, load_thresholds,
                              read_inputs, save_thresholds)
 from pipeline.errors import ConfigError, DataError, OutputError
@@ -21,6 +21,7 @@ from pipeline.models import file_sha256, save_checkpoint
 from pipeline.provenance import ProvenanceError
 from pipeline.scoring import fit_detectors, load_detectors, save_detectors
 from pipeline.store import StoreWriter, open_store
+from pipeline.userdata import SplitDataset
 from stages import calibrate as calibrate_stage
 
 runner = CliRunner()

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.userdata import SplitDataset
 from pipeline.errors import ConfigError
 from pipeline.extract import (LayerRecorder, Plan, energy, extract_to_store, hookable_layers, layer_shapes, pool,
                               resolve_layers)
 from pipeline.store import StoreWriter, open_store
+from pipeline.userdata import SplitDataset
 
 
 def test_pool_means_over_space_and_tokens_and_keeps_vectors():

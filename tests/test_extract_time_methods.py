@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from pipeline.config import ExtractConfig, build_config
-from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.datasets import ImageSplit
 from pipeline.errors import ConfigError, DataError
 from pipeline.extract import extract_to_store, gram_rowsums, resolve_plan
 from pipeline.models import init_model
@@ -24,6 +24,7 @@ from pipeline.scorers.base import Features, LazyArrays
 from pipeline.scorers.gram import GramScorer, class_bounds, gram_deviations, holdout_split, max_softmax
 from pipeline.scoring import fit_on_train, load_features
 from pipeline.store import StoreWriter, open_store
+from pipeline.userdata import SplitDataset
 from tests.conftest import TINY_SPEC
 
 ROC_FLOOR = 0.8

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.datasets import ImageSplit
 from pipeline.errors import ConfigError, DataError
 from pipeline.models import (build_model, file_sha256, init_model, load_checkpoint, predict, resolve_device,
                              save_checkpoint, train_model)
+from pipeline.userdata import SplitDataset
 from tests.conftest import TINY_SPEC
 
 

@@ -9,10 +9,10 @@ from torch.nn import functional as F
 
 from pipeline.backbones import resnet18_cifar
 from pipeline.config import TrainConfig, build_config
-from pipeline.datasets import SplitDataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.models import (augment_batch, file_sha256, import_model, init_model, load_checkpoint, model_spec,
                              save_checkpoint, train_model)
+from pipeline.userdata import SplitDataset
 from tests.conftest import TINY_SPEC
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import FitConfig
-from pipeline.datasets import ImageSplit, SplitDataset
+from pipeline.datasets import ImageSplit
 from pipeline.errors import ConfigError, DataError
 from pipeline.extract import extract_to_store, resolve_plan
 from pipeline.report import ood_sets
@@ -14,6 +14,7 @@ from pipeline.scoring import (FittedDetectors, fit_on_train, fit_scorers, load_d
                               outlier_splits, save_detectors, score_methods)
 from pipeline.search import SearchResult, run_search
 from pipeline.store import StoreWriter, open_store
+from pipeline.userdata import SplitDataset
 
 FAST = {"epochs": 2, "batch_size": 16, "width": 4, "aux_sets": ["noise"], "device": "cpu"}
 

@@ -31,8 +31,9 @@ REMEDY = r"Hint: re-extract it: `dvc repro extract` \(or `layerscope extract`\)"
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """A complete store: 2 splits (20 and 12 rows, 8-row shards), the head, written by StoreWriter."""
-    from pipeline.datasets import ImageSplit, SplitDataset
+    from pipeline.datasets import ImageSplit
     from pipeline.models import init_model
+    from pipeline.userdata import SplitDataset
 
     rng = np.random.default_rng(0)
     model = init_model(TINY_SPEC, seed=0).eval()
