@@ -62,18 +62,23 @@ def test_live_decisions_are_the_cached_decisions_and_passed_inputs_keep_their_pr
         assert rec["prediction"] is None and rec["ood_at_layer"] == "layer1" and list(rec["scores"]) == ["layer1"]
 
 
-def _random_detectors(model, layers, input_shape, rng):
-    """KNN (L2) per layer, fitted on pooled activations of random inputs: real detectors for any backbone."""
+def _pooled_pass(model, layers, x):
+    """``(pooled, logits)``: each layer's pooled activations of ``x`` (float64 arrays) and the logits, in one pass."""
     modules = dict(model.named_modules())
     pooled = {}
     hooks = [modules[layer].register_forward_hook(lambda m, i, o, layer=layer: pooled.__setitem__(layer, pool(o)))
              for layer in layers]
     with torch.inference_mode():
-        model(torch.from_numpy(rng.random((12, *input_shape), dtype=np.float32)))
+        logits = model(x)
     for hook in hooks:
         hook.remove()
-    return {layer: make_detector("knn_l2", {"k": 3}).fit(pooled[layer].numpy().astype(np.float64))
-            for layer in layers}
+    return {layer: pooled[layer].numpy().astype(np.float64) for layer in layers}, logits
+
+
+def _random_detectors(model, layers, input_shape, rng, n=12):
+    """KNN (L2) per layer, fitted on pooled activations of random inputs: real detectors for any backbone."""
+    pooled, _ = _pooled_pass(model, layers, torch.from_numpy(rng.random((n, *input_shape), dtype=np.float32)))
+    return {layer: make_detector("knn_l2", {"k": 3}).fit(pooled[layer]) for layer in layers}
 
 
 @pytest.mark.parametrize("arch, size, n", [("resnet18_cifar", 16, 8), ("vgg16_bn_cifar", 32, 8),
@@ -83,15 +88,17 @@ def test_every_backbone_splits_and_agrees_with_the_full_network(arch, size, n, r
     torch.manual_seed(0)
     model = BACKBONES[arch](10).eval()
     layers = DEFAULT_LAYERS[arch]
-    detectors = _random_detectors(model, layers, (3, size, size), rng)
-    x = torch.from_numpy(rng.random((n, 3, size, size), dtype=np.float32))
-    probe = Guard(model, detectors, {layer: np.inf for layer in layers}, (3, size, size))(x)
-    thresholds = dict(zip(probe.layers, np.median(probe.scores, axis=0)))  # mixed exits
-    result = Guard(model, detectors, thresholds, (3, size, size))(x)
-    with torch.inference_mode():
-        full = model(x).argmax(dim=1).numpy()
+    # one pass of the full network (ViT-B/16 at 224 px is most of this test's time): 6 random inputs to fit each
+    # layer's detector, then x, for its scores (their medians: mixed exits) and the full network's predictions
+    x = torch.from_numpy(rng.random((6 + n, 3, size, size), dtype=np.float32))
+    pooled, logits = _pooled_pass(model, layers, x)
+    detectors = {layer: make_detector("knn_l2", {"k": 3}).fit(pooled[layer][:6]) for layer in layers}
+    scores = np.column_stack([detectors[layer].score(pooled[layer][6:]) for layer in layers])
+    result = Guard(model, detectors, dict(zip(layers, np.median(scores, axis=0))), (3, size, size))(x[6:])
+    full = logits[6:].argmax(dim=1).numpy()
     assert result.ood.any() and np.array_equal(result.pred[~result.ood], full[~result.ood])
-    assert probe.layers == layers  # network order
+    assert result.layers == layers  # network order
+    assert np.allclose(result.scores[:, 0], scores[:, 0])  # every input is scored at the first guarded layer
 
 
 def test_flops_are_counted_at_first_need_not_when_a_guard_is_built(tiny_model, tiny_splits, cached):
