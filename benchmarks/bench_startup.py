@@ -20,9 +20,10 @@ round running every command once (interleaved, so drift hits all of them alike).
   their stage when they run);
 * ``run``: the real command on the project's outputs, when they exist
   (``layerscope summary`` on ``paths.detail``, ``layerscope inspect`` on the
-  default feature store);
-* ``torch``: whether the import pulled in torch (the contract: only ``extract``,
-  ``train`` and ``generate`` may); ``heavy``: which of the heavy packages it pulled in.
+  default feature store), and ``layerscope inputs`` on the default params (into a
+  temporary directory): the stage every ``dvc repro`` runs first;
+* ``torch``: whether the import pulled in torch (the contract: only ``extract``
+  and ``train`` may); ``heavy``: which of the heavy packages it pulled in.
 
 ``import torch`` alone is the reference (and ``python -c pass`` the floor).
 """
@@ -38,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ IMPORTS = {
     "extract": "stages.extract",
     "train": "stages.train",
     "generate": "stages.generate",
+    "inputs": "stages.inputs",
     "--help": "pipeline.cli",
 }
 REFERENCES = {"python -c pass": "pass", "import torch": "import torch"}
@@ -90,6 +93,9 @@ def cases(layerscope: str) -> dict[str, list[str]]:
         out["summary/run"] = [layerscope, "summary"]
     if store.is_dir():
         out["inspect/run"] = [layerscope, "inspect", str(store)]
+    scratch = Path(tempfile.mkdtemp(prefix="bench_startup-"))
+    out["inputs/run"] = [layerscope, "inputs", "--generate", str(scratch / "generate.json"), "--train",
+                         str(scratch / "train.json")]
     return out
 
 
