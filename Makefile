@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: install compile repro test bench
 
 # uv installs what pip would, from where pip would (.ci/pip_sources.py hands it pip's indexes, find-links and
-# constraints), in a third of the time: a fresh venv here in 51 s instead of 153 s (torch 28 s instead of 70 s,
+# constraints), in a third of the time: a fresh venv here in 48 s instead of 153 s (torch 28 s instead of 70 s,
 # the rest 20 s instead of 82 s), most of a CI run's install. Where uv cannot be installed, pip does it all.
 INSTALL = if $(PY) -m pip install -q uv; then \
 	  $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \

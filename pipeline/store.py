@@ -87,7 +87,7 @@ import zarr.api.asynchronous
 from zarr.core.sync import sync as zarr_sync
 
 from pipeline import artifacts
-from pipeline.artifacts import is_url, location  # noqa: F401  (also this module's API)
+from pipeline.artifacts import is_url, location
 from pipeline.errors import IntegrityError, LayerscopeError, StoreError
 
 log = logging.getLogger(__name__)
