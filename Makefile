@@ -10,9 +10,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # uv installs what pip would, from where pip would (.ci/pip_sources.py hands it pip's indexes, find-links and
 # constraints), in a third of the time: a fresh venv here in 48 s instead of 153 s (torch 28 s instead of 70 s,
 # the rest 20 s instead of 82 s), most of a CI run's install. Where uv cannot be installed, pip does it all.
+# The sources are read first, on their own: a failed read must stop the install, not leave uv on PyPI alone.
 INSTALL = if test -x $(VENV)/bin/uv; then \
+	  sources=$$($(PY) .ci/pip_sources.py) && \
 	  $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
-	    $$($(PY) .ci/pip_sources.py) $(1); \
+	    $$sources $(1); \
 	else $(PY) -m pip install -q $(1); fi
 
 $(STAMP): pyproject.toml

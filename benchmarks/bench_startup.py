@@ -31,6 +31,7 @@ round running every command once (interleaved, so drift hits all of them alike).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
@@ -94,6 +95,7 @@ def cases(layerscope: str) -> dict[str, list[str]]:
     if store.is_dir():
         out["inspect/run"] = [layerscope, "inspect", str(store)]
     scratch = Path(tempfile.mkdtemp(prefix="bench_startup-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     out["inputs/run"] = [layerscope, "inputs", "--generate", str(scratch / "generate.json"), "--train",
                          str(scratch / "train.json")]
     return out
