@@ -46,6 +46,9 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import threading
+import types
 import zipfile
 from pathlib import Path
 
@@ -162,33 +165,42 @@ def _load_state(path: Path, allowlist, hint: str):
                              f"{_one_line(exc)}). Hint: {hint}") from None
 
 
+#: The array-API shims scikit-learn vendors for other array libraries, and the library each one imports.
+_SHIMS = {"sklearn.externals.array_api_compat.torch": "torch",
+          "sklearn.externals.array_api_compat.dask": "dask.array",
+          "sklearn.externals.array_api_compat.cupy": "cupy"}
+_SKOPS_IMPORT = threading.Lock()
+
+
 def _skops_io():
-    """:mod:`skops.io`, imported without importing torch.
+    """:mod:`skops.io`, imported without importing torch or dask.array.
 
     At import, skops lists scikit-learn's estimators
-    (``sklearn.utils.all_estimators``), which imports every scikit-learn
-    package, among them the array-API shim for torch, which imports torch:
-    seconds (and a GPU build's CUDA libraries) that a detector never uses, in
-    every ``detect``, ``calibrate`` and ``search``. While skops imports, a
-    stand-in for that one shim package (no estimator lives there) stops the
-    walk; it is removed afterwards, so a later ``import`` of the shim is real.
+    (``sklearn.utils.all_estimators``). Its walk over scikit-learn's packages
+    imports each package it passes, among them the array-API shims for torch,
+    dask and cupy, which import their libraries: seconds for torch (and a GPU
+    build's CUDA libraries), about 0.3 s for dask.array, in every ``fit``,
+    ``detect``, ``calibrate``, ``guard`` and ``search`` that never uses them.
+    While skops imports, a stand-in for each shim whose library is not loaded
+    yet (no estimator lives in a shim) stops the walk there; the stand-ins are
+    removed afterwards, so a later ``import`` of a shim is real.
     """
-    import sys
-    import types
-
-    if "skops.io" in sys.modules or "torch" in sys.modules:
+    if "skops.io" in sys.modules:
         import skops.io
 
         return skops.io
-    shim = "sklearn.externals.array_api_compat.torch"
-    stand_in = types.ModuleType(shim)
-    stand_in.__path__ = []
-    sys.modules.setdefault(shim, stand_in)
-    try:
-        import skops.io
-    finally:
-        if sys.modules.get(shim) is stand_in:
-            del sys.modules[shim]
+    with _SKOPS_IMPORT:
+        stand_ins = {}
+        for shim, library in _SHIMS.items():
+            if shim not in sys.modules and library not in sys.modules:
+                stand_ins[shim] = sys.modules[shim] = types.ModuleType(shim)
+                stand_ins[shim].__path__ = []
+        try:
+            import skops.io
+        finally:
+            for shim, stand_in in stand_ins.items():
+                if sys.modules.get(shim) is stand_in:
+                    del sys.modules[shim]
     return skops.io
 
 

@@ -51,8 +51,21 @@ def test_store_commands_import_no_network():
         (["pipeline.store", "pipeline.storeinfo"], "", (*STORE_ONLY, "sklearn")),
         (["pipeline.scorers", "pipeline.scorers.heatmap"], "", STORE_ONLY),
         (["stages.detect", "stages.fit", "stages.search", "stages.calibrate"], "", STORE_ONLY),
+        # loading or saving a detector imports skops, which walks scikit-learn's packages: not into its
+        # array-API shims for torch and dask (they would import their libraries)
+        (["pipeline.persist"], "sys.modules['pipeline.persist']._skops_io()",
+         (*NETWORK, "dask.array", *(f"sklearn.externals.array_api_compat.{lib}" for lib in ("torch", "dask", "cupy")))),
     ])
     assert found == {step: [] for step in found}
+
+
+def test_after_skops_the_array_api_shims_import_for_real():
+    """The stand-ins that stop skops' walk are gone once it has imported: a later import of a shim is the real one."""
+    code = ("from pipeline import persist; persist._skops_io(); "
+            "import sklearn.externals.array_api_compat.dask.array as shim, dask.array; "
+            "assert shim.asarray is not None and shim.__file__.endswith('__init__.py'), shim; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_network_stages_and_npz_splits_import_no_torchvision(tmp_path):
