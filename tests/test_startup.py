@@ -59,6 +59,17 @@ def test_store_commands_import_no_network():
     assert found == {step: [] for step in found}
 
 
+def test_a_blockwise_fit_on_threads_imports_no_distributed():
+    """Out-of-core fits compute each block with dask's synchronous scheduler; named "sync", dask would first import
+    distributed to look for a client (a third of a second in every fit that never uses a cluster)."""
+    found = forbidden_imports([(["dask.array", "pipeline.detectors"], (
+        "import numpy as np; X = np.random.default_rng(0).normal(size=(40, 3)); "
+        "sys.modules['pipeline.detectors'].make_detector('mahalanobis', {}, standardize=True)"
+        ".fit_dask(sys.modules['dask.array'].from_array(X, chunks=(16, 3)), np.arange(40) % 2)"),
+        ("distributed",))])
+    assert found == {step: [] for step in found}
+
+
 def test_after_skops_the_array_api_shims_import_for_real():
     """The stand-ins that stop skops' walk are gone once it has imported: a later import of a shim is the real one."""
     code = ("from pipeline import persist; persist._skops_io(); "
