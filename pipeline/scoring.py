@@ -141,7 +141,8 @@ def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples
                              store_key=store.key)
     job = FitJob(str(store.path), prototypes, max_samples, seed)
     tasks = [(name, layer) for layer in store.layers for name in prototypes]
-    for task, detector in (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1):
+    fanned = (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1, dask_arrays=True)
+    for task, detector in fanned:
         fitted.detectors[task] = detector
     return fitted
 

@@ -360,7 +360,7 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     job = SearchJob(where, store.key, ood_val, tuple(aggregations), recall, maps)
     # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
-                                                                      unit="task", processes=True)}
+                                                                      unit="task", processes=True, dask_arrays=True)}
     rows = [row for item in sorted(done) for row in done[item]]  # grid order: ties go to the first
     winners = select_winners(rows, metric)
     test = load_split_set(store, "test", ood_test, "id_test", maps)  # read only now: winners are fixed

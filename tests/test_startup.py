@@ -70,6 +70,16 @@ def test_a_blockwise_fit_on_threads_imports_no_distributed():
     assert found == {step: [] for step in found}
 
 
+def test_fanning_out_on_threads_imports_dask_array_only_for_tasks_that_build_dask_arrays():
+    run = "list(sys.modules['pipeline.compute'].Runner().map_unordered(abs, [-1, 2], desc='t'{}))"
+    found = forbidden_imports([(["pipeline.compute"], run.format(""), ("dask.array", "distributed"))])
+    assert found == {step: [] for step in found}
+    code = ("import sys; from pipeline.compute import Runner; "
+            "list(Runner().map_unordered(abs, [-1, 2], desc='t', dask_arrays=True)); print('dask.array' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-1] == "True", done.stderr
+
+
 def test_after_skops_the_array_api_shims_import_for_real():
     """The stand-ins that stop skops' walk are gone once it has imported: a later import of a shim is the real one."""
     code = ("from pipeline import persist; persist._skops_io(); "
