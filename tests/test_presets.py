@@ -33,7 +33,7 @@ SOURCE_PRESETS = [name for name in PRESETS if name != "digits"]
 # the network (ODIN, RankFeat, gradients), which is most of this test's time. Fewer still for the ImageNet
 # backbones: ViT-B/16 runs at 224 px (ResNet-50 at 64, see _params).
 SMALL = {"max_train": 6, "max_test": 4, "max_ood": 2}
-IMAGENET_SMALL = {"max_train": 4, "max_test": 4, "max_ood": 2}
+IMAGENET_SMALL = {"max_train": 2, "max_test": 2, "max_ood": 2}
 runner = CliRunner()
 
 
