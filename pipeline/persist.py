@@ -185,23 +185,27 @@ def _skops_io():
     yet (no estimator lives in a shim) stops the walk there; the stand-ins are
     removed afterwards, so a later ``import`` of a shim is real.
     """
-    if "skops.io" in sys.modules:
-        import skops.io
+    if "skops.io" not in sys.modules:
+        with _SKOPS_IMPORT:  # one thread puts the stand-ins in and takes them out
+            if "skops.io" not in sys.modules:
+                _import_skops_without_shims()
+    import skops.io
 
-        return skops.io
-    with _SKOPS_IMPORT:
-        stand_ins = {}
-        for shim, library in _SHIMS.items():
-            if shim not in sys.modules and library not in sys.modules:
-                stand_ins[shim] = sys.modules[shim] = types.ModuleType(shim)
-                stand_ins[shim].__path__ = []
-        try:
-            import skops.io
-        finally:
-            for shim, stand_in in stand_ins.items():
-                if sys.modules.get(shim) is stand_in:
-                    del sys.modules[shim]
     return skops.io
+
+
+def _import_skops_without_shims():
+    stand_ins = {}
+    for shim, library in _SHIMS.items():
+        if shim not in sys.modules and library not in sys.modules:
+            stand_ins[shim] = sys.modules[shim] = types.ModuleType(shim)
+            stand_ins[shim].__path__ = []
+    try:
+        import skops.io  # noqa: F401
+    finally:
+        for shim, stand_in in stand_ins.items():
+            if sys.modules.get(shim) is stand_in:
+                del sys.modules[shim]
 
 
 # ------------------------------------------------------------------ canonical form
