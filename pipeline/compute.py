@@ -88,7 +88,7 @@ class Runner:
             return contextlib.nullcontext(get_reusable_executor(max_workers=workers, env=blas))
         return ThreadPoolExecutor(max_workers=threads or self.threads or _threads.chosen())
 
-    def map_unordered(self, fn, items, *, desc, unit="task", threads=None, processes=False, dask_arrays=False):
+    def map_unordered(self, fn, items, *, desc, unit="task", threads=None, processes=False):
         """Yield ``(item, fn(item))`` as tasks finish (any order).
 
         The first failure cancels the tasks not yet started and is raised; the
@@ -105,15 +105,7 @@ class Runner:
             torch model). Ignored on a cluster, where each worker has its own.
         processes : bool
             Run local tasks in processes (see :meth:`executor`).
-        dask_arrays : bool
-            The tasks build dask arrays: dask.array is imported here, before the fan-out.
         """
-        if dask_arrays:
-            # before the fan-out, not in a task (nor at start-up: a third of a second that scoring and extraction
-            # never use): scipy's array-API helpers look dask.array up in sys.modules, and a module another
-            # thread is still importing breaks them
-            import dask.array  # noqa: F401
-
         items = list(items)
         bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None)
         with self.executor(threads, processes) as pool, bar:

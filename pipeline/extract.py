@@ -778,12 +778,11 @@ def extract_to_store(model, splits: dict, plan: Plan, writer: StoreWriter, *, ba
     specs = array_specs(shapes, plan, _n_classes(model, input_shape, device), dtype, head_width, input_shape)
     if head is not None:
         writer.write_constants("head", head, dims={"weight": ("class", "head_input"), "bias": ("class",)})
-    tasks = []
-    for name, (dataset, attrs) in splits.items():
-        # the ``layer`` dimension's coordinate (energy's columns): ``energy.sel(layer="layer3")`` in xarray
-        writer.create_split(name, len(dataset), specs, {**attrs, "n_samples": len(dataset)},
-                            coords={"layer": np.asarray(plan.layers, dtype=str), **method_coords(plan)})
-        tasks += [(name, i, *writer.shard_range(i, len(dataset))) for i in writer.pending_shards(name, len(dataset))]
+    # the ``layer`` dimension's coordinate (energy's columns): ``energy.sel(layer="layer3")`` in xarray
+    writer.create_splits({name: (len(ds), {**attrs, "n_samples": len(ds)}) for name, (ds, attrs) in splits.items()},
+                         specs, coords={"layer": np.asarray(plan.layers, dtype=str), **method_coords(plan)})
+    tasks = [(name, i, *writer.shard_range(i, len(ds))) for name, (ds, _) in splits.items()
+             for i in writer.pending_shards(name, len(ds))]
     model_source, data_source = sources or (InMemory(model), InMemory({n: ds for n, (ds, _) in splits.items()}))
     job = ShardJob(model_source, data_source, plan, str(writer.staged_store), writer.shard_rows, batch_size,
                    num_workers)

@@ -115,7 +115,7 @@ def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples
     """Fit every configured detector on every layer's ID-train features: one task per (layer, detector).
 
     Detectors that can (``supports_dask``: Mahalanobis, alone or standardised)
-    are fitted out of core from the store's dask array, one shard at a time.
+    are fitted out of core from the store, one shard at a time (:meth:`~pipeline.store.FeatureStore.sharded`).
     The others hold the layer's ID-train features in memory while they fit
     (PyOD's models, LA-OOD's OCSVM, KNN: their fit needs all rows at once).
 
@@ -141,7 +141,7 @@ def fit_detectors(store, detector_params: dict, *, standardize=True, max_samples
                              store_key=store.key)
     job = FitJob(str(store.path), prototypes, max_samples, seed)
     tasks = [(name, layer) for layer in store.layers for name in prototypes]
-    fanned = (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1, dask_arrays=True)
+    fanned = (runner or Runner()).map_unordered(job, tasks, desc="fit", unit="detector", threads=1)
     for task, detector in fanned:
         fitted.detectors[task] = detector
     return fitted
@@ -165,7 +165,7 @@ class FitJob:
         with in_context(f"Fitting fit.detectors.{name} on layer '{layer}' of split 'id_train' (store '{store.path}')"):
             if getattr(detector, "supports_dask", False) and self.max_samples is None:
                 labels = store.to_numpy("id_train", "label")
-                return detector.fit_dask(store.to_dask("id_train", layer), labels if detector.requires_labels else None)
+                return detector.fit_dask(store.sharded("id_train", layer), labels if detector.requires_labels else None)
             X, y = train_features(store, layer, max_samples=self.max_samples, seed=self.seed)
             return detector.fit(X, y if detector.requires_labels else None)
 

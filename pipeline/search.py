@@ -180,7 +180,7 @@ class SplitSet:
         """Fit ``detector`` on ID-train's ``layer``: out of core when it can be."""
         labels = self.store.to_numpy("id_train", "label") if detector.requires_labels else None
         if getattr(detector, "supports_dask", False):
-            return detector.fit_dask(self.store.to_dask("id_train", layer), labels)
+            return detector.fit_dask(self.store.sharded("id_train", layer), labels)
         return detector.fit(self.store.to_numpy("id_train", layer).astype(np.float64), labels)
 
 
@@ -360,7 +360,7 @@ def run_search(store, methods: dict, *, metric="auroc", aggregations=AGGREGATION
     job = SearchJob(where, store.key, ood_val, tuple(aggregations), recall, maps)
     # local tasks run in processes: NAC-UE's and the detectors' Python loops hold the GIL
     done = {index: rows for (index, _), rows in runner.map_unordered(job, list(enumerate(tasks)), desc="search",
-                                                                      unit="task", processes=True, dask_arrays=True)}
+                                                                      unit="task", processes=True)}
     rows = [row for item in sorted(done) for row in done[item]]  # grid order: ties go to the first
     winners = select_winners(rows, metric)
     test = load_split_set(store, "test", ood_test, "id_test", maps)  # read only now: winners are fixed

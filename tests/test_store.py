@@ -89,6 +89,36 @@ def test_staged_store_from_other_inputs_is_discarded(store_path):
         assert writer.pending_shards("id_train", 10) == [0, 1, 2]
 
 
+
+def _files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_splits_created_in_one_batch_are_the_files_zarr_creates_them_with(tmp_path):
+    coords = {"layer": np.array(["layer1", "layer2"])}
+    sizes = {"id_train": 10, "id_test": 3, "far_test": 0}
+    with StoreWriter(tmp_path / "a.zarr", "k", chunk_rows=2, shard_rows=4) as writer:
+        writer.create_splits({name: (n, {"n_samples": n}) for name, n in sizes.items()}, SPECS, coords=coords)
+        assert writer.progress == {name: set() for name in sizes}
+        reference = zarr.open_group(tmp_path / "b.zarr", mode="w", zarr_format=3)  # zarr's own, node by node
+        for name, n in sizes.items():
+            group = reference.create_group(name, attributes={"n_samples": n})
+            for spec in SPECS:
+                group.create_array(**writer._array_kwargs(spec, n))
+            group.create_array("layer", data=coords["layer"], compressors=writer.compressor, dimension_names=("layer",))
+        assert _files(writer.staged_store) == _files(tmp_path / "b.zarr")
+
+
+def test_a_split_an_interrupted_run_left_half_created_is_created_afresh(store_path):
+    with StoreWriter(store_path, "k", chunk_rows=2, shard_rows=4) as writer:
+        stray = writer.staged_store / "id_train" / "layer1" / "c" / "9" / "0"
+        stray.parent.mkdir(parents=True)  # files of a creation stopped before it was recorded
+        stray.write_bytes(b"left over")
+        writer.create_splits({"id_train": (10, {"n_samples": 10})}, SPECS)
+        assert not stray.exists() and writer.pending_shards("id_train", 10) == [0, 1, 2]
+        writer.create_splits({"id_train": (10, {"n_samples": 99})}, SPECS)  # recorded: a resumed run keeps it
+        assert zarr.open_group(writer.staged_store, mode="r")["id_train"].attrs["n_samples"] == 10
+
 def test_a_second_writer_is_refused(store_path):
     with StoreWriter(store_path, "k"):
         with pytest.raises(OutputError, match=r"feature store '.*features.zarr' is being written by another process"):

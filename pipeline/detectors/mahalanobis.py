@@ -304,7 +304,7 @@ def _class_stats(X, inverse, n_classes):
 
 
 def blockwise_sum(stats, X, labels, *args, transform=None):
-    """Sum ``stats(block, block_labels, *args)`` (a tuple of arrays) over the sample blocks of dask array ``X``.
+    """Sum ``stats(block, block_labels, *args)`` (a tuple of arrays) over the sample blocks of ``X``.
 
     Blocks are read one after the other and added to a running total, so one
     block is in memory at a time, whatever the number of samples. The
@@ -313,19 +313,33 @@ def blockwise_sum(stats, X, labels, *args, transform=None):
 
     Parameters
     ----------
+    stats : callable
+    X : dask.array.Array or array with ``iter_blocks()`` of shape (n_samples, n_features)
+        Chunked along samples only: a dask array, or a feature store's
+        :class:`~pipeline.store.ShardedArray` (whose ``iter_blocks`` yields
+        ``(start, block)``: no dask needed).
+    labels : ndarray of shape (n_samples,)
     transform : callable, optional
         Applied to each float64 block before ``stats``.
     """
     if X.ndim != 2 or len(X.chunks[1]) != 1:
-        raise DataError(f"blockwise fitting needs a 2-D dask array chunked along samples only; got chunks {X.chunks}.")
-    from dask.local import get_sync  # X is a dask array: dask is loaded
-
-    bounds = np.cumsum([0, *X.chunks[0]])
+        raise DataError(f"blockwise fitting needs a 2-D array chunked along samples only; got chunks {X.chunks}.")
     total = None
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        # dask's local synchronous scheduler, passed as the function it is: named ("sync"), dask first
-        # imports distributed to look for a client (a third of a second in every fit)
-        block = np.asarray(X.blocks[i].compute(scheduler=get_sync), dtype=np.float64)
-        part = stats(block if transform is None else transform(block), labels[lo:hi], *args)
+    for lo, block in _sample_blocks(X):
+        block = np.asarray(block, dtype=np.float64)
+        part = stats(block if transform is None else transform(block), labels[lo:lo + len(block)], *args)
         total = part if total is None else tuple(a + b for a, b in zip(total, part, strict=True))
     return total
+
+
+def _sample_blocks(X):
+    """Yield ``(start, block)`` of ``X``'s sample blocks, each read when its turn comes."""
+    if hasattr(X, "iter_blocks"):
+        yield from X.iter_blocks()
+        return
+    from dask.local import get_sync  # X is a dask array: dask is loaded
+
+    for i, lo in enumerate(np.cumsum([0, *X.chunks[0][:-1]])):
+        # dask's local synchronous scheduler, passed as the function it is: named ("sync"), dask first
+        # imports distributed to look for a client (a third of a second in every fit)
+        yield int(lo), X.blocks[i].compute(scheduler=get_sync)
