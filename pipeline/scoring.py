@@ -157,10 +157,10 @@ class FitJob:
     seed: int
 
     def __call__(self, task):
-        from pipeline.store import open_store
+        from pipeline.store import open_shared
 
         name, layer = task
-        store = open_store(self.store)
+        store = open_shared(self.store)
         detector = clone(self.prototypes[name])
         with in_context(f"Fitting fit.detectors.{name} on layer '{layer}' of split 'id_train' (store '{store.path}')"):
             if getattr(detector, "supports_dask", False) and self.max_samples is None:
@@ -203,9 +203,9 @@ class ScoreJob:
     digest: str | None = None
 
     def __call__(self, split):
-        from pipeline.store import open_store
+        from pipeline.store import open_shared
 
-        store = open_store(self.store)
+        store = open_shared(self.store)
         fitted = _cached_detectors(self.detectors)
         if self.digest is not None:
             provenance.require_same(

@@ -3,7 +3,7 @@ import pytest
 import zarr
 
 from pipeline.errors import IntegrityError, OutputError, StoreError
-from pipeline.store import ArraySpec, StoreWriter, WriteBehind, open_store
+from pipeline.store import ArraySpec, StoreWriter, WriteBehind, open_shared, open_store
 
 SPECS = [ArraySpec("layer1", 3, "float32"), ArraySpec("energy", 2, "float32", dim="layer"),
          ArraySpec("label", None, "int64")]
@@ -131,6 +131,19 @@ def test_a_truncated_shard_is_refused_at_open_and_named(store_path):
     shard.write_bytes(shard.read_bytes()[:7])
     with pytest.raises(IntegrityError, match=r"is damaged: file 'id_train/layer1/c/1/0' has 7 bytes.*re-extract"):
         open_store(store_path)
+
+
+def test_tasks_share_one_open_store_until_it_is_republished_and_still_see_damage(store_path):
+    write(store_path)
+    first = open_shared(store_path)
+    assert open_shared(store_path) is first  # the metadata is parsed once per process
+    write(store_path, n=6)  # republished: another manifest, another store
+    second = open_shared(store_path)
+    assert second is not first and len(second.to_numpy("id_train", "label")) == 6
+    shard = next((store_path / "id_train" / "layer1").rglob("c/1/0"))
+    shard.write_bytes(shard.read_bytes()[:7])  # same manifest, a damaged file: every call checks the sizes
+    with pytest.raises(IntegrityError, match=r"is damaged: file 'id_train/layer1/c/1/0' has 7 bytes"):
+        open_shared(store_path)
 
 
 def test_unknown_split_and_array_are_named(store_path):
