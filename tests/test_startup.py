@@ -75,7 +75,8 @@ def test_fitting_and_searching_from_a_store_import_no_dask(tiny_store):
     neither ``fit`` nor ``search`` pays the 0.3-0.4 s of importing dask.array, and a fan-out on threads
     imports nothing of dask."""
     fit = ("from pipeline.store import open_store; from pipeline.scoring import fit_detectors; "
-           f"fit_detectors(open_store({str(tiny_store.path)!r}), {{'mahalanobis': {{}}, 'rmds': {{}}}}, standardize=True)")
+           f"fit_detectors(open_store({str(tiny_store.path)!r}), {{'mahalanobis': {{}}, 'rmds': {{}}}}, "
+           "standardize=True)")
     found = forbidden_imports([
         (["pipeline.compute"], "list(sys.modules['pipeline.compute'].Runner().map_unordered(abs, [-1, 2], desc='t'))",
          ("dask", "distributed")),

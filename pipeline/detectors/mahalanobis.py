@@ -171,7 +171,7 @@ class ClassConditionalMahalanobis(BaseDetector):
         return self
 
     def fit_dask(self, X, y=None, transform=None):
-        """Fit out of core from a dask array, block by block (what ``fit`` computes, summed differently).
+        """Fit out of core, block by block (what ``fit`` computes, summed differently): see :func:`blockwise_sum`.
 
         Per block: the class counts, the class sums and the scatter ``X'X``; the
         blocks' statistics are then added up, so memory holds one block plus
@@ -180,7 +180,7 @@ class ClassConditionalMahalanobis(BaseDetector):
 
         Parameters
         ----------
-        X : dask.array.Array of shape (n_samples, n_features)
+        X : dask.array.Array or pipeline.store.ShardedArray of shape (n_samples, n_features)
             In-distribution training features, chunked along samples only.
         y : array-like of shape (n_samples,)
             Class labels; required (n_samples integers fit in memory).

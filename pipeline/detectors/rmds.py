@@ -134,7 +134,7 @@ class RelativeMahalanobis(BaseDetector):
         return self
 
     def fit_dask(self, X, y=None, transform=None):
-        """Fit out of core from a dask array: class counts, class sums and ``X'X``, block by block.
+        """Fit out of core, block by block: class counts, class sums and ``X'X`` (:func:`.blockwise_sum`).
 
         The background mean is ``sum x / n`` and its covariance ``sum x x' / n -
         mu_0 mu_0'``; the class covariance is ``(sum x x' - sum_k n_k mu_k
@@ -142,7 +142,7 @@ class RelativeMahalanobis(BaseDetector):
 
         Parameters
         ----------
-        X : dask.array.Array of shape (n_samples, n_features)
+        X : dask.array.Array or pipeline.store.ShardedArray of shape (n_samples, n_features)
             Chunked along samples only.
         y : array-like of shape (n_samples,)
             Class labels; required.

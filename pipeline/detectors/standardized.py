@@ -74,7 +74,7 @@ class Standardized(BaseDetector):
 
         Parameters
         ----------
-        X : dask.array.Array of shape (n_samples, n_features)
+        X : dask.array.Array or pipeline.store.ShardedArray of shape (n_samples, n_features)
             Chunked along samples only.
         y : array-like of shape (n_samples,), optional
 
