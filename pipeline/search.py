@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+import pipeline._sklearn  # noqa: F401, I001  (before scikit-learn: it then comes without pandas, see there)
 from sklearn.base import clone
 
 from pipeline.aggregate import AGGREGATIONS, aggregate

@@ -50,7 +50,8 @@ def test_store_commands_import_no_network():
         # layerscope inspect (without --stats)
         (["pipeline.store", "pipeline.storeinfo"], "", (*STORE_ONLY, "sklearn")),
         (["pipeline.scorers", "pipeline.scorers.heatmap"], "", STORE_ONLY),
-        (["stages.detect", "stages.fit", "stages.search", "stages.calibrate"], "", STORE_ONLY),
+        # pandas: scikit-learn imports it at start-up for nothing (pipeline/_sklearn.py)
+        (["stages.detect", "stages.fit", "stages.search", "stages.calibrate"], "", (*STORE_ONLY, "pandas")),
         # loading or saving a detector imports skops, which walks scikit-learn's packages: not into its
         # array-API shims for torch and dask (they would import their libraries)
         (["pipeline.persist"], "sys.modules['pipeline.persist']._skops_io()",
@@ -83,6 +84,18 @@ def test_fitting_and_searching_from_a_store_import_no_dask(tiny_store):
         (["pipeline.scoring"], fit, ("dask", "distributed")),
     ])
     assert found == {step: [] for step in found}
+
+
+def test_after_scikit_learn_came_without_pandas_pandas_imports_for_real_and_scikit_learn_takes_dataframes():
+    code = ("import stages.detect, sys; assert 'pandas' not in sys.modules; "
+            "import pandas, numpy as np; from sklearn.preprocessing import OneHotEncoder, StandardScaler; "
+            "frame = pandas.DataFrame({'a': [1.0, 2.0, np.nan], 'b': ['x', 'y', 'x']}); "
+            "assert StandardScaler().fit(frame[['a']]).feature_names_in_.tolist() == ['a']; "
+            "assert OneHotEncoder().fit_transform(frame[['b']]).shape == (3, 2); "
+            "import sklearn.utils.fixes as fixes; assert fixes.pd_fillna(pandas, frame)['a'].isna().sum() == 1; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_after_skops_the_array_api_shims_import_for_real():

@@ -17,6 +17,7 @@ PCA, as OpenOOD's, is on them too).
 
 from functools import partial
 
+from .. import _sklearn  # noqa: F401  (first: scikit-learn without pandas, see there)
 from ..errors import ConfigError, invalid_param
 from .base import BaseDetector, check_param_names
 from .gmm import TiedGMM, gmm_scores

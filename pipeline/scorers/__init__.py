@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+import pipeline._sklearn  # noqa: F401  (first: scikit-learn without pandas, see there)
 from pipeline.errors import ConfigError, invalid_param
 from pipeline.scorers.ash import AshScorer
 from pipeline.scorers.base import BaseScorer, Features
