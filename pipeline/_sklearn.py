@@ -14,6 +14,7 @@ scikit-learn is loaded already, nor off the main thread, where another
 thread's ``import pandas`` could fall in the window.
 """
 
+import importlib
 import sys
 import threading
 
@@ -21,11 +22,11 @@ import threading
 def _import_without_pandas():
     loaded = "sklearn.base" in sys.modules or "pandas" in sys.modules
     if loaded or threading.current_thread() is not threading.main_thread():
-        import sklearn.base  # noqa: F401
+        importlib.import_module("sklearn.base")
         return
     sys.modules["pandas"] = None  # `import pandas` raises ImportError, as without pandas installed
     try:
-        import sklearn.base  # noqa: F401
+        importlib.import_module("sklearn.base")
     finally:
         if "pandas" in sys.modules and sys.modules["pandas"] is None:
             del sys.modules["pandas"]
