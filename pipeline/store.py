@@ -757,7 +757,7 @@ class FeatureStore:
         importing dask.array costs 0.3 to 0.4 s, more than fitting a small store.
         """
         arr = self.array(split, name)
-        return ShardedArray(CheckedArray(arr, f"{split}/{name}", str(self.path)), (arr.shards or arr.chunks)[0])
+        return ShardedArray(arr, f"{split}/{name}", str(self.path), (arr.shards or arr.chunks)[0])
 
     def block_ranges(self, split: str) -> list[tuple[int, int]]:
         """``(start, stop)`` of every shard of ``split``: the unit of out-of-core work."""
@@ -826,27 +826,14 @@ class CheckedArray:
 
 
 @dataclass(frozen=True)
-class ShardedArray:
+class ShardedArray(CheckedArray):
     """A :class:`CheckedArray` chunked along samples by ``step`` rows (a shard): see :meth:`FeatureStore.sharded`.
 
-    It has the shape attributes of a dask array (``shape``, ``ndim``,
-    ``dtype``, ``chunks``), and :meth:`iter_blocks` for its blocks.
+    Besides the shape attributes of a dask array (``shape``, ``ndim``,
+    ``dtype``, ``chunks``), it has :meth:`iter_blocks` for its blocks.
     """
 
-    checked: CheckedArray
     step: int
-
-    @property
-    def shape(self):
-        return self.checked.shape
-
-    @property
-    def dtype(self):
-        return self.checked.dtype
-
-    @property
-    def ndim(self):
-        return self.checked.ndim
 
     @property
     def chunks(self) -> tuple:
@@ -858,7 +845,7 @@ class ShardedArray:
     def iter_blocks(self):
         """Yield ``(start, block)``, one shard after the other, each read (and checked) when its turn comes."""
         for start in range(0, self.shape[0], self.step):
-            yield start, self.checked[start:start + self.step]
+            yield start, self[start:start + self.step]
 
 
 def open_store(path) -> FeatureStore:

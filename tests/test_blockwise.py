@@ -93,6 +93,21 @@ def test_fit_detectors_out_of_core_matches_in_memory(tmp_path, blobs):
                                eager.detectors["mahalanobis", "l1"].score(X), rtol=1e-8)
 
 
+def test_the_stores_shards_fit_exactly_as_its_dask_array(tmp_path, blobs):
+    store = _store(tmp_path / "s.zarr", blobs, shard_rows=16)
+    sharded, lazy = store.sharded("id_train", "l1"), store.to_dask("id_train", "l1")
+    for attribute in ("shape", "ndim", "dtype", "chunks"):
+        assert getattr(sharded, attribute) == getattr(lazy, attribute), attribute
+    assert len(sharded.chunks[0]) > 2
+    for (start, block), expected in zip(sharded.iter_blocks(), lazy.to_delayed().ravel(), strict=True):
+        np.testing.assert_array_equal(block, expected.compute())
+    labels = store.to_numpy("id_train", "label")
+    for standardize in (False, True):
+        a = make_detector("rmds", {}, standardize=standardize).fit_dask(sharded, labels)
+        b = make_detector("rmds", {}, standardize=standardize).fit_dask(lazy, labels)
+        np.testing.assert_array_equal(a.score(blobs.X_ood), b.score(blobs.X_ood))  # the same sums, bit for bit
+
+
 def test_search_rows_keep_grid_order_whatever_the_completion_order(tmp_path, blobs):
     store = _store(tmp_path / "s.zarr", blobs, shard_rows=16)
     grid = {"react": {"percentile": [70, 80, 90]}, "ebo": {"temperature": [0.5, 1.0, 2.0]}, "mahalanobis": {}}
