@@ -843,9 +843,12 @@ class ShardedArray(CheckedArray):
         return (rows, *((extent,) for extent in self.shape[1:]))
 
     def iter_blocks(self):
-        """Yield ``(start, block)``, one shard after the other, each read (and checked) when its turn comes."""
-        for start in range(0, self.shape[0], self.step):
-            yield start, self[start:start + self.step]
+        """Yield ``(start, block)``, one per entry of ``chunks[0]`` (an empty array: one empty block, as dask's),
+        each read (and checked) when its turn comes."""
+        start = 0
+        for rows in self.chunks[0]:
+            yield start, self[start:start + rows]
+            start += rows
 
 
 def open_store(path) -> FeatureStore:

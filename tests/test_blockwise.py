@@ -1,5 +1,7 @@
 """Out-of-core paths give what the in-memory ones give: blockwise fits, blockwise scoring, the search."""
 
+import dataclasses
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -101,6 +103,9 @@ def test_the_stores_shards_fit_exactly_as_its_dask_array(tmp_path, blobs):
     assert len(sharded.chunks[0]) > 2
     for (start, block), expected in zip(sharded.iter_blocks(), lazy.to_delayed().ravel(), strict=True):
         np.testing.assert_array_equal(block, expected.compute())
+    no_train = dataclasses.replace(blobs, X_train=blobs.X_train[:0], y_train=blobs.y_train[:0])
+    empty = _store(tmp_path / "e.zarr", no_train, shard_rows=16)
+    assert [(start, len(block)) for start, block in empty.sharded("id_train", "l1").iter_blocks()] == [(0, 0)]
     labels = store.to_numpy("id_train", "label")
     for standardize in (False, True):
         a = make_detector("rmds", {}, standardize=standardize).fit_dask(sharded, labels)
