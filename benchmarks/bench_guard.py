@@ -44,11 +44,21 @@ its images stacked into one tensor:
    the large batch. With ``cache/features.zarr`` of the same checkpoint, the live
    decisions are also compared with the cascade run on the cached features (what
    the ``guard`` stage reports).
+4. Where a guarded batch's time goes (:func:`work_breakdown`): on the first
+   ``--batch-size`` ID inputs, the plain model and a copy of the guard whose
+   pieces are timed in place take turns ``--breakdown-calls`` times. The guard's
+   time splits into the network (its segments), pooling, scoring, drops and the
+   rest (Python between them); its own work (all but the network) is set against
+   the most its exits could save, the plain time times the FLOP fraction they
+   save. The guard can beat the plain model only where that saving exceeds its
+   own work.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -66,6 +76,8 @@ from rich.console import Console
 from rich.table import Table
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import pipeline.guard as guard_module
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import CLEAN_SHARE, machine_info, other_cpu_share  # noqa: E402
 
@@ -82,6 +94,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_guard.json"
 PATHS = ("plain", "guard", "guard_no_exit", "executor")
 ROLE_ORDER = {"id": 0, "near": 1, "far": 2}
 QUICK_LATENCY_N = 16  # images per split timed at batch 1 in a --quick run
+QUICK_BREAKDOWN_CALLS = 10  # calls of each path in a --quick run's breakdown
 
 log = logging.getLogger("bench_guard")
 
@@ -235,6 +248,116 @@ def summarise(passes, n, loops=1) -> dict:
             "minor_faults_per_image": round(statistics.median(f / loops for _, _, f in passes) / n, 1)}
 
 
+# --------------------------------------------------------------------------- where a guarded batch's time goes
+
+
+WARM_UP = 5  # untimed calls of each path before a breakdown
+
+
+class _Clock:
+    """Seconds per labelled piece of work, summed over one call of the guard (from ``start``), timed in place."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self):
+        self.current, self.pools = collections.Counter(), 0  # pools: guarded layers pooled so far in this call
+
+    def timed(self, label, fn):
+        """``fn`` with its wall time added to ``label`` of the current call."""
+        pc = time.perf_counter
+
+        def run(*args, **kwargs):
+            t = pc()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[label] += pc() - t
+
+        return run
+
+
+class _TimedModule:
+    """A segment's module whose ``forward`` is timed (``Segment.forward`` reads ``module.forward``)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+
+def instrumented(guard, clock) -> Guard:
+    """A guard of the same model, detectors and thresholds whose pieces of work ``clock`` times.
+
+    network: the segments (the model's own modules), and the pooling of a guarded layer whose pooled rows
+    stand in for the network's own global pooling; pooling: :func:`pipeline.extract.pool` of every other
+    guarded layer; scoring: the compiled scorers and the threshold test; drops: the checks of what may
+    move in place and the row moves (:func:`pipeline.guard._compact`). The timers cost about 1 us per piece.
+    """
+    timed = Guard(guard.model, dict(zip(guard.layers, guard.detectors)),
+                  dict(zip(guard.layers, guard.thresholds.tolist())), guard.input_shape, guard.device)
+    timed._segments = [dataclasses.replace(seg, module=_TimedModule(clock.timed("network", seg.module.forward)))
+                       for seg in timed._segments]
+    timed._score = clock.timed("scoring", timed._score)
+    timed._owned = clock.timed("drops", timed._owned)
+    return timed
+
+
+def _timed_pool(clock, feeds_pooled):
+    """:func:`pipeline.extract.pool`, timed as pooling, or as network where the pooled rows stand in for the
+    network's own global pooling (``feeds_pooled``, per guarded layer in order: the guard pools each once a call)."""
+    timers = [clock.timed("network" if feeds else "pooling", guard_module.pool) for feeds in feeds_pooled]
+
+    def pool(activation):
+        clock.pools += 1
+        return timers[clock.pools - 1](activation)
+
+    return pool
+
+
+def work_breakdown(guard, x, batch_size, calls) -> dict | None:
+    """Milliseconds per batch of ``batch_size`` of ``x``'s first rows: the plain model, and the guard by piece.
+
+    The plain model and the instrumented guard (:func:`instrumented`) take turns ``calls`` times after a
+    warm-up; medians per piece. ``saving_at_most_ms`` is what the guard's exits on this batch would save if
+    the network's time were proportional to its FLOPs: the plain time times the FLOP fraction the exits save.
+    The guard is no slower than the plain model only if its own work (pooling, scoring, drops and the rest)
+    costs less than that. None when ``x`` has fewer than ``batch_size`` rows.
+    """
+    if len(x) < batch_size:
+        return None
+    xb, clock, flops = x[:batch_size].contiguous(), _Clock(), guard.block_flops()
+    timed, plain = instrumented(guard, clock), plain_call(guard.model)
+    timed.block_flops()  # counted now, by a pass of its own: not inside a timed call, nor with the patches below
+    patches = {"pool": _timed_pool(clock, [seg.feeds_pooled for seg in timed._segments]),
+               "_compact": clock.timed("drops", guard_module._compact)}
+    saved = {name: getattr(guard_module, name) for name in patches}
+    for name, fn in patches.items():  # module globals that Guard._run calls
+        setattr(guard_module, name, fn)
+    try:  # the patched module globals serve every guard: only the instrumented one runs meanwhile
+        exits = timed(xb).exit_layer
+        spent = np.where(exits >= 0, flops[np.maximum(exits, 0)], flops[-1])
+        plain_s, guarded = [], []  # seconds; (seconds, pieces) of the guard
+        for i in range(WARM_UP + calls):
+            for who in ((plain, timed) if i % 2 else (timed, plain)):
+                clock.start()
+                t = time.perf_counter()
+                who(xb)
+                seconds = time.perf_counter() - t
+                if i >= WARM_UP:
+                    plain_s.append(seconds) if who is plain else guarded.append((seconds, clock.current))
+    finally:
+        for name, fn in saved.items():
+            setattr(guard_module, name, fn)
+    ms = lambda values: round(1e3 * statistics.median(values), 3)  # noqa: E731
+    out = {"batch": batch_size, "calls": calls, "plain_ms": ms(plain_s), "guard_ms": ms([t for t, _ in guarded])}
+    for label in ("network", "pooling", "scoring", "drops"):
+        out[f"{label}_ms"] = ms([c[label] for _, c in guarded])
+    out["rest_ms"] = ms([t - sum(c.values()) for t, c in guarded])
+    out["own_work_ms"] = round(out["pooling_ms"] + out["scoring_ms"] + out["drops_ms"] + out["rest_ms"], 3)
+    out["flops_saved"] = round(float(1.0 - spent.mean() / flops[-1]), 6)
+    out["saving_at_most_ms"] = round(out["plain_ms"] * out["flops_saved"], 3)
+    return out
+
+
 # --------------------------------------------------------------------------- decisions, FLOPs, honesty
 
 
@@ -341,6 +464,9 @@ def _run(args) -> dict:
                            args.repeats, args.min_seconds)
     for name, entry in per_split.items():
         entry["timing"] = timing[name]
+    id_split = next((name for name, s in splits.items() if s["role"] == "id"), None)
+    breakdown = None if id_split is None else work_breakdown(guard, splits[id_split]["x"], args.batch_size,
+                                                                 args.breakdown_calls)
     machine["loadavg_end"] = os.getloadavg()
     config = {"paths": {k: _rel(getattr(args, k)) for k in ("model", "detectors", "guard", "data", "features")},
               "batch_size": args.batch_size, "latency_n": args.latency_n, "repeats": args.repeats,
@@ -352,7 +478,7 @@ def _run(args) -> dict:
     flops_per_input = {"full": float(flops[-1]), **dict(zip(guard.layers, flops[:-1].tolist()))}
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine, "config": config,
             "flops_per_input": flops_per_input, "splits": per_split, "cached_agreement": agreement,
-            "ood_mean": _ood_mean(per_split)}
+            "ood_mean": _ood_mean(per_split), "work_breakdown": breakdown and {"split": id_split, **breakdown}}
 
 
 def _ood_mean(per_split) -> dict:
@@ -416,6 +542,14 @@ def print_report(res, console):
              "FLOPs per input: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in fl.items())
              + f". Honesty: every passed input's guard pred == plain argmax (batch {big} and 1): ok.",
              agree_text]
+    if res.get("work_breakdown"):
+        w = res["work_breakdown"]
+        lines.append(f"Where a batch of {w['batch']} {w['split']} inputs goes (ms, median of {w['calls']} calls, "
+                     f"timed in place): plain {w['plain_ms']:.2f}; guard {w['guard_ms']:.2f} = network "
+                     f"{w['network_ms']:.2f} + pooling {w['pooling_ms']:.2f} + scoring {w['scoring_ms']:.2f} + "
+                     f"drops {w['drops_ms']:.2f} + rest {w['rest_ms']:.2f}. The guard's own work, "
+                     f"{w['own_work_ms']:.2f}, against the {w['saving_at_most_ms']:.2f} its exits could save "
+                     f"({w['flops_saved']:.1%} of the FLOPs).")
     table.caption = "\n".join(lines)
     console.print(table)
 
@@ -444,12 +578,16 @@ def parse_args(argv=None):
                         help=f"torch.set_num_threads (default {torch.get_num_threads()}, torch's default here)")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="cap the BLAS thread pools the detectors use (default: leave them as they are)")
+    parser.add_argument("--breakdown-calls", type=int, default=200,
+                        help="calls of the plain model and of the instrumented guard on one full batch of ID "
+                             "inputs, for the breakdown of the guard's time (default 200)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 splits, 16 images at batch 1, one round, no JSON unless --out")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)})")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.latency_n, args.min_seconds = 1, args.latency_n or QUICK_LATENCY_N, 0.0
+        args.breakdown_calls = min(args.breakdown_calls, QUICK_BREAKDOWN_CALLS)
     if args.out is None and not args.quick:
         args.out = DEFAULT_OUT
     return args

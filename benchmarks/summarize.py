@@ -108,10 +108,17 @@ def scale(r: dict) -> list[str]:
 def guard(r: dict) -> list[str]:
     timing = r["splits"]["id_test"]["timing"]
     ood = r["ood_mean"]
-    return [(f"guard / plain on ID (`id_test`): {_f(timing['256']['speedup'])}x at batch 256 (goal >= 1.0), "
-            f"{_f(timing['1']['speedup'])}x at batch 1 (goal >= 0.9)"),
-            (f"guard / plain on OOD (mean of sets): {_f(ood['speedup_batch_256'])}x at batch 256, "
-            f"{_f(ood['speedup_batch_1'])}x at batch 1 (goal >= 1.5); FLOPs saved {ood['flops_saved']:.0%}")]
+    lines = [(f"guard / plain on ID (`id_test`): {_f(timing['256']['speedup'])}x at batch 256 (goal >= 1.0), "
+              f"{_f(timing['1']['speedup'])}x at batch 1 (goal >= 0.9)"),
+             (f"guard / plain on OOD (mean of sets): {_f(ood['speedup_batch_256'])}x at batch 256, "
+              f"{_f(ood['speedup_batch_1'])}x at batch 1 (goal >= 1.5); FLOPs saved {ood['flops_saved']:.0%}")]
+    w = r.get("work_breakdown")
+    if w:  # older results have none
+        lines.append(f"a batch of {w['batch']} ID inputs, ms: plain {w['plain_ms']:.2f}, guard {w['guard_ms']:.2f} "
+                     f"(network {w['network_ms']:.2f}); the guard's own work {w['own_work_ms']:.2f} (pooling "
+                     f"{w['pooling_ms']:.2f}, scoring {w['scoring_ms']:.2f}, drops {w['drops_ms']:.2f}, rest "
+                     f"{w['rest_ms']:.2f}) against at most {w['saving_at_most_ms']:.2f} its exits can save")
+    return lines
 
 
 def peers(r: dict) -> list[str]:

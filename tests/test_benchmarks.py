@@ -1,8 +1,10 @@
-"""The benchmark scripts' cheap paths (issue 18): ``summarize.py`` over the results, ``bench_peers.py --help``.
+"""The benchmark scripts' cheap paths (issue 18): ``summarize.py`` over the results, ``bench_peers.py --help``,
+the guard's time breakdown on the tiny model.
 
 The benchmarks themselves are not run here (minutes each, and timings are not
 tests); these check that ``make bench``'s summary covers every results file and
-that the peer benchmark starts without its optional dependency being imported.
+that the peer benchmark starts without its optional dependency being imported,
+and that the guard benchmark's breakdown times what it says it times.
 """
 
 import importlib.util
@@ -13,7 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from tests.test_guard import cached  # noqa: F401  (the fixture: the tiny store, Mahalanobis fitted on it)
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -63,3 +69,30 @@ def test_bench_peers_without_pytorch_ood_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"pip install -e '\.\[bench\]'"):
         check_peer()
+
+
+def test_the_guard_breakdown_times_each_piece_and_leaves_the_guard_module_as_it_was(tiny_model, tiny_splits, cached,
+                                                                                      monkeypatch):
+    import pipeline.guard as guard_module
+    from pipeline.extract import pool
+    from pipeline.guard import Guard
+    from tests.test_guard import LAYERS, _midway
+
+    work_breakdown = runpy.run_path(str(BENCHMARKS / "bench_guard.py"))["work_breakdown"]
+    store, detectors = cached
+    guard = Guard(tiny_model, detectors, dict(zip(LAYERS, _midway(store, detectors))), (1, 8, 8))
+    monkeypatch.setattr(guard_module, "DROP_FLOPS", 0.0)  # the tiny model's rows are cheap: drop them anyway
+    x = torch.from_numpy(tiny_splits["noise_test"].images)
+    compact = guard_module._compact
+    got = work_breakdown(guard, x, len(x), calls=3)
+    assert guard_module.pool is pool and guard_module._compact is compact
+    exits, flops = guard(x).exit_layer, guard.block_flops()
+    assert 0 < (exits >= 0).sum() < len(x)
+    spent = np.where(exits >= 0, flops[np.maximum(exits, 0)], flops[-1])
+    assert got["flops_saved"] == round(float(1 - spent.mean() / flops[-1]), 6) > 0
+    assert got["saving_at_most_ms"] == round(got["plain_ms"] * got["flops_saved"], 3)
+    # layer1 pooled on its own; layer2's pooled rows are the network's global pooling, counted with it
+    assert min(got[f"{k}_ms"] for k in ("network", "pooling", "scoring", "drops")) > 0
+    pieces = sum(got[f"{k}_ms"] for k in ("pooling", "scoring", "drops", "rest"))
+    assert abs(got["own_work_ms"] - pieces) < 1e-2
+    assert work_breakdown(guard, x, len(x) + 1, calls=1) is None  # no full batch to time
