@@ -562,6 +562,17 @@ def print_report(res, console):
 # --------------------------------------------------------------------------- entry point
 
 
+def _positive_int(text) -> int:
+    """An argparse type: an int >= 1 (argparse prints the error as its one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     """CLI flags; ``--quick``: 3 splits, 16 images at batch 1, one round, no loops; JSON only with ``--out``."""
     paths = dvc_paths()
@@ -583,7 +594,7 @@ def parse_args(argv=None):
                         help=f"torch.set_num_threads (default {torch.get_num_threads()}, torch's default here)")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="cap the BLAS thread pools the detectors use (default: leave them as they are)")
-    parser.add_argument("--breakdown-calls", type=int, default=200,
+    parser.add_argument("--breakdown-calls", type=_positive_int, default=200,
                         help="calls of the plain model and of the instrumented guard on one full batch of ID "
                              "inputs, for the breakdown of the guard's time (default 200)")
     parser.add_argument("--quick", action="store_true",

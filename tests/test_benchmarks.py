@@ -96,3 +96,12 @@ def test_the_guard_breakdown_times_each_piece_and_leaves_the_guard_module_as_it_
     pieces = sum(got[f"{k}_ms"] for k in ("pooling", "scoring", "drops", "rest"))
     assert abs(got["own_work_ms"] - pieces) < 1e-2
     assert work_breakdown(guard, x, len(x) + 1, calls=1) is None  # no full batch to time
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_bench_guard_refuses_a_breakdown_of_no_calls_in_one_line(value, capsys):
+    parse_args = runpy.run_path(str(BENCHMARKS / "bench_guard.py"))["parse_args"]
+    with pytest.raises(SystemExit, match="2"):
+        parse_args(["--breakdown-calls", value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f": error: argument --breakdown-calls: expected an integer >= 1, got '{value}'")  # prog: argv[0]
